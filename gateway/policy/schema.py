@@ -1,0 +1,255 @@
+"""The policy file as written by users (DESIGN.md §7), decoded by msgspec.
+
+These Structs check shape and single-field rules at decode time, so msgspec's error carries the
+exact ``$.path``; ``compile.py`` turns them into the frozen runtime objects the gateway uses and
+checks the rules that span fields (a limit naming an unknown model, duplicate keys...).
+Human units stay strings here and are parsed in ``__post_init__``, so a bad one is reported at
+its path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from gateway.core.types import Unit
+from gateway.policy import units
+
+Size = str | int
+Duration = str | float
+Positive = Annotated[int, Meta(gt=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegativeFloat = Annotated[float, Meta(ge=0)]
+PriorityName = Literal["critical", "standard", "sheddable"]
+
+
+class Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class Timeouts(Base, frozen=True, kw_only=True):
+    connect: Duration = "5s"
+    first_byte: Duration = "120s"
+    idle: Duration = "60s"
+    total: Duration = "600s"
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "first_byte", "idle", "total"):
+            if units.parse_duration(getattr(self, name)) <= 0:
+                raise ValueError(f"timeouts.{name} must be > 0")
+
+
+class Server(Base, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8080
+    max_body: Size = "8MiB"
+    grace_period: Duration = "10s"
+    anonymous_tenant: str | None = None
+    fallback_model: str | None = None  # pool that receives paths without a JSON model
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+
+    def __post_init__(self) -> None:
+        units.parse_size(self.max_body)
+        units.parse_duration(self.grace_period)
+
+
+class MemoryStore(Base, frozen=True, kw_only=True, tag="memory", tag_field="kind"):
+    pass
+
+
+class RedisStore(Base, frozen=True, kw_only=True, tag="redis", tag_field="kind"):
+    url: str = "redis://127.0.0.1:6379/0"
+    on_error: Literal["local", "allow", "deny"] = "local"
+    prefix: str = "kvgate"
+
+
+class KVProfile(Base, frozen=True, kw_only=True):
+    layers: Positive
+    kv_heads: Positive
+    head_dim: Positive
+    dtype: Literal["fp32", "bf16", "fp16", "fp8", "int8"] = "bf16"
+
+
+class Tokenizer(Base, frozen=True, kw_only=True):
+    tiktoken: str | None = None  # an encoding name that ships with tiktoken, e.g. cl100k_base
+    file: str | None = None  # a local tokenizer.json (the `tokenizers` extra)
+
+    def __post_init__(self) -> None:
+        if (self.tiktoken is None) == (self.file is None):
+            raise ValueError("tokenizer needs exactly one of `tiktoken` or `file`")
+
+
+class Speed(Base, frozen=True, kw_only=True):
+    prefill_tokens_per_s: PositiveFloat = 8000.0
+    decode_tokens_per_s: PositiveFloat = 40.0  # per sequence
+
+
+class Price(Base, frozen=True, kw_only=True):
+    input: NonNegativeFloat = 0.0  # per million tokens
+    output: NonNegativeFloat = 0.0
+
+
+class MetricNames(Base, frozen=True, kw_only=True):
+    kv_usage: str | None = None
+    fragmentation: str | None = None
+    largest_free_block: str | None = None
+    running: str | None = None
+    waiting: str | None = None
+    preemptions: str | None = None
+    capacity_blocks: str | None = None
+
+
+class Metrics(Base, frozen=True, kw_only=True):
+    path: str = "/metrics"
+    names: MetricNames = msgspec.field(default_factory=MetricNames)
+
+
+class Backend(Base, frozen=True, kw_only=True):
+    url: str
+    kv_capacity: Size | None = None
+    signals: Literal["vllm", "sglang", "tgi", "llamacpp", "generic", "none"] = "vllm"
+    memory: Literal["paged", "contiguous"] = "paged"
+    reserve: Literal["likely", "worst_case"] | None = (
+        None  # default: paged → likely, else worst_case
+    )
+    block_size: Positive | None = None
+    warmup: Duration = "60s"
+    probe_interval: Duration = "1s"
+    max_concurrency: Positive | None = None
+    metrics: Metrics = msgspec.field(default_factory=Metrics)
+    health_path: str = "/health"
+    api_key: str | None = None  # env:VAR
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"backend url must start with http:// or https://, got {self.url!r}")
+        if self.kv_capacity is not None:
+            units.parse_size(self.kv_capacity)
+        units.parse_duration(self.warmup)
+        if units.parse_duration(self.probe_interval) <= 0:
+            raise ValueError("probe_interval must be > 0")
+        if self.api_key is not None and not self.api_key.startswith("env:"):
+            raise ValueError("api_key must be `env:VARIABLE`: secrets do not belong in the file")
+
+
+class Limit(Base, frozen=True, kw_only=True):
+    unit: Unit
+    rate: str
+    burst: str | float | None = None  # default: one period's worth
+    model: str | None = None  # tenant limits: only requests for this model
+
+    def __post_init__(self) -> None:
+        amount, _ = units.parse_rate(self.rate)
+        if amount <= 0:
+            raise ValueError(f"rate must be > 0, got {self.rate!r}")
+        if self.burst is not None and units.parse_amount(self.burst) <= 0:
+            raise ValueError(f"burst must be > 0, got {self.burst!r}")
+
+
+class Model(Base, frozen=True, kw_only=True):
+    kv: KVProfile
+    context: Positive = 8192
+    default_max_tokens: Positive = 1024
+    chars_per_token: PositiveFloat = 4.0
+    tokenizer: Tokenizer | None = None
+    speed: Speed = msgspec.field(default_factory=Speed)
+    price: Price = msgspec.field(default_factory=Price)
+    backends: Annotated[list[Backend], Meta(min_length=1)]
+    limits: list[Limit] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.default_max_tokens > self.context:
+            raise ValueError("default_max_tokens cannot exceed context")
+        for limit in self.limits:
+            if limit.model is not None:
+                raise ValueError("a model's own limits cannot name another `model`")
+
+
+class Tenant(Base, frozen=True, kw_only=True):
+    keys: list[str] = msgspec.field(default_factory=list)
+    priority: PriorityName = "standard"
+    weight: PositiveFloat = 1.0
+    limits: list[Limit] = msgspec.field(default_factory=list)
+    shadow: bool = False
+
+    def __post_init__(self) -> None:
+        for key in self.keys:
+            if key.startswith("env:"):
+                continue
+            digest = key.removeprefix("sha256:")
+            if not key.startswith("sha256:") or len(digest) != 64 or not _is_hex(digest):
+                raise ValueError(
+                    "keys must be `env:VARIABLE` or `sha256:<64 hex digits>`; "
+                    "plaintext keys do not belong in a policy file"
+                )
+
+
+class Queue(Base, frozen=True, kw_only=True):
+    max_wait: Duration = "30s"
+    max_depth: Positive = 1000
+    target_delay: Duration = "1s"
+    interval: Duration = "100ms"
+
+    def __post_init__(self) -> None:
+        for name in ("max_wait", "target_delay", "interval"):
+            units.parse_duration(getattr(self, name))
+
+
+class Fragmentation(Base, frozen=True, kw_only=True):
+    shed_above: float | str = 0.5
+    large_request: float | str = "10%"
+
+    def __post_init__(self) -> None:
+        units.parse_share(self.shed_above)
+        units.parse_share(self.large_request)
+
+
+class Warmup(Base, frozen=True, kw_only=True):
+    floor: float | str = "10%"
+
+    def __post_init__(self) -> None:
+        units.parse_share(self.floor)
+
+
+class Eject(Base, frozen=True, kw_only=True):
+    failures: Positive = 3
+    cooldown: Duration = "10s"
+
+    def __post_init__(self) -> None:
+        units.parse_duration(self.cooldown)
+
+
+class Admission(Base, frozen=True, kw_only=True):
+    enabled: bool = True
+    headroom: float | str = "10%"
+    queue: Queue = msgspec.field(default_factory=Queue)
+    fragmentation: Fragmentation = msgspec.field(default_factory=Fragmentation)
+    warmup: Warmup = msgspec.field(default_factory=Warmup)
+    eject: Eject = msgspec.field(default_factory=Eject)
+    stale_after: Duration = "5s"
+    output_quantile: float | str = 0.9
+
+    def __post_init__(self) -> None:
+        units.parse_share(self.headroom)
+        units.parse_duration(self.stale_after)
+        units.parse_share(self.output_quantile)
+
+
+class Policy(Base, frozen=True, kw_only=True):
+    version: Literal[1]
+    server: Server = msgspec.field(default_factory=Server)
+    store: MemoryStore | RedisStore = msgspec.field(default_factory=MemoryStore)
+    shadow: bool = False
+    models: Annotated[dict[str, Model], Meta(min_length=1)]
+    tenants: dict[str, Tenant] = msgspec.field(default_factory=dict)
+    admission: Admission = msgspec.field(default_factory=Admission)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True
