@@ -1,0 +1,175 @@
+"""Send one request to a backend and relay the answer to the client as it arrives.
+
+Streams (SSE, or any body without a length) are written to the client chunk by chunk; bodies with
+a length are read whole (they are small JSON answers) and returned with their headers. Failures
+before the response starts become exceptions the handler maps to 502/504; after it started, the
+stream ends with an SSE error event, which the OpenAI SDKs raise as an API error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from gateway.proxy.headers import downstream_headers
+from gateway.proxy.sse import UsageTap
+
+_BUFFER_LIMIT = 8 * 1024 * 1024  # a body this long or longer is streamed, not read whole
+_NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect_s: float
+    first_byte_s: float
+    idle_s: float
+    total_s: float
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Body(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_body_decoder = msgspec.json.Decoder(_Body)
+
+
+@dataclass(slots=True)
+class Relay:
+    """What happened upstream, for settlement, the backend's health and the access log."""
+
+    status: int = 0
+    first_byte_at: float | None = None  # loop time the response headers arrived
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    chunks: int = 0
+    complete: bool = False  # the whole answer reached the client
+    failure: str | None = None  # "5xx", "oom" or "timeout": fed back to the backend's state
+
+    @property
+    def output_tokens(self) -> int | None:
+        """Real output tokens: the usage block, else one per streamed chunk, else unknown."""
+        if self.completion_tokens is not None:
+            return self.completion_tokens
+        return self.chunks if self.chunks else None
+
+
+async def forward(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    body: bytes,
+    headers: CIMultiDict[str],
+    timeouts: Timeouts,
+    strip_usage: bool,
+    relay: Relay,
+) -> web.StreamResponse:
+    """Proxy to ``url``; fills ``relay`` as it goes (also when it raises)."""
+    loop = asyncio.get_running_loop()
+    end_by = loop.time() + timeouts.total_s
+    started = False
+    which = "first byte"
+    try:
+        async with asyncio.timeout(min(loop.time() + timeouts.first_byte_s, end_by)) as limit:
+            try:
+                upstream = await session.request(
+                    request.method,
+                    url,
+                    data=body or None,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s),
+                    allow_redirects=False,
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                raise UpstreamConnectError(f"cannot connect to backend: {exc}") from exc
+            async with upstream:
+                relay.status = upstream.status
+                relay.first_byte_at = loop.time()
+                if upstream.status >= 500:
+                    relay.failure = "5xx"
+                out_headers = downstream_headers(upstream.headers.items())
+                length = upstream.content_length
+                is_sse = upstream.content_type == "text/event-stream"
+                if not is_sse and length is not None and length < _BUFFER_LIMIT:
+                    which = "total"
+                    limit.reschedule(end_by)
+                    data = await upstream.read()
+                    _read_usage(relay, upstream, data)
+                    relay.complete = True
+                    return web.Response(status=upstream.status, body=data, headers=out_headers)
+                which = "idle"
+                response = web.StreamResponse(status=upstream.status, headers=out_headers)
+                await response.prepare(request)
+                started = True
+                tap = UsageTap(strip_usage=strip_usage) if is_sse else None
+                async for data in upstream.content.iter_any():
+                    limit.reschedule(min(loop.time() + timeouts.idle_s, end_by))
+                    out = tap.feed(data) if tap is not None else data
+                    if out:
+                        await response.write(out)
+                if tap is not None:
+                    await response.write(tap.flush())
+                    _take_tap(relay, tap)
+                relay.complete = True
+                await response.write_eof()
+                return response
+    except TimeoutError as exc:
+        relay.failure = "timeout"
+        seconds = {
+            "first byte": timeouts.first_byte_s,
+            "idle": timeouts.idle_s,
+            "total": timeouts.total_s,
+        }
+        if loop.time() >= end_by:
+            which = "total"
+        if not started:
+            raise UpstreamTimeout(which, seconds[which]) from exc
+        await _end_stream(response, f"upstream {which} timeout after {seconds[which]:g}s")
+        return response
+    except aiohttp.ClientError as exc:
+        relay.failure = "5xx"
+        if not started:
+            raise UpstreamError(f"backend answered badly: {exc}") from exc
+        await _end_stream(response, f"backend stream broke: {exc}")
+        return response
+
+
+def _read_usage(relay: Relay, upstream: aiohttp.ClientResponse, data: bytes) -> None:
+    if upstream.status >= 500:
+        relay.failure = "oom" if b"out of memory" in data else "5xx"
+        return
+    if upstream.status != 200 or upstream.content_type != "application/json":
+        return
+    try:
+        usage = _body_decoder.decode(data).usage
+    except msgspec.DecodeError:
+        return
+    if usage is not None:
+        relay.prompt_tokens = usage.prompt_tokens
+        relay.completion_tokens = usage.completion_tokens
+
+
+def _take_tap(relay: Relay, tap: UsageTap) -> None:
+    relay.chunks = tap.chunks
+    relay.prompt_tokens = tap.prompt_tokens
+    relay.completion_tokens = tap.completion_tokens
+
+
+async def _end_stream(response: web.StreamResponse, message: str) -> None:
+    event = msgspec.json.encode({"error": {"message": message, "type": "upstream_error"}})
+    try:
+        await response.write(b"data: " + event + b"\n\n")
+        await response.write_eof()
+    except (ConnectionError, aiohttp.ClientConnectionResetError):
+        return

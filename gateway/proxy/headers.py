@@ -1,0 +1,76 @@
+"""Header hygiene between client and backend.
+
+Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy; the client's credentials never reach
+the backend (it gets its own ``api_key`` instead); ``Accept-Encoding`` is dropped upstream so the
+gateway can read the ``usage`` block of what comes back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+HOP_BY_HOP = frozenset(
+    istr(h)
+    for h in (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
+_NOT_UPSTREAM = HOP_BY_HOP | frozenset(
+    istr(h)
+    for h in (
+        "host",
+        "content-length",
+        "authorization",
+        "api-key",
+        "x-api-key",
+        "accept-encoding",
+        "x-kvgate-priority",
+    )
+)
+_NOT_DOWNSTREAM = HOP_BY_HOP | frozenset(istr(h) for h in ("content-length", "server", "date"))
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+    # Headers named in Connection are hop-by-hop for this message too.
+    value = headers.get("Connection", "")
+    return {token.strip().lower() for token in value.split(",") if token.strip()}
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str],
+    *,
+    peer: str | None,
+    scheme: str,
+    backend_auth: str | None,
+) -> CIMultiDict[str]:
+    listed = _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name in _NOT_UPSTREAM or (listed and name.lower() in listed):
+            continue
+        out.add(name, value)
+    if peer:
+        prior = incoming.get("X-Forwarded-For")
+        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out["X-Forwarded-Proto"] = scheme
+    if backend_auth:
+        out["Authorization"] = backend_auth
+    return out
+
+
+def downstream_headers(upstream: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream:
+        if istr(name) not in _NOT_DOWNSTREAM:
+            out.add(name, value)
+    return out
