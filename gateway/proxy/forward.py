@@ -9,6 +9,7 @@ stream ends with an SSE error event, which the OpenAI SDKs raise as an API error
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -16,6 +17,7 @@ import msgspec
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.core.clock import Clock
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.proxy.headers import downstream_headers
 from gateway.proxy.sse import UsageTap
@@ -49,7 +51,7 @@ class Relay:
     """What happened upstream, for settlement, the backend's health and the access log."""
 
     status: int = 0
-    first_byte_at: float | None = None  # loop time the response headers arrived
+    first_byte_at: float | None = None  # clock time the response headers arrived
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     chunks: int = 0
@@ -74,8 +76,11 @@ async def forward(
     timeouts: Timeouts,
     strip_usage: bool,
     relay: Relay,
+    clock: Clock,
+    extra_headers: Mapping[str, str],
 ) -> web.StreamResponse:
-    """Proxy to ``url``; fills ``relay`` as it goes (also when it raises)."""
+    """Proxy to ``url``; fills ``relay`` as it goes (also when it raises). ``extra_headers`` are
+    added to the client's response (the gateway's rate-limit headers)."""
     loop = asyncio.get_running_loop()
     end_by = loop.time() + timeouts.total_s
     started = False
@@ -95,10 +100,11 @@ async def forward(
                 raise UpstreamConnectError(f"cannot connect to backend: {exc}") from exc
             async with upstream:
                 relay.status = upstream.status
-                relay.first_byte_at = loop.time()
+                relay.first_byte_at = clock.now()
                 if upstream.status >= 500:
                     relay.failure = "5xx"
                 out_headers = downstream_headers(upstream.headers.items())
+                out_headers.update(extra_headers)
                 length = upstream.content_length
                 is_sse = upstream.content_type == "text/event-stream"
                 if not is_sse and length is not None and length < _BUFFER_LIMIT:

@@ -1,0 +1,199 @@
+"""Composition root: builds the live state from a policy, the aiohttp application with its routes,
+and the background work (upstream session, backend monitors, policy watcher) as cleanup contexts
+that start with the app and are cancelled and awaited when it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.core.clock import Clock, MonotonicClock
+from gateway.core.tokens import TokenCounter, tiktoken_counter, tokenizer_json_counter
+from gateway.metrics import Metrics
+from gateway.policy.compile import Policy, admission_config
+from gateway.policy.watcher import PolicyWatcher
+from gateway.proxy.admit import Admitter
+from gateway.proxy.handler import proxy
+from gateway.state import GATEWAY, Gateway, Live
+from gateway.store.base import LimitStore
+from gateway.store.fallback import FallbackLimitStore
+from gateway.store.memory import MemoryLimitStore
+from gateway.store.redis import RedisLimitStore
+
+log = logging.getLogger("kvgate")
+
+_WATCH = web.AppKey("watch", tuple)
+
+
+def build_app(
+    policy: Policy,
+    *,
+    clock: Clock | None = None,
+    metrics: Metrics | None = None,
+    watch: tuple[Path, bytes] | None = None,
+) -> web.Application:
+    """The gateway as an aiohttp app; ``watch`` = (policy file, digest of its text) hot-reloads."""
+    clock = clock or MonotonicClock()
+    metrics = metrics or Metrics()
+    gw = Gateway(
+        live=build_live(policy, clock, None),
+        admitter=Admitter(admission_config(policy), clock),
+        metrics=metrics,
+        clock=clock,
+    )
+    metrics.set_policy(policy.fingerprint)
+    app = web.Application(client_max_size=policy.server.max_body_bytes)
+    app[GATEWAY] = gw
+    if watch is not None:
+        app[_WATCH] = watch
+    app.cleanup_ctx.extend([_upstream_session, _admitter, _policy_watcher, _drain])
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/admin/state", _state)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    return app
+
+
+def build_live(policy: Policy, clock: Clock, previous: Live | None) -> Live:
+    """The store and token counters for ``policy``; reuses the previous store when its
+    configuration did not change, so bucket state survives a reload."""
+    if previous is not None and previous.policy.spec.store == policy.spec.store:
+        store = previous.store
+    else:
+        store = build_store(policy, clock)
+    counters = {name: _counter(m) for name, m in policy.models.items()}
+    return Live(policy=policy, store=store, counters=counters)
+
+
+def build_store(policy: Policy, clock: Clock) -> LimitStore:
+    spec = policy.spec.store
+    local = MemoryLimitStore(clock)
+    if spec.kind == "memory":
+        return local
+    return FallbackLimitStore(RedisLimitStore(spec.url, prefix=spec.prefix), local, spec.on_error)
+
+
+def _counter(model: object) -> TokenCounter | None:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    if tokenizer.tiktoken is not None:
+        return tiktoken_counter(tokenizer.tiktoken)
+    return tokenizer_json_counter(tokenizer.file)
+
+
+async def apply_policy(app: web.Application, policy: Policy) -> None:
+    """Swap in a new policy whole; requests in flight finish on the one they started with."""
+    gw = app[GATEWAY]
+    old = gw.live
+    live = await asyncio.to_thread(build_live, policy, gw.clock, old)
+    gw.admitter.reconfigure(admission_config(policy))
+    gw.live = live
+    gw.metrics.set_policy(policy.fingerprint)
+    if live.store is not old.store:
+        await old.store.close()
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+    gw.session = aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+    )
+    yield
+    await gw.session.close()
+
+
+async def _admitter(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    await gw.admitter.start()
+    yield
+    await gw.admitter.close()
+    await gw.live.store.close()
+
+
+async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
+    if _WATCH not in app:
+        yield
+        return
+    path, digest = app[_WATCH]
+    gw = app[GATEWAY]
+
+    async def apply(policy: Policy) -> None:
+        await apply_policy(app, policy)
+
+    def report(result: str) -> None:
+        gw.metrics.policy_reloads.labels(result).inc()
+
+    watcher = PolicyWatcher(path, digest, apply, report)
+    task = asyncio.get_running_loop().create_task(watcher.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _drain(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[GATEWAY].drain()
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ready = gw.admitter.any_ready()
+    body = {
+        "status": "ready" if ready else "no backend ready",
+        "policy": gw.live.policy.fingerprint,
+    }
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    gw.metrics.store_degraded.set(1 if getattr(gw.live.store, "degraded", False) else 0)
+    return web.Response(
+        body=generate_latest(gw.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def _state(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    policy = gw.live.policy
+    return web.json_response(
+        {
+            "policy": {"source": policy.source, "fingerprint": policy.fingerprint},
+            "store": {
+                "kind": policy.spec.store.kind,
+                "degraded": getattr(gw.live.store, "degraded", False),
+            },
+            "admission": gw.admitter.snapshot(),
+        }
+    )
+
+
+async def _models(request: web.Request) -> web.Response:
+    policy = request.app[GATEWAY].live.policy
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "kvgate",
+            "max_model_len": m.profile.context_tokens,
+        }
+        for name, m in policy.models.items()
+    ]
+    return web.json_response({"object": "list", "data": data})

@@ -1,0 +1,208 @@
+"""``kvgate run | validate | explain | demo`` (also ``python -m gateway``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway import logs
+from gateway.core.clock import MonotonicClock
+from gateway.core.cost import ContextOverflowError, estimate
+from gateway.errors import PolicyError
+from gateway.policy.compile import Policy
+from gateway.policy.watcher import read_policy
+from gateway.proxy.body import BadRequestBody, parse_request
+
+DEFAULT_POLICY = Path("policies/default.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve with a policy file (hot-reloaded on change or SIGHUP)")
+    run.add_argument("-c", "--config", type=Path, default=DEFAULT_POLICY)
+    validate = sub.add_parser("validate", help="check policy files; exit 1 on the first error")
+    validate.add_argument("files", type=Path, nargs="+")
+    explain = sub.add_parser("explain", help="show a request's cost and the limits that apply")
+    explain.add_argument("-c", "--config", type=Path, default=DEFAULT_POLICY)
+    explain.add_argument("--tenant", required=True)
+    explain.add_argument("--path", default="/v1/chat/completions")
+    explain.add_argument("request", type=Path, help="the request body, as JSON")
+    demo = sub.add_parser("demo", help="a simulated GPU backend and the gateway, ready for curl")
+    demo.add_argument("-c", "--config", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "validate":
+            return _validate(args.files)
+        if args.command == "explain":
+            body = args.request.read_bytes()
+            return asyncio.run(_explain(args.config, args.tenant, args.path, args.request, body))
+        if args.command == "demo":
+            return _serve(args.config or _bundled_policy(), demo=True)
+        return _serve(args.config, demo=False)
+    except PolicyError as exc:
+        print(f"kvgate: {exc}", file=sys.stderr)
+        return 1
+
+
+def _validate(files: list[Path]) -> int:
+    status = 0
+    for path in files:
+        try:
+            policy, _ = read_policy(path)
+        except PolicyError as exc:
+            print(f"{exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{path}: ok (fingerprint {policy.fingerprint})")
+    return status
+
+
+async def _explain(config: Path, tenant_name: str, path: str, request: Path, body: bytes) -> int:
+    from gateway.app import build_store
+
+    policy, _ = read_policy(config)
+    tenant = policy.tenants.get(tenant_name)
+    if tenant is None:
+        print(f"kvgate: no tenant {tenant_name!r} in {config}", file=sys.stderr)
+        return 1
+    try:
+        parsed = parse_request(body, path)
+    except BadRequestBody as exc:
+        print(f"kvgate: {request}: {exc.message}", file=sys.stderr)
+        return 1
+    model = policy.models.get(parsed.model)
+    if model is None:
+        print(f"kvgate: no model {parsed.model!r} in {config}", file=sys.stderr)
+        return 1
+    try:
+        cost = estimate(parsed, model.profile, None)
+    except ContextOverflowError as exc:
+        print(f"kvgate: {exc}", file=sys.stderr)
+        return 1
+    print(f"request: tenant {tenant.name}, model {model.name}, priority {tenant.priority.name}")
+    print("estimated cost:")
+    for unit, amount in (
+        ("input_tokens", cost.input_tokens),
+        ("output_tokens (reserved)", cost.output_tokens),
+        ("kv_bytes", f"{cost.kv_bytes} ({cost.kv_bytes / 2**30:.3f} GiB)"),
+        ("kv_gib_seconds", f"{cost.kv_gib_seconds:.4f}"),
+        ("price", f"{cost.price:.6f}"),
+    ):
+        print(f"  {unit:26} {amount}")
+    specs = policy.buckets(tenant.name, model.name)
+    store = build_store(policy, MonotonicClock())
+    try:
+        remaining = await store.peek(specs) if specs else ()
+    finally:
+        await store.close()
+    print(f"limits ({len(specs)}, all must pass; state from the {policy.spec.store.kind} store):")
+    for spec, left in zip(specs, remaining, strict=True):
+        need = cost.amount(spec.unit)
+        if need > spec.burst:
+            verdict = "NEVER (larger than the burst)"
+        else:
+            verdict = "passes now" if need <= left else "would wait"
+        print(
+            f"  {spec.key:40} rate {spec.rate_per_s:.6g}/s burst {spec.burst:.6g}"
+            f"  needs {need:.6g}, has {left:.6g}: {verdict}"
+        )
+    if tenant.shadow:
+        print("shadow mode: refusals are reported, never enforced")
+    return 0
+
+
+def _bundled_policy() -> Path:
+    here = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
+    return DEFAULT_POLICY if DEFAULT_POLICY.exists() else here
+
+
+def _serve(config: Path, *, demo: bool) -> int:
+    policy, digest = read_policy(config)
+    logs.configure()
+    try:
+        import uvloop
+    except ImportError:
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    runner(_run(policy, config.resolve(), digest, demo=demo))
+    return 0
+
+
+async def _run(policy: Policy, config: Path, digest: bytes, *, demo: bool) -> None:
+    from gateway.app import build_app
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    runners: list[web.AppRunner] = []
+    if demo:
+        runners.append(await _start_simulator(policy))
+    app = build_app(policy, watch=(config, digest))
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=policy.server.grace_period_s,
+        access_log=None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, policy.server.host, policy.server.port, backlog=1024)
+    await site.start()
+    runners.insert(0, runner)
+    url = f"http://{policy.server.host}:{policy.server.port}"
+    logging.getLogger("kvgate").info(
+        "kvgate listening on %s with policy %s (%s)", url, config, policy.fingerprint
+    )
+    if demo:
+        _print_demo(url, policy)
+    try:
+        await stop.wait()
+    finally:
+        for r in runners:
+            await r.cleanup()
+
+
+async def _start_simulator(policy: Policy) -> web.AppRunner:
+    from urllib.parse import urlsplit
+
+    from loadtest.sim.server import build_app as build_sim
+
+    from loadtest.sim.config import SimConfig
+
+    model = next(iter(policy.models.values()))
+    target = urlsplit(model.backends[0].url)
+    config = SimConfig(model=model.name, kv_bytes_per_token=model.profile.kv_bytes_per_token)
+    runner = web.AppRunner(build_sim(config), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, target.hostname or "127.0.0.1", target.port or 80).start()
+    return runner
+
+
+def _print_demo(url: str, policy: Policy) -> None:
+    model = next(iter(policy.models))
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Hello!"}],
+            "max_tokens": 32,
+            "stream": True,
+        }
+    )
+    print(
+        f"\nkvgate demo: a simulated GPU serving {model!r} behind kvgate at {url}\n"
+        f"Try:\n  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f"    -d '{body}'\n"
+        f"Metrics: {url}/metrics   State: {url}/admin/state   Stop: Ctrl-C\n",
+        flush=True,
+    )

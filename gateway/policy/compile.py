@@ -1,0 +1,226 @@
+"""Decoded policy → the frozen runtime ``Policy`` the gateway serves with.
+
+Resolves secrets (``env:VAR``), parses units, checks rules that span the file (a limit naming an
+unknown model, two limits with the same key, the anonymous tenant existing), precomputes the bucket
+specs of every (tenant, model) pair so the hot path does one dict lookup, and fingerprints the
+policy so logs and the admin view say which version is live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import msgspec
+
+from gateway.core.bucket import BucketSpec
+from gateway.core.cost import ModelProfile
+from gateway.core.types import Priority
+from gateway.errors import PolicyError
+from gateway.policy import schema, units
+from gateway.proxy.forward import Timeouts
+
+_DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0}
+_DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str
+    port: int
+    max_body_bytes: int
+    grace_period_s: float
+    timeouts: Timeouts
+    fallback_model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    priority: Priority
+    weight: float
+    shadow: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    url: str
+    authorization: str | None  # "Bearer <key>" sent upstream, resolved from env at compile time
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    profile: ModelProfile
+    backends: tuple[Backend, ...]
+    tokenizer: schema.Tokenizer | None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    source: str
+    fingerprint: str
+    spec: schema.Policy
+    server: ServerSettings
+    models: Mapping[str, Model]
+    tenants: Mapping[str, Tenant]
+    anonymous: Tenant | None
+    shadow: bool
+    max_wait_s: float  # longest a request may queue for admission
+    _by_key: Mapping[bytes, Tenant] = field(repr=False)
+    _buckets: Mapping[tuple[str, str], tuple[BucketSpec, ...]] = field(repr=False)
+
+    def tenant_for_key(self, key: str) -> Tenant | None:
+        return self._by_key.get(hashlib.sha256(key.encode()).digest())
+
+    def buckets(self, tenant: str, model: str) -> tuple[BucketSpec, ...]:
+        """Every bucket a request of ``tenant`` for ``model`` must pass, all or nothing."""
+        return self._buckets.get((tenant, model), ())
+
+
+def compile_policy(
+    spec: schema.Policy, source: str = "<string>", env: Mapping[str, str] | None = None
+) -> Policy:
+    env = os.environ if env is None else env
+    models = {name: _model(name, m, source, env) for name, m in spec.models.items()}
+    tenants = {
+        name: Tenant(name, Priority.parse(t.priority), t.weight, t.shadow or spec.shadow)
+        for name, t in spec.tenants.items()
+    }
+    anonymous = None
+    if spec.server.anonymous_tenant is not None:
+        anonymous = tenants.get(spec.server.anonymous_tenant)
+        if anonymous is None:
+            raise PolicyError(
+                source,
+                f"at $.server.anonymous_tenant: no tenant named {spec.server.anonymous_tenant!r}",
+            )
+    fallback = spec.server.fallback_model
+    if fallback is not None and fallback not in models:
+        raise PolicyError(source, f"at $.server.fallback_model: no model named {fallback!r}")
+    return Policy(
+        source=source,
+        fingerprint=hashlib.sha256(msgspec.json.encode(spec)).hexdigest()[:12],
+        spec=spec,
+        server=_server(spec.server),
+        models=models,
+        tenants=tenants,
+        anonymous=anonymous,
+        shadow=spec.shadow,
+        max_wait_s=units.parse_duration(spec.admission.queue.max_wait),
+        _by_key=_keys(spec, tenants, source, env),
+        _buckets=_buckets(spec, source),
+    )
+
+
+def _server(server: schema.Server) -> ServerSettings:
+    t = server.timeouts
+    return ServerSettings(
+        host=server.host,
+        port=server.port,
+        max_body_bytes=units.parse_size(server.max_body),
+        grace_period_s=units.parse_duration(server.grace_period),
+        timeouts=Timeouts(
+            connect_s=units.parse_duration(t.connect),
+            first_byte_s=units.parse_duration(t.first_byte),
+            idle_s=units.parse_duration(t.idle),
+            total_s=units.parse_duration(t.total),
+        ),
+        fallback_model=server.fallback_model,
+    )
+
+
+def _model(name: str, m: schema.Model, source: str, env: Mapping[str, str]) -> Model:
+    block_size = next((b.block_size for b in m.backends if b.block_size), _DEFAULT_BLOCK_SIZE)
+    profile = ModelProfile(
+        layers=m.kv.layers,
+        kv_heads=m.kv.kv_heads,
+        head_dim=m.kv.head_dim,
+        dtype_bytes=_DTYPE_BYTES[m.kv.dtype],
+        block_size=block_size,
+        context_tokens=m.context,
+        default_max_tokens=m.default_max_tokens,
+        chars_per_token=m.chars_per_token,
+        prefill_tokens_per_s=m.speed.prefill_tokens_per_s,
+        decode_tokens_per_s=m.speed.decode_tokens_per_s,
+        price_input_per_mtok=m.price.input,
+        price_output_per_mtok=m.price.output,
+    )
+    backends = []
+    for i, b in enumerate(m.backends):
+        auth = None
+        if b.api_key is not None:
+            key = _secret(b.api_key, env, source, f"$.models.{name}.backends[{i}].api_key")
+            auth = f"Bearer {key}"
+        backends.append(Backend(url=b.url.rstrip("/"), authorization=auth))
+    return Model(name=name, profile=profile, backends=tuple(backends), tokenizer=m.tokenizer)
+
+
+def _secret(ref: str, env: Mapping[str, str], source: str, where: str) -> str:
+    var = ref.removeprefix("env:")
+    value = env.get(var)
+    if not value:
+        raise PolicyError(source, f"at {where}: environment variable {var} is not set")
+    return value
+
+
+def _keys(
+    spec: schema.Policy, tenants: Mapping[str, Tenant], source: str, env: Mapping[str, str]
+) -> dict[bytes, Tenant]:
+    by_key: dict[bytes, Tenant] = {}
+    for name, t in spec.tenants.items():
+        for i, ref in enumerate(t.keys):
+            where = f"$.tenants.{name}.keys[{i}]"
+            if ref.startswith("sha256:"):
+                digest = bytes.fromhex(ref.removeprefix("sha256:"))
+            else:
+                digest = hashlib.sha256(_secret(ref, env, source, where).encode()).digest()
+            other = by_key.get(digest)
+            if other is not None and other.name != name:
+                raise PolicyError(source, f"at {where}: the same key is also {other.name!r}'s")
+            by_key[digest] = tenants[name]
+    return by_key
+
+
+def _spec(key: str, limit: schema.Limit) -> BucketSpec:
+    amount, period_s = units.parse_rate(limit.rate)
+    burst = units.parse_amount(limit.burst) if limit.burst is not None else amount
+    return BucketSpec(key=key, unit=limit.unit, rate_per_s=amount / period_s, burst=burst)
+
+
+def _buckets(spec: schema.Policy, source: str) -> dict[tuple[str, str], tuple[BucketSpec, ...]]:
+    seen: set[str] = set()
+
+    def compiled(prefix: str, where: str, limits: list[schema.Limit]) -> list[BucketSpec]:
+        out = []
+        for i, limit in enumerate(limits):
+            _, period_s = units.parse_rate(limit.rate)
+            scope = limit.model or "*"
+            key = f"{prefix}:{scope}:{limit.unit.value}:{period_s:g}"
+            if key in seen:
+                raise PolicyError(
+                    source,
+                    f"at {where}[{i}]: a second {limit.unit.value} limit over the same period "
+                    f"for {scope!r}; merge them",
+                )
+            if limit.model is not None and limit.model not in spec.models:
+                raise PolicyError(source, f"at {where}[{i}].model: no model named {limit.model!r}")
+            seen.add(key)
+            out.append(_spec(key, limit))
+        return out
+
+    per_model = {
+        name: compiled(f"m:{name}", f"$.models.{name}.limits", m.limits)
+        for name, m in spec.models.items()
+    }
+    table: dict[tuple[str, str], tuple[BucketSpec, ...]] = {}
+    for tenant_name, t in spec.tenants.items():
+        own = compiled(f"t:{tenant_name}", f"$.tenants.{tenant_name}.limits", t.limits)
+        for model_name in spec.models:
+            scoped = [
+                s for s, lim in zip(own, t.limits, strict=True) if lim.model in (None, model_name)
+            ]
+            table[(tenant_name, model_name)] = (*scoped, *per_model[model_name])
+    return table
