@@ -1,0 +1,505 @@
+"""Admission decisions: place a request on a backend of its model, queue it, or shed it. Pure.
+
+``Admission`` is a synchronous state machine driven by ``gateway.proxy.admit``; every call takes
+``now``. Calls that change capacity (``offer``, ``release``, probes, ``tick``) pump the queue, and
+what the pump decides for *other* waiting requests is collected in an outbox the driver empties
+with ``take_events`` (entry id → ``Placement`` or ``Rejection``).
+
+Routing: among the model's warming/ready backends (never loading or ejected ones, nor those in
+``Ticket.exclude``), the request goes where it fits with the most free usable bytes left after
+placing it (``BackendRuntime.placement_score``).
+
+Shed reasons, each a ``Rejection`` whose ``retry_after_s`` is an estimate, not a guess:
+- ``TOO_LARGE``: no backend could hold it even idle (``should_retry`` False);
+- ``SHED_QUEUE_FULL``: the queue is at ``max_depth``;
+- ``SHED_OVERLOAD``: CoDel says queue delay stays above target (sheddable, then standard);
+- ``SHED_LOADING``: every backend is loading and the predicted end of loading is past the
+  deadline (Retry-After = that predicted end);
+- ``SHED_FRAGMENTATION``: a large request while every serving backend is fragmented above
+  ``shed_above`` (Retry-After = typical time a request holds its memory);
+- ``SHED_DEADLINE``: the wait expected from the drain rate exceeds the deadline, or the deadline
+  passed in the queue.
+Wait estimate: (bytes queued ahead in the same or better bands, this request included, minus
+bytes free now) / bytes finished per second over the last 10 s.
+
+With ``enabled=False`` there is no queue and no memory accounting: round robin over serving
+backends.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from gateway.core.backend import BackendConfig, BackendSignals, Health, ReserveMode
+from gateway.core.capacity import BackendRuntime, CapacityConfig
+from gateway.core.outputs import OutputLengths
+from gateway.core.queueing import CoDel, DrainRate, Entry, FairQueue, QueueConfig
+from gateway.core.types import Outcome, Priority
+
+_MIN_RETRY_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPool:
+    name: str
+    kv_bytes_per_token: int
+    backends: tuple[BackendConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """The compiled ``admission:`` section plus every model's backends."""
+
+    models: tuple[ModelPool, ...]
+    enabled: bool = True
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    output_quantile: float = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What admission needs to know about one request. ``deadline`` is monotonic seconds."""
+
+    tenant: str
+    model: str
+    priority: Priority
+    weight: float
+    prompt_tokens: int
+    max_output_tokens: int
+    kv_bytes_per_token: int
+    deadline: float
+    exclude: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    lease_id: int
+    model: str
+    backend_url: str
+    reserved_bytes: int
+    queued_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    outcome: Outcome
+    retry_after_s: float | None
+    message: str
+    should_retry: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    entry_id: int
+
+
+Verdict = Placement | Rejection | Queued
+
+
+@dataclass(slots=True)
+class _Lease:
+    model: str
+    url: str
+    tenant: str
+    nbytes: int
+    placed_at: float
+
+
+class _Pool:
+    def __init__(self, spec: ModelPool, config: AdmissionConfig, now: float) -> None:
+        self.spec = spec
+        self.backends: dict[str, BackendRuntime] = {}
+        self.queue = FairQueue(config.queue)
+        self.codel = CoDel(config.queue.target_delay_s, config.queue.interval_s)
+        self.drain = DrainRate()
+        self.tickets: dict[int, Ticket] = {}
+        self.rr = 0
+        self.retune(spec, config, now)
+
+    def retune(self, spec: ModelPool, config: AdmissionConfig, now: float) -> None:
+        """Adopt a new policy; backends whose URL persists keep their state and leases."""
+        self.spec = spec
+        kept = self.backends
+        self.backends = {}
+        for bc in spec.backends:
+            rt = kept.get(bc.url)
+            if rt is None:
+                rt = BackendRuntime(
+                    bc, kv_bytes_per_token=spec.kv_bytes_per_token, cap=config.capacity, now=now
+                )
+            else:
+                rt.retune(bc, kv_bytes_per_token=spec.kv_bytes_per_token, cap=config.capacity)
+            self.backends[bc.url] = rt
+        self.queue.config = config.queue
+        self.codel.target_s = config.queue.target_delay_s
+        self.codel.interval_s = config.queue.interval_s
+
+    def candidates(self, ticket: Ticket) -> list[BackendRuntime]:
+        return [b for url, b in self.backends.items() if url not in ticket.exclude]
+
+
+class Admission:
+    """Admission state for every model of the policy. Not thread-safe; one event loop owns it."""
+
+    def __init__(self, config: AdmissionConfig, now: float) -> None:
+        self.config = config
+        self.outputs = OutputLengths(quantile=config.output_quantile)
+        self._pools = {m.name: _Pool(m, config, now) for m in config.models}
+        self._leases: dict[int, _Lease] = {}
+        self._ids = itertools.count(1)
+        self._events: list[tuple[int, Placement | Rejection]] = []
+        self._chosen: dict[int, BackendRuntime] = {}
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def offer(self, ticket: Ticket, now: float) -> Verdict:
+        pool = self._pools.get(ticket.model)
+        if pool is None:
+            return Rejection(Outcome.NOT_FOUND, None, f"unknown model {ticket.model!r}", False)
+        cands = pool.candidates(ticket)
+        if not cands:
+            return Rejection(Outcome.UPSTREAM_ERROR, _MIN_RETRY_S, "every backend failed")
+        if not self.config.enabled:
+            return self._round_robin(pool, cands, ticket, now)
+        if not any(b.can_ever_hold(self._need(b, ticket), ticket.prompt_tokens) for b in cands):
+            return Rejection(
+                Outcome.TOO_LARGE,
+                None,
+                "request needs more KV memory than any backend of the model has",
+                False,
+            )
+        if pool.codel.sheds(ticket.priority):
+            retry = self._wait_estimate(pool, ticket.priority, 0.0, now)
+            return Rejection(Outcome.SHED_OVERLOAD, _retry(retry), "queue delay above target")
+        entry = Entry(
+            id=next(self._ids),
+            tenant=ticket.tenant,
+            priority=ticket.priority,
+            weight=ticket.weight,
+            cost=float(_tokens_cost(ticket, self.outputs)),
+            enqueued_at=now,
+            deadline=ticket.deadline,
+        )
+        if not pool.queue.push(entry):
+            retry = self._wait_estimate(pool, ticket.priority, entry.cost, now)
+            return Rejection(Outcome.SHED_QUEUE_FULL, _retry(retry), "admission queue is full")
+        pool.tickets[entry.id] = ticket
+        self._pump_pool(pool, now)
+        for i, (eid, verdict) in enumerate(self._events):
+            if eid == entry.id:
+                del self._events[i]
+                return verdict
+        rejection = self._reject_on_arrival(pool, ticket, entry, cands, now)
+        if rejection is not None:
+            self._drop(pool, entry.id)
+            return rejection
+        return Queued(entry.id)
+
+    def cancel(self, entry_id: int) -> bool:
+        """Forget a waiting entry (its client left). True if it was still queued."""
+        return any(self._drop(pool, entry_id) for pool in self._pools.values())
+
+    def release(
+        self,
+        lease_id: int,
+        *,
+        output_tokens: int | None,
+        ttft_s: float | None,
+        failure: str | None,
+        now: float,
+    ) -> None:
+        """Free a placement and learn from how it went. Unknown ids are ignored (idempotent).
+
+        ``failure``: ``"connect"`` or ``"5xx"`` count towards ejection, ``"oom"`` is memory
+        pressure, ``None`` is a success.
+        """
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return
+        pool = self._pools.get(lease.model)
+        rt = None if pool is None else pool.backends.get(lease.url)
+        if pool is None or rt is None:
+            return
+        rt.unplace(lease.nbytes)
+        held = now - lease.placed_at
+        pool.drain.record(lease.nbytes, held, now)
+        if failure in ("connect", "5xx"):
+            rt.lifecycle.record_failure(now)
+            rt.adaptive.on_drop(now)
+        elif failure == "oom":
+            rt.report_oom(now)
+        else:
+            rt.lifecycle.record_success()
+            if output_tokens is not None:
+                self.outputs.observe(lease.model, lease.tenant, output_tokens)
+            rt.adaptive.on_sample(ttft_s=ttft_s, inflight=rt.inflight + 1, dropped=False, now=now)
+        self._pump_pool(pool, now)
+
+    # -- backend observations -----------------------------------------------------------------
+
+    def observe_health(self, model: str, url: str, health: Health, now: float) -> None:
+        rt = self._runtime(model, url)
+        if rt is not None:
+            rt.lifecycle.observe_health(health, now)
+            self._pump_pool(self._pools[model], now)
+
+    def observe_signals(self, model: str, url: str, signals: BackendSignals, now: float) -> None:
+        rt = self._runtime(model, url)
+        if rt is not None:
+            rt.apply_signals(signals, now)
+            self._pump_pool(self._pools[model], now)
+
+    def tick(self, now: float) -> None:
+        """Time passed: expire deadlines, apply CoDel, re-try the queue."""
+        for pool in self._pools.values():
+            self._pump_pool(pool, now)
+
+    def take_events(self) -> list[tuple[int, Placement | Rejection]]:
+        events, self._events = self._events, []
+        return events
+
+    def next_wakeup(self, now: float) -> float | None:
+        """Earliest moment time alone may change a decision (deadline, ageing, ramp, CoDel)."""
+        times: list[float] = []
+        for pool in self._pools.values():
+            if not len(pool.queue):
+                continue
+            times.append(now + 0.5)  # pressure recovery and signal staleness are continuous
+            deadline = pool.queue.next_deadline()
+            if deadline is not None:
+                times.append(deadline)
+            check = pool.codel.next_check_at()
+            if check is not None:
+                times.append(check)
+            q = pool.queue.config
+            for e in pool.queue:
+                for later in (e.enqueued_at + q.ageing_s, e.enqueued_at + q.target_delay_s):
+                    if later > now:
+                        times.append(later)
+            for rt in pool.backends.values():
+                change = rt.lifecycle.next_change_at(now)
+                if change is not None:
+                    times.append(change)
+        return min(times, default=None)
+
+    # -- policy -------------------------------------------------------------------------------
+
+    def reconfigure(self, config: AdmissionConfig, now: float) -> None:
+        """Hot reload. Pools and backends that persist keep their state, queue and leases;
+        entries queued for a model that disappeared are rejected through the outbox."""
+        self.config = config
+        self.outputs.quantile = config.output_quantile
+        pools: dict[str, _Pool] = {}
+        for spec in config.models:
+            pool = self._pools.pop(spec.name, None)
+            if pool is None:
+                pool = _Pool(spec, config, now)
+            else:
+                pool.retune(spec, config, now)
+            pools[spec.name] = pool
+        for gone in self._pools.values():
+            for entry_id in list(gone.tickets):
+                self._drop(gone, entry_id)
+                msg = "model removed from the policy"
+                self._events.append((entry_id, Rejection(Outcome.NOT_FOUND, None, msg, False)))
+        self._pools = pools
+        for pool in pools.values():
+            self._pump_pool(pool, now)
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        """Plain data for the admin view and metrics."""
+        out: dict[str, object] = {}
+        for name, pool in self._pools.items():
+            backends: list[dict[str, object]] = []
+            for rt in pool.backends.values():
+                v = rt.view(now)
+                backends.append(
+                    {
+                        "url": rt.url,
+                        "phase": v.phase.value,
+                        "kind": v.kind.value,
+                        "capacity": v.total,
+                        "usable": v.usable,
+                        "free": v.free,
+                        "reserved_bytes": rt.reserved_bytes,
+                        "inflight": rt.inflight,
+                        "fragmentation": v.fragmentation,
+                        "stale": v.stale,
+                        "pressure": rt.pressure.value(now),
+                        "adaptive_limit": rt.adaptive.value,
+                        "load_estimate_s": rt.lifecycle.load_estimate_s,
+                        "failures": rt.lifecycle.failures,
+                    }
+                )
+            out[name] = {
+                "backends": backends,
+                "queue_depth": len(pool.queue),
+                "queued_bytes": pool.queue.queued_bytes,
+                "oldest_wait_s": pool.queue.oldest_age(now),
+                "codel_level": pool.codel.level,
+                "drain_bytes_per_s": pool.drain.bytes_per_s(now),
+            }
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _runtime(self, model: str, url: str) -> BackendRuntime | None:
+        pool = self._pools.get(model)
+        return None if pool is None else pool.backends.get(url)
+
+    def _need(self, rt: BackendRuntime, ticket: Ticket) -> int:
+        return rt.need_bytes(_tokens(rt, ticket, self.outputs), ticket.kv_bytes_per_token)
+
+    def _round_robin(
+        self, pool: _Pool, cands: list[BackendRuntime], ticket: Ticket, now: float
+    ) -> Verdict:
+        serving = [b for b in cands if b.lifecycle.capacity_factor(now) > 0]
+        if not serving:
+            ready = [t for b in cands if (t := b.lifecycle.predicted_ready_at(now)) is not None]
+            wait = min(ready) - now if ready else None
+            return Rejection(Outcome.SHED_LOADING, _retry(wait), "no backend is serving")
+        rt = serving[pool.rr % len(serving)]
+        pool.rr += 1
+        return self._place(pool, rt, ticket, 0, 0.0, now)
+
+    def _place(
+        self,
+        pool: _Pool,
+        rt: BackendRuntime,
+        ticket: Ticket,
+        nbytes: int,
+        queued_s: float,
+        now: float,
+    ) -> Placement:
+        lease_id = next(self._ids)
+        rt.place(nbytes)
+        self._leases[lease_id] = _Lease(pool.spec.name, rt.url, ticket.tenant, nbytes, now)
+        return Placement(lease_id, pool.spec.name, rt.url, nbytes, queued_s)
+
+    def _best(self, pool: _Pool, ticket: Ticket, now: float) -> BackendRuntime | None:
+        best: BackendRuntime | None = None
+        best_score = 0.0
+        for rt in pool.candidates(ticket):
+            score = rt.placement_score(self._need(rt, ticket), now)
+            if score is not None and (best is None or score > best_score):
+                best, best_score = rt, score
+        return best
+
+    def _pump_pool(self, pool: _Pool, now: float) -> None:
+        if not self.config.enabled:
+            return
+        for e in pool.queue.expired(now):
+            self._events.append((e.id, self._expiry(pool, e, now)))
+            pool.tickets.pop(e.id, None)
+        for priority in (Priority.SHEDDABLE, Priority.STANDARD):
+            if not pool.codel.sheds(priority):
+                continue
+            for e in pool.queue.band_entries(priority):
+                if now - e.enqueued_at >= pool.codel.target_s:
+                    self._drop(pool, e.id)
+                    wait = self._wait_estimate(pool, priority, 0.0, now)
+                    msg = "queue delay above target"
+                    self._events.append((e.id, Rejection(Outcome.SHED_OVERLOAD, _retry(wait), msg)))
+
+        def fits(e: Entry) -> bool:
+            rt = self._best(pool, pool.tickets[e.id], now)
+            if rt is None:
+                return False
+            self._chosen[e.id] = rt
+            return True
+
+        def place(e: Entry) -> None:
+            ticket = pool.tickets.pop(e.id)
+            rt = self._chosen.pop(e.id)
+            placement = self._place(
+                pool, rt, ticket, self._need(rt, ticket), now - e.enqueued_at, now
+            )
+            self._events.append((e.id, placement))
+
+        served = pool.queue.pump(fits, place, now)
+        self._chosen.clear()
+        if served:
+            for e in served:
+                pool.codel.observe(now - e.enqueued_at, now)
+        else:
+            pool.codel.observe(
+                pool.queue.oldest_age(now),
+                now,
+                may_escalate=not pool.queue.has_band(Priority.SHEDDABLE),
+            )
+
+    def _expiry(self, pool: _Pool, e: Entry, now: float) -> Rejection:
+        waited = now - e.enqueued_at
+        ticket = pool.tickets[e.id]
+        if not any(b.lifecycle.serving for b in pool.candidates(ticket)):
+            ready = [
+                t
+                for b in pool.candidates(ticket)
+                if (t := b.lifecycle.predicted_ready_at(now)) is not None
+            ]
+            until_ready = min(ready) - now if ready else waited
+            msg = f"backends still loading after {waited:.1f}s"
+            return Rejection(Outcome.SHED_LOADING, _retry(until_ready), msg)
+        wait = self._wait_estimate(pool, e.priority, e.cost, now)
+        if wait is None:
+            wait = pool.drain.hold_s
+        return Rejection(Outcome.SHED_DEADLINE, _retry(wait), f"not admitted within {waited:.1f}s")
+
+    def _reject_on_arrival(
+        self, pool: _Pool, ticket: Ticket, entry: Entry, cands: list[BackendRuntime], now: float
+    ) -> Rejection | None:
+        budget = ticket.deadline - now
+        serving = [b for b in cands if b.lifecycle.serving]
+        if not serving:
+            ready = [t for b in cands if (t := b.lifecycle.predicted_ready_at(now)) is not None]
+            if ready and min(ready) > ticket.deadline:
+                msg = "every backend of the model is loading past this request's deadline"
+                return Rejection(Outcome.SHED_LOADING, _retry(min(ready) - now), msg)
+            return None
+        fragmented = [b for b in serving if b.too_fragmented(self._need(b, ticket), b.view(now))]
+        if len(fragmented) == len(serving):
+            hold = pool.drain.hold_s
+            msg = "backends too fragmented for a request this large"
+            return Rejection(Outcome.SHED_FRAGMENTATION, _retry(hold), msg)
+        wait = self._wait_estimate(pool, ticket.priority, 0.0, now)
+        if wait is not None and wait > budget:
+            msg = f"expected wait {wait:.1f}s exceeds the deadline ({budget:.1f}s)"
+            return Rejection(Outcome.SHED_DEADLINE, _retry(wait), msg)
+        return None
+
+    def _wait_estimate(
+        self, pool: _Pool, priority: Priority, extra: float, now: float
+    ) -> float | None:
+        rate = pool.drain.bytes_per_s(now)
+        if rate is None or rate <= 0:
+            return None
+        free = sum(
+            max(0.0, rt.view(now).free) for rt in pool.backends.values() if rt.lifecycle.serving
+        )
+        backlog = pool.queue.bytes_ahead(priority) + extra - free
+        return max(0.0, backlog) / rate
+
+    def _drop(self, pool: _Pool, entry_id: int) -> bool:
+        pool.tickets.pop(entry_id, None)
+        return pool.queue.remove(entry_id) is not None
+
+
+def _tokens(rt: BackendRuntime, ticket: Ticket, outputs: OutputLengths) -> int:
+    """Prompt plus the output this backend's reservation mode reserves."""
+    out = ticket.max_output_tokens
+    if rt.config.reserve_mode is ReserveMode.LIKELY:
+        out = outputs.likely(ticket.model, ticket.tenant, out)
+    return ticket.prompt_tokens + out
+
+
+def _tokens_cost(ticket: Ticket, outputs: OutputLengths) -> int:
+    """KV bytes a request is charged in fair share: prompt + likely output."""
+    out = outputs.likely(ticket.model, ticket.tenant, ticket.max_output_tokens)
+    return (ticket.prompt_tokens + out) * ticket.kv_bytes_per_token
+
+
+def _retry(seconds: float | None) -> float:
+    """A Retry-After value: the estimate, at least one second; one second when unknown."""
+    return _MIN_RETRY_S if seconds is None else max(_MIN_RETRY_S, seconds)

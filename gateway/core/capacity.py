@@ -1,0 +1,339 @@
+"""Usable capacity of one backend, and whether a request fits there. Pure: time is an argument.
+
+A backend's capacity has one of three kinds:
+- ``BYTES`` (its KV size is known, from ``kv_capacity`` or its metrics):
+  ``usable = capacity * (1 - headroom) * warm-up factor * (1 - fragmentation) * pressure``;
+  ``free = min(usable - reserved - foreign, what the usage gauge leaves free)`` where
+  ``reserved`` is what this gateway's requests in flight there hold, ``foreign`` is usage the
+  gauge shows beyond what we had reserved at the scrape (another gateway, or our estimates
+  running over), and the gauge bound subtracts what we admitted since the scrape.
+  A request needing more than a reported largest free block does not go there, nor does a
+  *large* one (over ``large_request`` of usable) while fragmentation is above ``shed_above``.
+- ``SLOTS`` (llama.cpp): a whole slot per request; usable = slots * warm-up * pressure.
+- ``CONCURRENCY`` (no memory signal, no configured size): the adaptive limit of
+  ``gateway.core.adaptive``.
+Signals older than ``stale_after_s`` are ignored: the gateway's own accounting against the last
+known capacity decides, so a silent metrics endpoint never freezes the pool.
+
+Inferred pressure (``Pressure``): a rise of the preemption counter, KV usage ≥ 95 % while the
+backend's waiting queue grows, or an OOM reported by the proxy each multiply the effective
+capacity by ``cut`` (at most once a second), and it recovers linearly by ``recover_per_s``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from gateway.core.adaptive import AdaptiveLimit
+from gateway.core.backend import (
+    DEFAULT_BLOCK_SIZE,
+    BackendConfig,
+    BackendSignals,
+    Lifecycle,
+    MemoryKind,
+)
+from gateway.core.types import Phase
+
+_NEAR_FULL = 0.95
+
+
+class CapacityKind(enum.StrEnum):
+    BYTES = "bytes"
+    SLOTS = "slots"
+    CONCURRENCY = "concurrency"
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityConfig:
+    """Admission-wide capacity settings (shares in [0, 1], durations in seconds)."""
+
+    headroom: float = 0.1
+    warmup_floor: float = 0.1
+    stale_after_s: float = 5.0
+    shed_above: float = 0.5  # fragmentation ratio above which large requests avoid a backend
+    large_request: float = 0.1  # "large": needs more than this share of the usable KV
+    eject_failures: int = 3
+    eject_cooldown_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityView:
+    """A backend's capacity at one instant; units are bytes for BYTES, requests otherwise."""
+
+    kind: CapacityKind
+    phase: Phase
+    total: float
+    usable: float
+    free: float
+    fragmentation: float | None
+    largest_free_bytes: float | None
+    stale: bool
+
+
+class Pressure:
+    """A multiplicative capacity cut that recovers linearly with time."""
+
+    __slots__ = ("_at", "_value", "cut_factor", "floor", "min_interval_s", "recover_per_s")
+
+    def __init__(
+        self,
+        *,
+        cut_factor: float = 0.8,
+        floor: float = 0.3,
+        recover_per_s: float = 0.02,
+        min_interval_s: float = 1.0,
+    ) -> None:
+        self.cut_factor = cut_factor
+        self.floor = floor
+        self.recover_per_s = recover_per_s
+        self.min_interval_s = min_interval_s
+        self._value = 1.0
+        self._at = float("-inf")
+
+    def value(self, now: float) -> float:
+        if self._value >= 1.0:
+            return 1.0
+        return min(1.0, self._value + self.recover_per_s * (now - self._at))
+
+    def cut(self, now: float) -> None:
+        if now - self._at < self.min_interval_s:
+            return
+        self._value = max(self.floor, self.value(now) * self.cut_factor)
+        self._at = now
+
+
+def round_up_tokens(tokens: int, block_size: int) -> int:
+    """Tokens rounded up to whole KV blocks."""
+    return -(-tokens // block_size) * block_size
+
+
+class BackendRuntime:
+    """Everything the gateway tracks about one backend: life cycle, last signals, what its own
+    requests hold there (``reserved_bytes``, ``inflight``), pressure and the adaptive limit."""
+
+    def __init__(
+        self, config: BackendConfig, *, kv_bytes_per_token: int, cap: CapacityConfig, now: float
+    ) -> None:
+        self.config = config
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.cap = cap
+        self.lifecycle = Lifecycle(
+            warmup_s=config.warmup_s,
+            floor=cap.warmup_floor,
+            eject_failures=cap.eject_failures,
+            cooldown_s=cap.eject_cooldown_s,
+            now=now,
+        )
+        self.signals: BackendSignals | None = None
+        self.reserved_bytes = 0
+        self.inflight = 0
+        self.pressure = Pressure()
+        self.adaptive = AdaptiveLimit(
+            initial=config.max_concurrency, max_limit=config.max_concurrency
+        )
+        self._reserved_at_scrape = 0
+        self._inflight_at_scrape = 0
+        self._capacity_tokens: int | None = None
+        self._slots: int | None = None
+        self._slot_ctx: int | None = None
+        self._block_size: int | None = None
+
+    def retune(
+        self, config: BackendConfig, *, kv_bytes_per_token: int, cap: CapacityConfig
+    ) -> None:
+        """Adopt a reloaded policy entry for the same URL; state and reservations stay."""
+        self.config = config
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.cap = cap
+        self.lifecycle.retune(
+            warmup_s=config.warmup_s,
+            floor=cap.warmup_floor,
+            eject_failures=cap.eject_failures,
+            cooldown_s=cap.eject_cooldown_s,
+        )
+        if config.max_concurrency is not None:
+            self.adaptive.max_limit = float(config.max_concurrency)
+            self.adaptive.limit = min(self.adaptive.limit, self.adaptive.max_limit)
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size or self._block_size or DEFAULT_BLOCK_SIZE
+
+    def apply_signals(self, sig: BackendSignals, now: float) -> None:
+        """Take a scrape; infer pressure from its change since the previous one."""
+        prev = self.signals
+        if prev is not None and now - prev.at <= self.cap.stale_after_s:
+            if _rose(prev.preemptions_total, sig.preemptions_total):
+                self.pressure.cut(now)
+                self.adaptive.on_drop(now)
+            usage = self._usage(sig)
+            if usage is not None and usage >= _NEAR_FULL and _rose(prev.waiting, sig.waiting):
+                self.pressure.cut(now)
+        self.signals = sig
+        self._reserved_at_scrape = self.reserved_bytes
+        self._inflight_at_scrape = self.inflight
+        self._capacity_tokens = sig.capacity_tokens or self._capacity_tokens
+        self._slots = sig.total_slots or self._slots
+        self._slot_ctx = sig.slot_ctx_tokens or self._slot_ctx
+        self._block_size = sig.block_size or self._block_size
+
+    def report_oom(self, now: float) -> None:
+        self.pressure.cut(now)
+        self.adaptive.on_drop(now)
+
+    def fresh_signals(self, now: float) -> BackendSignals | None:
+        sig = self.signals
+        if sig is None or now - sig.at > self.cap.stale_after_s:
+            return None
+        return sig
+
+    def total_bytes(self) -> int | None:
+        """KV bytes of the backend: the smaller of the policy's and the metrics' figure."""
+        known = [
+            v
+            for v in (
+                self.config.kv_capacity_bytes,
+                None
+                if self._capacity_tokens is None
+                else self._capacity_tokens * self.kv_bytes_per_token,
+            )
+            if v is not None
+        ]
+        return min(known) if known else None
+
+    def kind(self) -> CapacityKind:
+        if self.config.memory_kind is MemoryKind.SLOTS:
+            return CapacityKind.SLOTS
+        return CapacityKind.CONCURRENCY if self.total_bytes() is None else CapacityKind.BYTES
+
+    def view(self, now: float) -> CapacityView:
+        factor = self.lifecycle.capacity_factor(now)
+        sig = self.fresh_signals(now)
+        kind = self.kind()
+        phase = self.lifecycle.phase
+        if kind is CapacityKind.BYTES:
+            return self._bytes_view(now, factor, sig)
+        if kind is CapacityKind.SLOTS:
+            slots = self._slots or self.config.max_concurrency or self.adaptive.value
+            usable = _whole(slots * factor * self.pressure.value(now))
+            foreign = 0.0
+            if sig is not None and sig.running is not None:
+                foreign = max(0.0, sig.running - self._inflight_at_scrape)
+            free = usable - self.inflight - foreign
+            return CapacityView(kind, phase, slots, usable, free, None, None, sig is None)
+        limit = self.adaptive.value
+        usable = _whole(limit * factor)
+        return CapacityView(
+            kind, phase, limit, usable, usable - self.inflight, None, None, sig is None
+        )
+
+    def _bytes_view(self, now: float, factor: float, sig: BackendSignals | None) -> CapacityView:
+        total = float(self.total_bytes() or 0)
+        frag = None if sig is None else sig.fragmentation
+        largest = None if sig is None else sig.largest_free_block_bytes
+        usable = (
+            total
+            * (1.0 - self.cap.headroom)
+            * factor
+            * (1.0 - (frag or 0.0))
+            * self.pressure.value(now)
+        )
+        own = float(self.reserved_bytes)
+        free = usable - own
+        usage = None if sig is None else self._usage(sig)
+        if usage is not None:
+            real_total = (
+                float(self._capacity_tokens * self.kv_bytes_per_token)
+                if self._capacity_tokens
+                else total
+            )
+            foreign = max(0.0, usage * real_total - self._reserved_at_scrape)
+            admitted_since = max(0.0, own - self._reserved_at_scrape)
+            gauge_left = real_total * (1.0 - usage) - admitted_since
+            free = min(free - foreign, gauge_left)
+        return CapacityView(
+            CapacityKind.BYTES,
+            self.lifecycle.phase,
+            total,
+            usable,
+            free,
+            frag,
+            largest,
+            sig is None,
+        )
+
+    def _usage(self, sig: BackendSignals) -> float | None:
+        if sig.kv_usage is not None:
+            return min(1.0, max(0.0, sig.kv_usage))
+        capacity = sig.capacity_tokens or self._capacity_tokens
+        if sig.used_tokens is not None and capacity:
+            return min(1.0, max(0.0, sig.used_tokens / capacity))
+        return None
+
+    def need_bytes(self, tokens: int, kv_bytes_per_token: int) -> int:
+        """KV bytes a request of ``tokens`` (prompt + reserved output) takes here."""
+        return round_up_tokens(tokens, self.block_size) * kv_bytes_per_token
+
+    def can_ever_hold(self, need_bytes: int, prompt_tokens: int) -> bool:
+        """False when the request could not fit even on this backend idle and fully warm
+        (bytes backends), or its prompt exceeds a slot's context (llama.cpp refuses those)."""
+        kind = self.kind()
+        if kind is CapacityKind.BYTES:
+            return need_bytes <= (self.total_bytes() or 0) * (1.0 - self.cap.headroom)
+        if kind is CapacityKind.SLOTS and self._slot_ctx is not None:
+            return prompt_tokens <= self._slot_ctx
+        return True
+
+    def placement_score(self, need_bytes: int, now: float) -> float | None:
+        """Free bytes left after placing the request here, or None when it does not fit.
+
+        For slot and concurrency backends (no byte measure) the score is the number of such
+        requests that would still fit, times the request's bytes, so pools compare in bytes.
+        """
+        if not self.lifecycle.serving:
+            return None
+        if self.config.max_concurrency is not None and self.inflight >= self.config.max_concurrency:
+            return None
+        v = self.view(now)
+        if v.kind is not CapacityKind.BYTES:
+            return None if v.free < 1 else (v.free - 1) * need_bytes
+        if need_bytes > v.free:
+            return None
+        if v.largest_free_bytes is not None and need_bytes > v.largest_free_bytes:
+            return None
+        if self.too_fragmented(need_bytes, v):
+            return None
+        return v.free - need_bytes
+
+    def too_fragmented(self, need_bytes: int, v: CapacityView) -> bool:
+        """A large request avoids a backend whose fragmentation is above ``shed_above``."""
+        return (
+            v.fragmentation is not None
+            and v.fragmentation > self.cap.shed_above
+            and need_bytes > self.cap.large_request * v.usable
+        )
+
+    def place(self, need_bytes: int) -> None:
+        self.reserved_bytes += need_bytes
+        self.inflight += 1
+
+    def unplace(self, need_bytes: int) -> None:
+        self.reserved_bytes = max(0, self.reserved_bytes - need_bytes)
+        self.inflight = max(0, self.inflight - 1)
+
+
+def _whole(x: float) -> float:
+    """Whole requests; at least one while any capacity is left at all."""
+    if x <= 0:
+        return 0.0
+    return float(max(1, math.floor(x)))
+
+
+def _rose(before: float | None, after: float | None) -> bool:
+    return before is not None and after is not None and after > before
