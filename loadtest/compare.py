@@ -1,0 +1,175 @@
+"""The three-way comparison: one seeded trace against the simulated backend direct, behind a
+request-count limiter (kvgate with only ``requests`` limits and admission off), and behind kvgate
+with the adaptive policy. Each target gets a fresh simulator with the scenario's config; the
+backend is sampled (``/sim/stats``) through the run and restarted on the scenario's cue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Literal, get_args
+
+import aiohttp
+import msgspec
+
+from loadtest import plots
+from loadtest.generator import Extra, PlannedRequest, run_trace
+from loadtest.records import BackendSample, RequestRecord, write_jsonl
+from loadtest.report import TargetSummary, render_markdown, render_table, summarise
+from loadtest.scenario import Scenario
+from loadtest.sim.ceiling import ceiling_tokens_per_s
+from loadtest.targets import TargetError, gateway, simulator
+
+TargetName = Literal["direct", "count_limited", "kvgate"]
+TARGETS: tuple[TargetName, ...] = get_args(TargetName)
+SAMPLE_EVERY_S = 0.5
+
+
+class Comparison(msgspec.Struct, kw_only=True):
+    """summary.json: the names the lead's checks read are fixed; the rest is free to grow."""
+
+    scenario: str
+    seed: int
+    ceiling_tokens_per_s: float
+    targets: dict[str, TargetSummary]
+    trace: TraceShape
+    failed: dict[str, str] = {}  # target -> why it could not run
+
+
+class TraceShape(msgspec.Struct, kw_only=True, frozen=True):
+    requests: int
+    mean_prompt_tokens: float
+    mean_output_tokens: float
+    mean_max_tokens: float
+    ceiling_tokens_per_s: float  # wall-clock output tokens/s the simulated GPU cannot beat
+
+
+def trace_shape(scenario: Scenario, planned: Sequence[PlannedRequest]) -> TraceShape:
+    count = max(1, len(planned))
+    prompt = sum(p.prompt_tokens for p in planned) / count
+    output = max(1.0, sum(p.output_tokens for p in planned) / count)
+    reserved = max(output, sum(p.max_tokens for p in planned) / count)
+    return TraceShape(
+        requests=len(planned),
+        mean_prompt_tokens=prompt,
+        mean_output_tokens=output,
+        mean_max_tokens=reserved,
+        ceiling_tokens_per_s=ceiling_tokens_per_s(
+            scenario.backend, max(1.0, prompt), output, mean_max_tokens=reserved
+        ),
+    )
+
+
+def sampler(sim_url: str, into: list[BackendSample]) -> Extra:
+    async def sample(t0: float) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, msgspec.DecodeError):
+                    async with session.get(sim_url + "/sim/stats") as resp:
+                        if resp.status == 200:
+                            stats = msgspec.json.decode(await resp.read(), type=dict[str, object])
+                            into.append(BackendSample(t_s=loop.time() - t0, stats=stats))
+                await asyncio.sleep(SAMPLE_EVERY_S)
+
+    return sample
+
+
+def restarter(sim_url: str, at_s: float) -> Extra:
+    async def restart(t0: float) -> None:
+        await asyncio.sleep(max(0.0, t0 + at_s - asyncio.get_running_loop().time()))
+        url = sim_url + "/admin/restart"
+        async with aiohttp.ClientSession() as session, session.post(url) as resp:
+            print(f"backend restart at {at_s:g}s: HTTP {resp.status}", file=sys.stderr)
+
+    return restart
+
+
+@contextlib.asynccontextmanager
+async def _front(
+    scenario: Scenario, target: TargetName, sim_url: str, workdir: Path
+) -> AsyncIterator[str]:
+    if target == "direct":
+        yield sim_url
+    else:
+        async with gateway(scenario, target, sim_url, workdir) as url:
+            yield url
+
+
+async def run_target(
+    scenario: Scenario, planned: Sequence[PlannedRequest], target: TargetName, workdir: Path
+) -> tuple[list[RequestRecord], list[BackendSample]]:
+    samples: list[BackendSample] = []
+    async with (
+        simulator(scenario.backend, workdir, target, scenario.backend_wait) as sim_url,
+        _front(scenario, target, sim_url, workdir) as url,
+    ):
+        extras = [sampler(sim_url, samples)]
+        if scenario.restart_at_s is not None:
+            extras.append(restarter(sim_url, scenario.restart_at_s))
+        print(f"--- {scenario.name}: {target} at {url}", file=sys.stderr)
+        records = await run_trace(scenario, planned, url, extras=extras)
+    return records, samples
+
+
+def write_results(
+    scenario: Scenario,
+    planned: Sequence[PlannedRequest],
+    out: Path,
+    results: dict[str, tuple[list[RequestRecord], list[BackendSample]]],
+    failed: dict[str, str],
+) -> Comparison:
+    """Write records, samples, summary.json, report.md and the plots into ``out``; print the
+    table on stdout."""
+    shape = trace_shape(scenario, planned)
+    weights = {name: tenant.weight for name, tenant in scenario.tenants.items()}
+    run_s = scenario.duration_s + scenario.drain_timeout_s
+    summaries: dict[str, TargetSummary] = {}
+    for target, (records, samples) in results.items():
+        write_jsonl(out / f"records-{target}.jsonl", records)
+        write_jsonl(out / f"backend-{target}.jsonl", samples)
+        summaries[target] = summarise(records, weights, scenario.duration_s, run_s, samples)
+    result = Comparison(
+        scenario=scenario.name,
+        seed=scenario.seed,
+        ceiling_tokens_per_s=shape.ceiling_tokens_per_s,
+        targets=summaries,
+        trace=shape,
+        failed=failed,
+    )
+    (out / "summary.json").write_bytes(msgspec.json.format(msgspec.json.encode(result)) + b"\n")
+    images = plots.draw_all(
+        {t: r for t, (r, _) in results.items()},
+        {t: s for t, (_, s) in results.items()},
+        shape.ceiling_tokens_per_s,
+        run_s,
+        out,
+    )
+    report = render_markdown(scenario, shape.ceiling_tokens_per_s, summaries, failed, images)
+    (out / "report.md").write_text(report)
+    print(render_table(summaries, shape.ceiling_tokens_per_s))
+    return result
+
+
+async def run_targets(
+    scenario: Scenario,
+    planned: Sequence[PlannedRequest],
+    out: Path,
+    targets: Sequence[TargetName] = TARGETS,
+) -> tuple[dict[str, tuple[list[RequestRecord], list[BackendSample]]], dict[str, str]]:
+    """Run every target in turn (process logs and configs go into ``out``): (records and backend
+    samples by target, why by target that could not start). One failure does not stop the rest."""
+    results: dict[str, tuple[list[RequestRecord], list[BackendSample]]] = {}
+    failed: dict[str, str] = {}
+    for target in targets:
+        try:
+            results[target] = await run_target(scenario, planned, target, out)
+        except TargetError as exc:
+            failed[target] = str(exc)
+            print(f"--- {target} failed: {exc}", file=sys.stderr)
+    return results, failed

@@ -1,0 +1,138 @@
+"""PNG figures of a comparison, drawn from the records and backend samples (matplotlib's Agg
+canvas through ``Figure``, no pyplot state):
+throughput over time, in-flight requests and backend queue over time, latency CDFs.
+
+The series functions are pure (records in, lists out) so the figures show what the report counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from loadtest.records import BackendSample, RequestRecord, Result
+
+BIN_S = 1.0
+
+
+def throughput_series(
+    records: Sequence[RequestRecord], end_s: float, bin_s: float = BIN_S
+) -> tuple[list[float], list[float], list[float]]:
+    """(bin starts, output tokens/s of successful requests, of those within SLO), each request's
+    tokens counted in the bin where it completed."""
+    bins = max(1, math.ceil(end_s / bin_s))
+    all_ok = [0.0] * bins
+    good = [0.0] * bins
+    for r in records:
+        if r.result is not Result.OK or r.done_s is None:
+            continue
+        i = min(bins - 1, int(r.done_s // bin_s))
+        all_ok[i] += (r.output_tokens or 0) / bin_s
+        if r.within_slo():
+            good[i] += (r.output_tokens or 0) / bin_s
+    return [i * bin_s for i in range(bins)], all_ok, good
+
+
+def inflight_series(
+    records: Sequence[RequestRecord], end_s: float, step_s: float = 0.25
+) -> tuple[list[float], list[int]]:
+    """Requests the client had sent and not yet seen end, sampled every step_s (a request cut at
+    the end counts until end_s). Includes what a gateway holds in its queue."""
+    times = [i * step_s for i in range(max(1, math.ceil(end_s / step_s)) + 1)]
+    counts = [0] * len(times)
+    for r in records:
+        if r.sent_s is None:
+            continue
+        stop = end_s if r.done_s is None else r.done_s
+        first = math.ceil(r.sent_s / step_s)
+        for i in range(first, len(times)):
+            if times[i] >= stop:
+                break
+            counts[i] += 1
+    return times, counts
+
+
+def backend_series(samples: Sequence[BackendSample], key: str) -> tuple[list[float], list[float]]:
+    points = [(s.t_s, v) for s in samples if isinstance(v := s.stats.get(key), int | float)]
+    return [t for t, _ in points], [float(v) for _, v in points]
+
+
+def cdf(values: Sequence[float]) -> tuple[list[float], list[float]]:
+    ordered = sorted(values)
+    return ordered, [(i + 1) / len(ordered) for i in range(len(ordered))]
+
+
+def draw_all(
+    records: Mapping[str, Sequence[RequestRecord]],
+    samples: Mapping[str, Sequence[BackendSample]],
+    ceiling: float,
+    end_s: float,
+    out: Path,
+) -> list[str]:
+    """Write the figures into ``out``; returns their file names (relative to ``out``)."""
+    if not records:
+        return []
+    names = ["throughput.png", "inflight.png", "latency_cdf.png"]
+    _throughput(records, ceiling, end_s, out / names[0])
+    _inflight(records, samples, end_s, out / names[1])
+    _latency_cdf(records, out / names[2])
+    return names
+
+
+def _throughput(
+    records: Mapping[str, Sequence[RequestRecord]], ceiling: float, end_s: float, path: Path
+) -> None:
+    fig = Figure(figsize=(9, 2.6 * len(records)))
+    axes = fig.subplots(len(records), 1, squeeze=False)
+    for ax, (target, recs) in zip(axes[:, 0], records.items(), strict=True):
+        times, all_ok, good = throughput_series(recs, end_s)
+        ax.step(times, all_ok, where="post", label="output tok/s (ok)")
+        ax.step(times, good, where="post", label="goodput tok/s (within SLO)")
+        ax.axhline(ceiling, color="grey", linestyle="--", label="ceiling")
+        ax.set_title(target)
+        ax.set_ylabel("tokens/s")
+        ax.legend(loc="upper right", fontsize="small")
+    axes[-1, 0].set_xlabel("seconds since start (by completion time, 1 s bins)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def _inflight(
+    records: Mapping[str, Sequence[RequestRecord]],
+    samples: Mapping[str, Sequence[BackendSample]],
+    end_s: float,
+    path: Path,
+) -> None:
+    fig = Figure(figsize=(9, 2.6 * len(records)))
+    axes = fig.subplots(len(records), 1, squeeze=False)
+    for ax, (target, recs) in zip(axes[:, 0], records.items(), strict=True):
+        times, counts = inflight_series(recs, end_s)
+        ax.plot(times, counts, label="client in flight")
+        for key in ("running", "waiting"):
+            t, v = backend_series(samples.get(target, ()), key)
+            ax.plot(t, v, label=f"backend {key}")
+        ax.set_title(target)
+        ax.set_ylabel("requests")
+        ax.legend(loc="upper right", fontsize="small")
+    axes[-1, 0].set_xlabel("seconds since start")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def _latency_cdf(records: Mapping[str, Sequence[RequestRecord]], path: Path) -> None:
+    fig = Figure(figsize=(10, 3.6))
+    ttft_ax, latency_ax = fig.subplots(1, 2)
+    for target, recs in records.items():
+        ok = [r for r in recs if r.result is Result.OK]
+        ttft_ax.step(*cdf([r.ttft_s for r in ok if r.ttft_s is not None]), label=target)
+        latency_ax.step(*cdf([r.latency_s for r in ok if r.latency_s is not None]), label=target)
+    for ax, what in ((ttft_ax, "TTFT (streamed, ok)"), (latency_ax, "end-to-end latency (ok)")):
+        ax.set_xlabel(f"{what}, seconds from scheduled time")
+        ax.set_ylabel("share of requests")
+        ax.set_ylim(0, 1)
+        ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
