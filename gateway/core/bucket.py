@@ -1,0 +1,140 @@
+"""Token buckets as GCRA: one theoretical arrival time (TAT) per bucket, weighted costs.
+
+A bucket with ``rate_per_s`` r and ``burst`` B stores a single float, its TAT (seconds, on the
+caller's clock). The bucket is full when ``tat <= now`` (a full bucket needs no state, so a missing
+TAT is ``None``); it holds ``B - (tat - now) * r`` otherwise. Taking ``a`` moves the TAT forward by
+``a / r`` and is allowed while the new TAT is at most ``tau = B / r`` ahead of ``now``.
+
+This module is the reference twin of ``gateway/store/lua/acquire.lua`` and ``adjust.lua``: the
+formulas and their order are kept identical (a differential test compares them), so change both.
+Comparisons allow ``EPSILON_S`` of float slack, so a retry exactly ``retry_after_s`` later passes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.core.types import Unit
+
+EPSILON_S = 1e-9
+"""Float slack in seconds when comparing a new TAT against the tolerance (Lua uses the same)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    """One rate limit: ``rate_per_s`` units refill per second, up to ``burst`` units held.
+
+    ``key`` names the bucket's state in a store; it must be unique per bucket (include the unit
+    and the scope, e.g. ``tenant:acme:tokens``) because two specs with one key share one TAT.
+    """
+
+    key: str
+    unit: Unit
+    rate_per_s: float
+    burst: float
+
+    def __post_init__(self) -> None:
+        if not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
+            raise ValueError(f"bucket {self.key!r}: rate_per_s must be > 0, got {self.rate_per_s}")
+        if not (self.burst > 0 and math.isfinite(self.burst)):
+            raise ValueError(f"bucket {self.key!r}: burst must be > 0, got {self.burst}")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer to an all-or-nothing take across several buckets.
+
+    ``retry_after_s`` is the exact wait until the same take would pass if nothing else touched
+    the buckets (0 when allowed, ``inf`` when ``never``). ``remaining`` and ``reset_s`` are per
+    spec, in the order given, after this decision: units left (below 0 only after a settled
+    overrun) and seconds until the bucket is full again. ``store_error`` marks a verdict made up by
+    a fallback policy because the limit store failed (allow: allowed; deny: refused, mapped to 503).
+    """
+
+    allowed: bool
+    retry_after_s: float
+    never: bool
+    blocking: int | None
+    remaining: tuple[float, ...]
+    reset_s: tuple[float, ...]
+    store_error: bool = False
+
+
+def _start(tat: float | None, now: float) -> float:
+    return now if tat is None or tat < now else tat
+
+
+def level(tat: float | None, spec: BucketSpec, now: float) -> tuple[float, float]:
+    """``(remaining units, seconds until full)`` of a bucket whose TAT is ``tat`` at ``now``."""
+    start = _start(tat, now)
+    return spec.burst - (start - now) * spec.rate_per_s, start - now
+
+
+def try_take(
+    tats: Sequence[float | None],
+    specs: Sequence[BucketSpec],
+    amounts: Sequence[float],
+    now: float,
+) -> tuple[Verdict, tuple[float, ...] | None]:
+    """Take ``amounts[i]`` from every bucket ``specs[i]`` (current TAT ``tats[i]``), or nothing.
+
+    Returns the verdict and, when allowed, the new TAT of every bucket (``None`` when refused:
+    no bucket changes). An amount of 0 always passes and changes nothing. An amount above a
+    bucket's burst can never pass: ``never`` is set and ``blocking`` names that bucket. Otherwise
+    ``blocking`` is the bucket with the longest wait, which is the wait of the whole take.
+    """
+    count = len(specs)
+    if len(tats) != count or len(amounts) != count:
+        raise ValueError("tats, specs and amounts must have the same length")
+    starts: list[float] = []
+    news: list[float] = []
+    allowed = True
+    never = False
+    blocking: int | None = None
+    worst = 0.0
+    for i in range(count):
+        spec = specs[i]
+        amount = amounts[i]
+        if not amount >= 0:  # also refuses NaN, which would poison the stored TAT
+            raise ValueError(f"bucket {spec.key!r}: amount must be >= 0, got {amount}")
+        start = _start(tats[i], now)
+        new = start + amount / spec.rate_per_s
+        starts.append(start)
+        news.append(new)
+        if amount > 0:
+            if amount > spec.burst:
+                allowed = False
+                if not never:
+                    never = True
+                    blocking = i
+            else:
+                wait = (new - now) - spec.burst / spec.rate_per_s
+                if wait > EPSILON_S:
+                    allowed = False
+                    if not never and wait > worst:
+                        worst = wait
+                        blocking = i
+    ends = news if allowed else starts
+    remaining = tuple(specs[i].burst - (ends[i] - now) * specs[i].rate_per_s for i in range(count))
+    reset_s = tuple(end - now for end in ends)
+    if allowed:
+        return Verdict(True, 0.0, False, None, remaining, reset_s), tuple(news)
+    retry_after_s = math.inf if never else worst
+    return Verdict(False, retry_after_s, never, blocking, remaining, reset_s), None
+
+
+def adjust(tat: float | None, spec: BucketSpec, delta: float, now: float) -> float:
+    """The TAT after settling ``delta`` units: an overrun (> 0) or a refund (< 0).
+
+    An overrun is charged even when it drives the bucket below zero; that debt is repaid by
+    refill before any positive take passes again. A refund never lifts the bucket above full,
+    so it can never give back more than the bucket held before the reservation.
+    """
+    if math.isnan(delta):
+        raise ValueError(f"bucket {spec.key!r}: delta must be a number")
+    new = _start(tat, now) + delta / spec.rate_per_s
+    if new < now:
+        new = now
+    return new

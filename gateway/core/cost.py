@@ -1,0 +1,273 @@
+"""What a request costs a GPU, in every unit a bucket can count (``gateway.core.types.Unit``).
+
+``estimate`` prices a request before it runs (the reservation: output at its ``max_tokens``);
+``settle_cost`` prices what it really used, from the response's usage block. The difference,
+per bucket unit, is what settlement refunds or charges (``settlement``).
+
+Prompt tokens without a tokenizer follow one documented rule, which the simulated backend in
+``loadtest/`` shares: ``ceil(chars / chars_per_token) + 4 per chat message + 3`` (the 3 only when
+the prompt has text), plus ``image_tokens`` per non-text content part and one per token id given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.core.tokens import TokenCounter
+from gateway.core.types import Unit
+
+MESSAGE_OVERHEAD_TOKENS = 4
+"""Tokens a chat template adds around each message (role markers, separators)."""
+PRIMING_TOKENS = 3
+"""Tokens added once to a text prompt (the assistant turn's opening, or a BOS and the like)."""
+IMAGE_TOKENS = 765
+"""Default cost of one image (or other non-text) content part: a 1024x1024 image tiled in 512 px
+squares at 170 tokens each plus 85, the most common published scheme; a profile can change it."""
+GIB = float(1 << 30)
+
+DTYPE_BYTES: Mapping[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0}
+"""Bytes per KV element for the policy's ``kv.dtype`` names."""
+
+_POSITIVE_FIELDS = (
+    "layers",
+    "kv_heads",
+    "head_dim",
+    "dtype_bytes",
+    "block_size",
+    "context_tokens",
+    "default_max_tokens",
+    "chars_per_token",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+)
+_NON_NEGATIVE_FIELDS = ("price_input_per_mtok", "price_output_per_mtok", "image_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProfile:
+    """A model's cost parameters, compiled from the policy's model entry.
+
+    Rates are per sequence: ``prefill_tokens_per_s`` for the prompt, ``decode_tokens_per_s`` for
+    each output sequence. Prices are per million tokens. ``block_size`` is in tokens.
+    """
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: float
+    block_size: int
+    context_tokens: int
+    default_max_tokens: int
+    chars_per_token: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    price_input_per_mtok: float
+    price_output_per_mtok: float
+    image_tokens: int = IMAGE_TOKENS
+
+    def __post_init__(self) -> None:
+        for name in _POSITIVE_FIELDS:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in _NON_NEGATIVE_FIELDS:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V for every layer and KV head: 2 x layers x kv_heads x head_dim x dtype bytes."""
+        return math.ceil(2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """A request's cost. ``output_tokens`` counts every sequence (n samples x prompts)."""
+
+    requests: float
+    input_tokens: int
+    output_tokens: int
+    kv_bytes: int
+    kv_gib_seconds: float
+    price: float
+
+    def amount(self, unit: Unit) -> float:
+        """The cost in ``unit``; ``tokens`` is input plus output."""
+        if unit is Unit.TOKENS:
+            return float(self.input_tokens + self.output_tokens)
+        if unit is Unit.REQUESTS:
+            return self.requests
+        if unit is Unit.KV_BYTES:
+            return float(self.kv_bytes)
+        if unit is Unit.KV_GIB_SECONDS:
+            return self.kv_gib_seconds
+        if unit is Unit.PRICE:
+            return self.price
+        if unit is Unit.INPUT_TOKENS:
+            return float(self.input_tokens)
+        return float(self.output_tokens)
+
+
+def settlement(reserved: Cost, actual: Cost, units: Sequence[Unit]) -> tuple[float, ...]:
+    """Per unit, what settling changes: < 0 refunds unused reservation, > 0 charges an overrun."""
+    return tuple(actual.amount(unit) - reserved.amount(unit) for unit in units)
+
+
+class PromptShape(Protocol):
+    """What ``estimate`` needs to know of a request (``gateway.proxy.body.ParsedRequest``)."""
+
+    @property
+    def texts(self) -> Sequence[str]:
+        """Every text the model reads: contents, names, tool calls and definitions, prompts."""
+        ...
+
+    @property
+    def messages(self) -> int:
+        """Chat messages (0 for completions and embeddings)."""
+        ...
+
+    @property
+    def media(self) -> int:
+        """Non-text content parts (images, audio, files), each priced ``image_tokens``."""
+        ...
+
+    @property
+    def token_ids(self) -> int:
+        """Prompt tokens given as token ids, counted exactly."""
+        ...
+
+    @property
+    def prompts(self) -> int:
+        """Independent prompts in the request (a legacy batch or embeddings inputs); >= 1."""
+        ...
+
+    @property
+    def max_tokens(self) -> int | None:
+        """Output tokens asked for per sequence (``max_tokens`` / ``max_completion_tokens``)."""
+        ...
+
+    @property
+    def n(self) -> int:
+        """Sequences sampled per prompt (``n``, or ``best_of`` when larger)."""
+        ...
+
+    @property
+    def embedding(self) -> bool:
+        """An embeddings request: no output tokens."""
+        ...
+
+
+class ContextOverflowError(ValueError):
+    """A request that can never fit the model's context window (the client must shorten it)."""
+
+    def __init__(
+        self, prompt_tokens: int, max_output: int, context: int, *, estimated: bool = False
+    ) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_output = max_output
+        self.context = context
+        self.estimated = estimated
+        approx = "about " if estimated else ""
+        super().__init__(
+            f"the model's context is {context} tokens, but this request needs "
+            f"{approx}{prompt_tokens + max_output} ({approx}{prompt_tokens} in the prompt, "
+            f"{max_output} for the output); shorten the prompt or lower max_tokens"
+        )
+
+
+def prompt_tokens(shape: PromptShape, profile: ModelProfile, counter: TokenCounter | None) -> int:
+    """Prompt tokens of all the request's prompts, by the rule in the module docstring."""
+    texts = shape.texts
+    if counter is None:
+        text_tokens = math.ceil(sum(map(len, texts)) / profile.chars_per_token)
+    else:
+        text_tokens = sum(counter.count(text) for text in texts)
+    overhead = MESSAGE_OVERHEAD_TOKENS * shape.messages
+    if texts or shape.messages:
+        overhead += PRIMING_TOKENS
+    return text_tokens + overhead + shape.token_ids + shape.media * profile.image_tokens
+
+
+def _kv_blocks(prompt: int, output_per_sequence: int, sequences: int, block_size: int) -> int:
+    # The prompt's full blocks are shared by its sampled sequences (paged backends share the
+    # prefix for parallel sampling); each sequence owns the prompt's partial last block plus its
+    # output. Exact for one prompt; a legacy batch is treated as one prompt of the summed length.
+    shared, tail = divmod(prompt, block_size)
+    return shared + sequences * -(-(tail + output_per_sequence) // block_size)
+
+
+def estimate(
+    shape: PromptShape, profile: ModelProfile, counter: TokenCounter | None = None
+) -> Cost:
+    """The reservation for a request: the prompt, and output at its ``max_tokens``.
+
+    Output per sequence is ``max_tokens`` when given, else ``default_max_tokens`` capped by the
+    room the prompt leaves in the context. ``n`` sequences per prompt each get that output and
+    their own KV for it, sharing the prompt's KV. Duration is prefill (all prompt tokens at
+    ``prefill_tokens_per_s``) plus one sequence's output at ``decode_tokens_per_s`` (sequences
+    decode in parallel). Raises ``ContextOverflowError`` when the average prompt plus its output
+    cannot fit the context (with an estimated prompt, ``estimated`` is set on the error).
+    """
+    prompt = prompt_tokens(shape, profile, counter)
+    prompts = max(1, shape.prompts)
+    per_prompt = -(-prompt // prompts)
+    context = profile.context_tokens
+    estimated = counter is None and bool(shape.texts)
+    if shape.embedding:
+        output = 0
+        if per_prompt > context:
+            raise ContextOverflowError(per_prompt, 0, context, estimated=estimated)
+    elif shape.max_tokens is not None:
+        output = shape.max_tokens
+        if per_prompt + output > context:
+            raise ContextOverflowError(per_prompt, output, context, estimated=estimated)
+    else:
+        room = context - per_prompt
+        if room <= 0:
+            raise ContextOverflowError(per_prompt, 1, context, estimated=estimated)
+        output = min(profile.default_max_tokens, room)
+    sequences = prompts * (1 if shape.embedding else max(1, shape.n))
+    blocks = _kv_blocks(prompt, output, sequences, profile.block_size)
+    kv_bytes = blocks * profile.block_size * profile.kv_bytes_per_token
+    duration_s = prompt / profile.prefill_tokens_per_s + output / profile.decode_tokens_per_s
+    total_output = output * sequences
+    return Cost(
+        requests=1.0,
+        input_tokens=prompt,
+        output_tokens=total_output,
+        kv_bytes=kv_bytes,
+        kv_gib_seconds=kv_bytes / GIB * duration_s,
+        price=_price(profile, prompt, total_output),
+    )
+
+
+def settle_cost(
+    profile: ModelProfile,
+    input_tokens: int,
+    output_tokens: int,
+    duration_s: float,
+    sequences: int = 1,
+) -> Cost:
+    """What a finished request really used: the usage block's token counts and the measured
+    duration (seconds from admission to the last byte). ``sequences`` is the number of output
+    sequences the ``output_tokens`` are spread over (``n``); KV is laid out as in ``estimate``."""
+    sequences = max(1, sequences)
+    per_sequence = -(-output_tokens // sequences)
+    blocks = _kv_blocks(input_tokens, per_sequence, sequences, profile.block_size)
+    kv_bytes = blocks * profile.block_size * profile.kv_bytes_per_token
+    return Cost(
+        requests=1.0,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        kv_bytes=kv_bytes,
+        kv_gib_seconds=kv_bytes / GIB * max(0.0, duration_s),
+        price=_price(profile, input_tokens, output_tokens),
+    )
+
+
+def _price(profile: ModelProfile, input_tokens: int, output_tokens: int) -> float:
+    return (
+        input_tokens * profile.price_input_per_mtok + output_tokens * profile.price_output_per_mtok
+    ) / 1e6

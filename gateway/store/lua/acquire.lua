@@ -1,0 +1,65 @@
+-- units: seconds (now, TATs, waits; float), amount per second (rate), bucket units (burst, amount); replies are %.17g strings
+-- Twin of gateway/core/bucket.py try_take: keep the formulas and their order identical.
+-- KEYS: one per bucket. ARGV[1]: now, or '' to read Redis TIME (less EPOCH_S);
+-- ARGV[2]: least TTL in ms; then per bucket: rate_per_s, burst, amount.
+-- Reply: {allowed 0|1, never 0|1, blocking (1-based, 0 none), retry_after_s, remaining..., reset_s...}
+local EPSILON_S = 1e-9
+local EPOCH_S = 1700000000
+local MAX_TTL_MS = 1e15 -- PX takes an integer; a longer debt is not worth keeping exactly
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = (tonumber(t[1]) - EPOCH_S) + tonumber(t[2]) / 1000000
+else
+  now = tonumber(ARGV[1])
+end
+local min_ttl_ms = tonumber(ARGV[2])
+local count = #KEYS
+local rates, bursts, amounts, starts, news = {}, {}, {}, {}, {}
+local allowed, never, blocking, worst = true, false, 0, 0.0
+for i = 1, count do
+  local rate = tonumber(ARGV[3 * i])
+  local burst = tonumber(ARGV[3 * i + 1])
+  local amount = tonumber(ARGV[3 * i + 2])
+  local tat = tonumber(redis.call('GET', KEYS[i]))
+  local start = now
+  if tat ~= nil and tat >= now then
+    start = tat
+  end
+  local new = start + amount / rate
+  rates[i], bursts[i], amounts[i], starts[i], news[i] = rate, burst, amount, start, new
+  if amount > 0 then
+    if amount > burst then
+      allowed = false
+      if not never then
+        never = true
+        blocking = i
+      end
+    else
+      local wait = (new - now) - burst / rate
+      if wait > EPSILON_S then
+        allowed = false
+        if not never and wait > worst then
+          worst = wait
+          blocking = i
+        end
+      end
+    end
+  end
+end
+local ends = starts
+if allowed then
+  ends = news
+  for i = 1, count do
+    if amounts[i] > 0 then
+      local ttl_ms = math.min(math.max(math.ceil((news[i] - now) * 1000) + 1, min_ttl_ms), MAX_TTL_MS)
+      redis.call('SET', KEYS[i], string.format('%.17g', news[i]), 'PX', string.format('%d', ttl_ms))
+    end
+  end
+end
+local reply = {allowed and 1 or 0, never and 1 or 0, blocking, string.format('%.17g', worst)}
+for i = 1, count do
+  reply[4 + i] = string.format('%.17g', bursts[i] - (ends[i] - now) * rates[i])
+  reply[4 + count + i] = string.format('%.17g', ends[i] - now)
+end
+return reply

@@ -1,0 +1,84 @@
+"""The in-process limit store: the embedded default for one gateway, and the test double.
+
+State is a dict of bucket key to TAT on the injected clock. A bucket whose TAT is in the past is
+full and needs no state, so such keys are dropped: on every write, and by an occasional sweep whose
+cost is amortised over the writes that grew the dict (memory stays within about twice the number
+of buckets that are not full, plus a constant). Calls never suspend, so each is atomic on the
+event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gateway.core.bucket import BucketSpec, Verdict, adjust, level, try_take
+from gateway.core.clock import Clock
+
+_MIN_SWEEP_SIZE = 1024
+
+
+class MemoryLimitStore:
+    """A ``LimitStore`` in a dict; ``clock`` gives ``now`` (seconds) for every decision."""
+
+    __slots__ = ("_clock", "_sweep_at", "_tats")
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._tats: dict[str, float] = {}
+        self._sweep_at = _MIN_SWEEP_SIZE
+
+    def __len__(self) -> int:
+        """Buckets holding state (not known to be full)."""
+        return len(self._tats)
+
+    def take(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
+        """``acquire`` without the coroutine, for callers that are not async."""
+        now = self._clock.now()
+        tats = self._tats
+        verdict, news = try_take([tats.get(spec.key) for spec in specs], specs, amounts, now)
+        if news is not None:
+            for spec, new in zip(specs, news, strict=True):
+                self._store(spec.key, new, now)
+        return verdict
+
+    def settle(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
+        """``adjust`` without the coroutine."""
+        if len(specs) != len(deltas):
+            raise ValueError("specs and deltas must have the same length")
+        now = self._clock.now()
+        tats = self._tats
+        for spec, delta in zip(specs, deltas, strict=True):
+            if delta:
+                self._store(spec.key, adjust(tats.get(spec.key), spec, delta, now), now)
+
+    def remaining(self, specs: Sequence[BucketSpec]) -> tuple[float, ...]:
+        """``peek`` without the coroutine."""
+        now = self._clock.now()
+        return tuple(level(self._tats.get(spec.key), spec, now)[0] for spec in specs)
+
+    async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
+        return self.take(specs, amounts)
+
+    async def adjust(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
+        self.settle(specs, deltas)
+
+    async def peek(self, specs: Sequence[BucketSpec]) -> tuple[float, ...]:
+        return self.remaining(specs)
+
+    async def close(self) -> None:
+        self._tats.clear()
+
+    def _store(self, key: str, tat: float, now: float) -> None:
+        tats = self._tats
+        if tat > now:
+            tats[key] = tat
+            if len(tats) >= self._sweep_at:
+                self._sweep(now)
+        else:
+            tats.pop(key, None)
+
+    def _sweep(self, now: float) -> None:
+        tats = self._tats
+        for key in [key for key, tat in tats.items() if tat <= now]:
+            del tats[key]
+        self._sweep_at = max(_MIN_SWEEP_SIZE, 2 * len(tats))
