@@ -13,7 +13,7 @@ RUN pip install . \
 
 USER kvgate
 EXPOSE 8080
-# The policy's server.host must be 0.0.0.0 inside a container; mount your own at this path.
+# Mount your own policy at /etc/kvgate/policy.yaml; backend URLs must be reachable from the container.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2); sys.exit(0)"
-CMD ["kvgate", "run", "-c", "/etc/kvgate/policy.yaml"]
+CMD ["kvgate", "run", "-c", "/etc/kvgate/policy.yaml", "--host", "0.0.0.0"]

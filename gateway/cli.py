@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve with a policy file (hot-reloaded on change or SIGHUP)")
     run.add_argument("-c", "--config", type=Path, default=DEFAULT_POLICY)
+    run.add_argument("--host", help="listen here instead of the policy's server.host")
+    run.add_argument("--port", type=int, help="listen here instead of the policy's server.port")
     validate = sub.add_parser("validate", help="check policy files; exit 1 on the first error")
     validate.add_argument("files", type=Path, nargs="+")
     explain = sub.add_parser("explain", help="show a request's cost and the limits that apply")
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_explain(args.config, args.tenant, args.path, args.request, body))
         if args.command == "demo":
             return _serve(args.config or _bundled_policy(), demo=True)
-        return _serve(args.config, demo=False)
+        return _serve(args.config, demo=False, host=args.host, port=args.port)
     except PolicyError as exc:
         print(f"kvgate: {exc}", file=sys.stderr)
         return 1
@@ -125,8 +127,9 @@ def _bundled_policy() -> Path:
     return DEFAULT_POLICY if DEFAULT_POLICY.exists() else here
 
 
-def _serve(config: Path, *, demo: bool) -> int:
+def _serve(config: Path, *, demo: bool, host: str | None = None, port: int | None = None) -> int:
     policy, digest = read_policy(config)
+    listen = (host or policy.server.host, policy.server.port if port is None else port)
     logs.configure()
     try:
         import uvloop
@@ -134,11 +137,13 @@ def _serve(config: Path, *, demo: bool) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    runner(_run(policy, config.resolve(), digest, demo=demo))
+    runner(_run(policy, config.resolve(), digest, listen, demo=demo))
     return 0
 
 
-async def _run(policy: Policy, config: Path, digest: bytes, *, demo: bool) -> None:
+async def _run(
+    policy: Policy, config: Path, digest: bytes, listen: tuple[str, int], *, demo: bool
+) -> None:
     from gateway.app import build_app
 
     stop = asyncio.Event()
@@ -157,10 +162,9 @@ async def _run(policy: Policy, config: Path, digest: bytes, *, demo: bool) -> No
         access_log=None,
     )
     await runner.setup()
-    site = web.TCPSite(runner, policy.server.host, policy.server.port, backlog=1024)
-    await site.start()
+    await web.TCPSite(runner, listen[0], listen[1], backlog=1024).start()
     runners.insert(0, runner)
-    url = f"http://{policy.server.host}:{policy.server.port}"
+    url = f"http://{listen[0]}:{listen[1]}"
     logging.getLogger("kvgate").info(
         "kvgate listening on %s with policy %s (%s)", url, config, policy.fingerprint
     )

@@ -1,0 +1,234 @@
+"""Proxy overhead, measured in one run against one fast stub backend:
+direct-to-backend, a bare aiohttp pass-through (the floor a Python proxy pays), and kvgate.
+
+Each proxy is pinned to core 0, the backend and the load tool (wrk) to core 1 (where taskset and
+two cores exist). Reports requests/s, p50/p99 latency, the proxy's CPU time per request (from
+/proc/<pid>/stat: user + system) and ratios against the bare proxy, as medians over --runs runs.
+
+    python -m loadtest.bench_overhead --duration 10 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_BODY = {
+    "model": "bench",
+    "messages": [{"role": "user", "content": "Say ok sixteen times."}],
+    "max_tokens": 16,
+}
+
+_POLICY = """
+version: 1
+server: {{host: 127.0.0.1, port: {port}, anonymous_tenant: bench}}
+models:
+  bench:
+    kv: {{layers: 32, kv_heads: 8, head_dim: 128}}
+    context: 8192
+    default_max_tokens: 64
+    backends:
+      - {{url: "http://127.0.0.1:{backend}", kv_capacity: 1TiB, signals: none, warmup: 0s,
+          max_concurrency: 100000}}
+tenants:
+  bench:
+    limits:
+      - {{unit: requests, rate: 1M/s}}
+      - {{unit: tokens, rate: 1G/s}}
+      - {{unit: kv_gib_seconds, rate: 1M/s}}
+"""
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms_per_req: float | None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pin(core: int) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        return ["taskset", "-c", str(core)]
+    return []
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(ready_url, timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"{cmd} did not come up") from None
+                time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _wrk(url: str, connections: int, duration: int, body: dict[str, object]) -> tuple[int, Result]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(
+            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.body = {json.dumps(json.dumps(body))}\n"
+        )
+    out = subprocess.run(
+        [
+            *_pin(1),
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            script.name,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(script.name)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"{url}: {errors.group(1)} error responses\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return requests, Result(rps, _pct(out, "50%"), _pct(out, "99%"), None)
+
+
+def _pct(out: str, label: str) -> float:
+    value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def _measure(url: str, pid: int | None, connections: int, duration: int, stream: bool) -> Result:
+    body = {**_BODY, "stream": stream}
+    _wrk(url, connections, 1, body)  # warm-up: connections, caches, JIT-free but lazy imports
+    before = _cpu_s(pid) if pid else 0.0
+    requests, result = _wrk(url, connections, duration, body)
+    if pid:
+        result.cpu_ms_per_req = (_cpu_s(pid) - before) * 1000 / max(requests, 1)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--runs", type=int, default=3, help="runs per cell; medians are printed")
+    parser.add_argument("--connections", type=int, default=32, help="the fixed-concurrency load")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("wrk is needed: apt-get install wrk", file=sys.stderr)
+        return 2
+    py = sys.executable
+    backend, bare, gate = _free_port(), _free_port(), _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(_POLICY.format(port=gate, backend=backend))
+        backend_cmd = [*_pin(1), py, "-m", "loadtest.stub_backend", "--port", str(backend)]
+        bare_cmd = [
+            *_pin(0),
+            py,
+            "-m",
+            "loadtest.bare_proxy",
+            "--port",
+            str(bare),
+            "--upstream",
+            f"http://127.0.0.1:{backend}",
+        ]
+        gate_cmd = [*_pin(0), py, "-m", "gateway", "run", "-c", str(policy)]
+        cells: dict[tuple[str, str, int], list[Result]] = {}
+        with (
+            _process(backend_cmd, f"http://127.0.0.1:{backend}/") as _,
+            _process(bare_cmd, f"http://127.0.0.1:{bare}/") as bare_proc,
+            _process(gate_cmd, f"http://127.0.0.1:{gate}/readyz") as gate_proc,
+        ):
+            targets = [
+                ("direct", f"http://127.0.0.1:{backend}/v1/chat/completions", None),
+                (
+                    "bare aiohttp proxy",
+                    f"http://127.0.0.1:{bare}/v1/chat/completions",
+                    bare_proc.pid,
+                ),
+                ("kvgate", f"http://127.0.0.1:{gate}/v1/chat/completions", gate_proc.pid),
+            ]
+            for run in range(args.runs):
+                for stream in (False, True):
+                    for conns in (args.connections, 1):
+                        for name, url, pid in targets:
+                            mode = "stream" if stream else "json"
+                            cells.setdefault((name, mode, conns), []).append(
+                                _measure(url, pid, conns, args.duration, stream)
+                            )
+                print(f"run {run + 1}/{args.runs} done", file=sys.stderr, flush=True)
+    _print(cells, args.runs)
+    return 0
+
+
+def _median(results: list[Result]) -> Result:
+    cpu = [r.cpu_ms_per_req for r in results if r.cpu_ms_per_req is not None]
+    return Result(
+        statistics.median(r.rps for r in results),
+        statistics.median(r.p50_ms for r in results),
+        statistics.median(r.p99_ms for r in results),
+        statistics.median(cpu) if cpu else None,
+    )
+
+
+def _print(cells: dict[tuple[str, str, int], list[Result]], runs: int) -> None:
+    print(f"\nmedians of {runs} runs; proxy pinned to core 0, backend and wrk to core 1\n")
+    print(
+        "| target | body | conns | req/s | p50 ms | p99 ms | CPU ms/req | req/s vs bare | "
+        "added p50 ms vs bare |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (name, mode, conns), results in cells.items():
+        med = _median(results)
+        bare = _median(cells[("bare aiohttp proxy", mode, conns)])
+        cpu = f"{med.cpu_ms_per_req:.3f}" if med.cpu_ms_per_req is not None else "-"
+        print(
+            f"| {name} | {mode} | {conns} | {med.rps:.0f} | {med.p50_ms:.3f} | {med.p99_ms:.3f} | "
+            f"{cpu} | {med.rps / bare.rps:.2f} | {med.p50_ms - bare.p50_ms:+.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Fixtures for tests that run the gateway for real: a stub backend and a gateway in front of it,
+both aiohttp servers on 127.0.0.1, and real HTTP clients."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import build_app
+from gateway.metrics import Metrics
+from gateway.policy.compile import compile_policy
+from gateway.policy.loader import load_text
+from tests.integration.stub import StubBackend
+
+POLICY = """
+version: 1
+server:
+  anonymous_tenant: anon
+  max_body: 64KiB
+  timeouts: {{connect: 1s, first_byte: {first_byte}, idle: {idle}, total: 30s}}
+models:
+  m1:
+    kv: {{layers: 32, kv_heads: 8, head_dim: 128}}
+    context: 8192
+    default_max_tokens: 64
+    backends:
+{backends}
+tenants:
+  anon:
+    limits: [{{unit: requests, rate: 1000/s}}]
+  acme:
+    keys: ["env:ACME_KEY"]
+    limits:
+{acme_limits}
+admission:
+  queue: {{max_wait: 5s}}
+"""
+
+MakeGateway = Callable[..., Awaitable[tuple[TestClient[web.Request, web.Application], Metrics]]]
+
+
+def policy_text(
+    backend_urls: list[str],
+    *,
+    first_byte: str = "10s",
+    idle: str = "10s",
+    acme_limits: str = "      - {unit: requests, rate: 1000/s}",
+    backend_extra: str = "",
+) -> str:
+    backends = "\n".join(
+        f"      - {{url: {url}, kv_capacity: 4GiB, signals: none, warmup: 0s, "
+        f"probe_interval: 50ms{backend_extra}}}"
+        for url in backend_urls
+    )
+    return POLICY.format(
+        backends=backends, first_byte=first_byte, idle=idle, acme_limits=acme_limits
+    )
+
+
+@pytest.fixture
+def stub() -> StubBackend:
+    return StubBackend()
+
+
+@pytest.fixture
+async def stub_url(stub: StubBackend, aiohttp_server: Callable[..., Awaitable[TestServer]]) -> str:
+    server = await aiohttp_server(stub.app())
+    return f"http://127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def make_gateway(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> MakeGateway:
+    monkeypatch.setenv("ACME_KEY", "sk-acme")
+    monkeypatch.setenv("BACKEND_KEY", "sk-backend")
+
+    async def make(text: str) -> tuple[TestClient[web.Request, web.Application], Metrics]:
+        metrics = Metrics()
+        app = build_app(compile_policy(load_text(text)), metrics=metrics)
+        client = await aiohttp_client(app)
+        await _wait_ready(client)
+        return client, metrics
+
+    return make
+
+
+async def _wait_ready(client: TestClient[web.Request, web.Application]) -> None:
+    import asyncio
+
+    for _ in range(200):
+        response = await client.get("/readyz")
+        if response.status == 200:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the gateway never saw a ready backend")

@@ -1,0 +1,231 @@
+"""The proxy end to end: real backend and gateway servers on 127.0.0.1, real HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import pytest
+
+from tests.integration.conftest import MakeGateway, policy_text
+from tests.integration.stub import StubBackend
+
+pytestmark = pytest.mark.integration
+
+CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+async def test_non_streaming_answer_keeps_status_body_and_headers(
+    make_gateway: MakeGateway, stub_url: str
+) -> None:
+    client, _ = await make_gateway(policy_text([stub_url]))
+    response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status == 200
+    body = await response.json()
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 5}
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert "x-ratelimit-remaining-requests" in response.headers
+
+
+async def test_stream_chunks_reach_the_client_while_the_backend_is_still_producing(
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str
+) -> None:
+    stub.hold_stream = True
+    client, _ = await make_gateway(policy_text([stub_url]))
+    response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+    # The backend is blocked after its first chunk until we release it: the chunk got here first.
+    assert not stub.release.is_set()
+    assert b'"t0 "' in first
+    stub.release.set()
+    rest = await response.content.read()
+    assert rest.endswith(b"data: [DONE]\n\n")
+
+
+async def test_usage_chunk_asked_by_the_gateway_is_hidden_and_settles_tokens(
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str
+) -> None:
+    client, metrics = await make_gateway(policy_text([stub_url]))
+    response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    text = await response.text()
+    assert '"usage"' not in text
+    upstream = json.loads(stub.requests[-1].body)
+    assert upstream["stream_options"] == {"include_usage": True}
+    await _until(lambda: _sample(metrics, "kvgate_tokens_total", kind="output") == 5)
+
+
+async def test_usage_chunk_is_passed_when_the_client_asked(
+    make_gateway: MakeGateway, stub_url: str
+) -> None:
+    client, _ = await make_gateway(policy_text([stub_url]))
+    ask = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    text = await (await client.post("/v1/chat/completions", json=ask)).text()
+    assert '"usage": {"prompt_tokens": 7' in text
+
+
+async def test_client_disconnect_cancels_the_upstream_request(
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str
+) -> None:
+    stub.hold_first_byte = True
+    client, _ = await make_gateway(policy_text([stub_url]))
+    request = asyncio.ensure_future(client.post("/v1/chat/completions", json=CHAT))
+    await _until(lambda: bool(stub.requests))
+    request.cancel()
+    await asyncio.wait_for(stub.cancelled.wait(), 5)
+
+
+async def test_first_byte_timeout_is_504(
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str
+) -> None:
+    stub.hold_first_byte = True
+    client, _ = await make_gateway(policy_text([stub_url], first_byte="200ms"))
+    response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status == 504
+    error = (await response.json())["error"]
+    assert error["code"] == "upstream_timeout"
+    assert "first byte" in error["message"]
+
+
+async def test_idle_timeout_ends_the_stream_with_an_error_event(
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str
+) -> None:
+    stub.hold_stream = True
+    client, _ = await make_gateway(policy_text([stub_url], idle="200ms"))
+    response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert response.status == 200
+    text = await response.text()
+    assert "t0" in text
+    assert "upstream idle timeout after 0.2s" in text
+
+
+async def test_connect_failure_is_retried_on_another_backend(
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str
+) -> None:
+    client, _ = await make_gateway(policy_text([_closed_port_url(), stub_url]))
+    for _ in range(4):  # whichever backend the router picks first, every request succeeds
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        assert response.status == 200
+    assert len(stub.requests) == 4
+
+
+async def test_all_backends_unreachable_is_502(make_gateway: MakeGateway) -> None:
+    client, _ = await make_gateway(policy_text([_closed_port_url()]))
+    response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status in (502, 503)
+    assert "error" in await response.json()
+
+
+async def test_client_keys_never_reach_the_backend_and_forwarding_headers_are_set(
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str
+) -> None:
+    text = policy_text([stub_url], backend_extra=", api_key: 'env:BACKEND_KEY'")
+    client, _ = await make_gateway(text)
+    response = await client.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={
+            "Authorization": "Bearer sk-acme",
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "drop me",
+            "X-Custom": "keep me",
+            "Proxy-Authorization": "Basic abc",
+        },
+    )
+    assert response.status == 200
+    seen = {k.lower(): v for k, v in stub.requests[-1].headers.items()}
+    assert seen["authorization"] == "Bearer sk-backend"
+    assert "sk-acme" not in json.dumps(seen)
+    assert "x-secret-hop" not in seen
+    assert "proxy-authorization" not in seen
+    assert seen["x-custom"] == "keep me"
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, None),
+        ({"json": {"messages": []}}, 400, None),
+        ({"json": {**CHAT, "model": "nope"}}, 404, "model_not_found"),
+        ({"json": CHAT, "headers": {"Authorization": "Bearer wrong"}}, 401, "invalid_api_key"),
+        ({"data": b"x" * (65 * 1024)}, 413, "request_too_large"),
+        ({"json": {**CHAT, "max_tokens": 10**6}}, 400, "context_length_exceeded"),
+    ],
+)
+async def test_bad_requests_get_openai_shaped_errors(
+    make_gateway: MakeGateway,
+    stub: StubBackend,
+    stub_url: str,
+    kwargs: dict[str, object],
+    status: int,
+    code: str | None,
+) -> None:
+    client, _ = await make_gateway(policy_text([stub_url]))
+    response = await client.post("/v1/chat/completions", **kwargs)  # type: ignore[arg-type]
+    assert response.status == status
+    error = (await response.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    assert not stub.requests
+
+
+async def test_unknown_path_without_a_model_is_404(
+    make_gateway: MakeGateway, stub_url: str
+) -> None:
+    client, _ = await make_gateway(policy_text([stub_url]))
+    response = await client.get("/tokenize")
+    assert response.status == 404
+    assert "No route" in (await response.json())["error"]["message"]
+
+
+async def test_models_lists_the_policy_models(make_gateway: MakeGateway, stub_url: str) -> None:
+    client, _ = await make_gateway(policy_text([stub_url]))
+    body = await (await client.get("/v1/models")).json()
+    assert [m["id"] for m in body["data"]] == ["m1"]
+
+
+async def test_rate_limited_request_gets_429_with_exact_retry_headers(
+    make_gateway: MakeGateway, stub_url: str
+) -> None:
+    limits = "      - {unit: requests, rate: 1/min, burst: 2}"
+    client, _ = await make_gateway(policy_text([stub_url], acme_limits=limits))
+    auth = {"Authorization": "Bearer sk-acme"}
+    for _ in range(2):
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=auth)).status == 200
+    response = await client.post("/v1/chat/completions", json=CHAT, headers=auth)
+    assert response.status == 429
+    error = (await response.json())["error"]
+    assert error["type"] == "requests"
+    assert error["code"] == "rate_limit_exceeded"
+    retry_ms = int(response.headers["retry-after-ms"])
+    assert 59_000 <= retry_ms <= 60_000
+    assert response.headers["Retry-After"] == "60"
+    assert response.headers["x-ratelimit-limit-requests"] == "2"
+    assert response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def _sample(metrics: object, name: str, **labels: str) -> float:
+    registry = metrics.registry  # type: ignore[attr-defined]
+    total = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def _until(condition: object, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
