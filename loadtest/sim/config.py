@@ -25,5 +25,6 @@ class SimConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
     chars_per_token: float = 4.0  # how the simulator counts prompt tokens from text
     default_output_tokens: int = 256  # when the request asks for no length
     output_mean_ratio: float = 0.5  # output drawn lognormal around this share of max_tokens
+    output_sigma: float = 0.6  # sigma of the log of that lognormal draw; 0: always the mean
     time_scale: float = 1.0  # 2.0 runs simulated time twice as fast as wall time
     seed: int = 0

@@ -1,0 +1,88 @@
+"""``python -m loadtest.sim``: run a simulated GPU backend on 127.0.0.1.
+
+Configuration: ``SimConfig`` defaults, then ``--config FILE`` (YAML with SimConfig's fields), then
+one ``--field-name VALUE`` flag per SimConfig field (``--kv-blocks 4096 --mode contiguous``).
+Prints one line when listening; SIGINT or SIGTERM stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import typing
+from pathlib import Path
+
+import msgspec
+import uvloop
+
+from loadtest.sim.config import SimConfig
+from loadtest.sim.engine import validate_config
+from loadtest.sim.server import serve
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.sim", description="Simulated LLM GPU backend (vLLM-like)."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--config", type=Path, help="YAML file of SimConfig fields")
+    hints = typing.get_type_hints(SimConfig)
+    for field in msgspec.structs.fields(SimConfig):
+        flag = "--" + field.name.replace("_", "-")
+        hint = hints[field.name]
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        kind = str if choices else hint
+        parser.add_argument(
+            flag, dest=field.name, type=kind, choices=choices, help=f"default {field.default!r}"
+        )
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> SimConfig:
+    """SimConfig from the YAML file (if any) overridden by the flags that were given."""
+    values: dict[str, object] = {}
+    if args.config is not None:
+        loaded = msgspec.yaml.decode(args.config.read_bytes(), type=dict[str, object])
+        values.update(loaded)
+    for field in msgspec.structs.fields(SimConfig):
+        flag_value = getattr(args, field.name)
+        if flag_value is not None:
+            values[field.name] = flag_value
+    config = msgspec.convert(values, SimConfig)
+    validate_config(config)
+    return config
+
+
+async def _run(config: SimConfig, host: str, port: int) -> None:
+    runner = await serve(config, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        f"kvgate-sim listening on http://{host}:{port} (model {config.model}, {config.mode}, "
+        f"{config.kv_blocks} blocks x {config.block_size} tokens, time_scale {config.time_scale})",
+        flush=True,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args)
+    except (OSError, msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+        print(f"kvgate-sim: {exc}", file=sys.stderr)
+        return 2
+    uvloop.run(_run(config, args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
