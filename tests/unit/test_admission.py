@@ -1,0 +1,354 @@
+"""Admission decisions with a fake clock: routing, queueing, each shed reason and its
+Retry-After, release, reload and the round-robin mode."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.core.admission import (
+    Admission,
+    AdmissionConfig,
+    ModelPool,
+    Placement,
+    Queued,
+    Rejection,
+    Ticket,
+)
+from gateway.core.backend import BackendConfig, BackendSignals, Health, MemoryKind
+from gateway.core.capacity import CapacityConfig
+from gateway.core.clock import FakeClock
+from gateway.core.queueing import QueueConfig
+from gateway.core.types import Outcome, Priority
+
+KVT = 1024  # bytes per token, small numbers keep the arithmetic readable
+M = "m"
+
+
+def config(
+    *backends: BackendConfig,
+    queue: QueueConfig | None = None,
+    cap: CapacityConfig | None = None,
+    enabled: bool = True,
+) -> AdmissionConfig:
+    return AdmissionConfig(
+        models=(ModelPool(M, KVT, backends),),
+        enabled=enabled,
+        capacity=cap or CapacityConfig(headroom=0.0),
+        queue=queue or QueueConfig(),
+    )
+
+
+def backend(url: str, tokens: int = 1000, **kw: object) -> BackendConfig:
+    kw.setdefault("memory", MemoryKind.CONTIGUOUS)  # worst-case reservations: exact arithmetic
+    return BackendConfig(url=url, kv_capacity_bytes=tokens * KVT, block_size=1, **kw)  # type: ignore[arg-type]
+
+
+def up(adm: Admission, clock: FakeClock, *urls: str) -> None:
+    for url in urls:
+        adm.observe_health(M, url, Health.OK, clock.now())
+
+
+def ticket(
+    clock: FakeClock,
+    tokens: int = 100,
+    *,
+    tenant: str = "t",
+    priority: Priority = Priority.STANDARD,
+    timeout: float = 30.0,
+    exclude: frozenset[str] = frozenset(),
+) -> Ticket:
+    return Ticket(
+        tenant=tenant,
+        model=M,
+        priority=priority,
+        weight=1.0,
+        prompt_tokens=tokens // 2,
+        max_output_tokens=tokens - tokens // 2,
+        kv_bytes_per_token=KVT,
+        deadline=clock.now() + timeout,
+        exclude=exclude,
+    )
+
+
+def placed(v: object) -> Placement:
+    assert isinstance(v, Placement), v
+    return v
+
+
+def rejected(v: object, outcome: Outcome) -> Rejection:
+    assert isinstance(v, Rejection), v
+    assert v.outcome is outcome, v
+    return v
+
+
+def test_routes_to_the_backend_with_most_free_bytes_after_placing() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000), backend("b", 2000)), clock.now())
+    up(adm, clock, "a", "b")
+    assert placed(adm.offer(ticket(clock, 500), clock.now())).backend_url == "b"
+    assert placed(adm.offer(ticket(clock, 500), clock.now())).backend_url == "b"
+    assert placed(adm.offer(ticket(clock, 500), clock.now())).backend_url == "a"
+
+
+def test_never_routes_to_loading_ejected_or_excluded_backends() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a"), backend("b"), backend("c")), clock.now())
+    up(adm, clock, "b", "c")
+    adm.observe_health(M, "a", Health.LOADING, clock.now())
+    for _ in range(3):
+        adm.observe_health(M, "b", Health.FAILED, clock.now())
+    got = placed(adm.offer(ticket(clock, exclude=frozenset()), clock.now()))
+    assert got.backend_url == "c"
+    v = adm.offer(ticket(clock, exclude=frozenset({"c"})), clock.now())
+    assert isinstance(v, Queued)
+
+
+def test_queues_when_full_and_release_places_the_waiting_one() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000)), clock.now())
+    up(adm, clock, "a")
+    first = placed(adm.offer(ticket(clock, 800), clock.now()))
+    assert first.reserved_bytes == 800 * KVT
+    waiting = adm.offer(ticket(clock, 800), clock.now())
+    assert isinstance(waiting, Queued)
+    clock.advance(2.0)
+    adm.release(first.lease_id, output_tokens=10, ttft_s=0.1, failure=None, now=clock.now())
+    [(eid, second)] = adm.take_events()
+    assert eid == waiting.entry_id
+    assert placed(second).queued_s == pytest.approx(2.0)
+    adm.release(first.lease_id, output_tokens=10, ttft_s=0.1, failure=None, now=clock.now())
+    snap = adm.snapshot(clock.now())[M]
+    assert isinstance(snap, dict)
+    assert snap["backends"][0]["reserved_bytes"] == 800 * KVT  # idempotent release
+
+
+def test_too_large_for_any_backend_is_never_retried() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000), backend("b", 500)), clock.now())
+    up(adm, clock, "a", "b")
+    r = rejected(adm.offer(ticket(clock, 1001), clock.now()), Outcome.TOO_LARGE)
+    assert not r.should_retry
+    assert r.retry_after_s is None
+
+
+def test_queue_full() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 100), queue=QueueConfig(max_depth=1)), clock.now())
+    up(adm, clock, "a")
+    placed(adm.offer(ticket(clock, 100), clock.now()))
+    assert isinstance(adm.offer(ticket(clock, 100), clock.now()), Queued)
+    r = rejected(adm.offer(ticket(clock, 100), clock.now()), Outcome.SHED_QUEUE_FULL)
+    assert r.retry_after_s is not None
+    assert r.retry_after_s >= 1.0
+
+
+def drain_history(adm: Admission, clock: FakeClock, n: int, tokens: int, hold_s: float) -> None:
+    """Run n requests through, each holding its memory hold_s: the drain rate is learned."""
+    for _ in range(n):
+        p = placed(adm.offer(ticket(clock, tokens), clock.now()))
+        clock.advance(hold_s)
+        adm.release(p.lease_id, output_tokens=1, ttft_s=0.1, failure=None, now=clock.now())
+
+
+def test_deadline_that_cannot_be_met_is_shed_with_the_expected_wait() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000)), clock.now())
+    up(adm, clock, "a")
+    drain_history(adm, clock, 10, 1000, 1.0)  # 1000 tokens per second drain
+    placed(adm.offer(ticket(clock, 1000), clock.now()))
+    for _ in range(3):
+        assert isinstance(adm.offer(ticket(clock, 1000), clock.now()), Queued)
+    r = rejected(adm.offer(ticket(clock, 1000, timeout=2.0), clock.now()), Outcome.SHED_DEADLINE)
+    # four queued requests ahead (this one included) drain at ~1000 tokens/s
+    assert r.retry_after_s == pytest.approx(4.0, rel=0.15)
+    assert isinstance(adm.offer(ticket(clock, 1000, timeout=10.0), clock.now()), Queued)
+
+
+def test_deadline_passing_in_the_queue_is_shed() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 100)), clock.now())
+    up(adm, clock, "a")
+    placed(adm.offer(ticket(clock, 100), clock.now()))
+    q = adm.offer(ticket(clock, 100, timeout=3.0), clock.now())
+    assert isinstance(q, Queued)
+    clock.advance(3.0)
+    adm.tick(clock.now())
+    [(eid, r)] = adm.take_events()
+    assert eid == q.entry_id
+    rejected(r, Outcome.SHED_DEADLINE)
+
+
+def test_loading_past_the_deadline_is_shed_with_the_predicted_end() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000, warmup_s=0.0)), clock.now())
+    adm.observe_health(M, "a", Health.LOADING, clock.now())
+    clock.advance(60.0)  # first load takes a minute: learned
+    adm.observe_health(M, "a", Health.OK, clock.now())
+    adm.observe_health(M, "a", Health.LOADING, clock.now())
+    clock.advance(10.0)
+    r = rejected(adm.offer(ticket(clock, timeout=5.0), clock.now()), Outcome.SHED_LOADING)
+    assert r.retry_after_s == pytest.approx(50.0)
+    q = adm.offer(ticket(clock, timeout=120.0), clock.now())
+    assert isinstance(q, Queued)  # will be up before its deadline: it waits
+    clock.advance(50.0)
+    adm.observe_health(M, "a", Health.OK, clock.now())
+    [(eid, p)] = adm.take_events()
+    assert eid == q.entry_id
+    assert placed(p).backend_url == "a"
+
+
+def test_loading_of_unknown_length_queues_and_sheds_at_the_deadline() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a")), clock.now())
+    adm.observe_health(M, "a", Health.LOADING, clock.now())
+    q = adm.offer(ticket(clock, timeout=5.0), clock.now())
+    assert isinstance(q, Queued)
+    clock.advance(5.0)
+    adm.tick(clock.now())
+    [(_, r)] = adm.take_events()
+    assert rejected(r, Outcome.SHED_LOADING).retry_after_s == pytest.approx(5.0)
+
+
+def test_large_request_shed_when_every_backend_is_fragmented_small_pass() -> None:
+    clock = FakeClock()
+    cap = CapacityConfig(headroom=0.0, shed_above=0.5, large_request=0.1)
+    adm = Admission(config(backend("a", 1000), cap=cap), clock.now())
+    up(adm, clock, "a")
+    adm.observe_signals(M, "a", BackendSignals(at=clock.now(), fragmentation=0.6), clock.now())
+    placed(adm.offer(ticket(clock, 20), clock.now()))  # 20 of 400 usable: small
+    rejected(adm.offer(ticket(clock, 100), clock.now()), Outcome.SHED_FRAGMENTATION)
+
+
+def test_codel_sheds_sheddable_first_and_never_critical() -> None:
+    clock = FakeClock()
+    q = QueueConfig(target_delay_s=1.0, interval_s=0.5, max_wait_s=100.0)
+    adm = Admission(config(backend("a", 100), queue=q), clock.now())
+    up(adm, clock, "a")
+    placed(adm.offer(ticket(clock, 100), clock.now()))
+    low = adm.offer(ticket(clock, 100, priority=Priority.SHEDDABLE, timeout=100), clock.now())
+    crit = adm.offer(ticket(clock, 100, priority=Priority.CRITICAL, timeout=100), clock.now())
+    std = adm.offer(ticket(clock, 100, timeout=100), clock.now())
+    assert isinstance(low, Queued)
+    assert isinstance(crit, Queued)
+    assert isinstance(std, Queued)
+    shed: dict[int, Rejection] = {}
+    for _ in range(10):
+        clock.advance(0.5)
+        adm.tick(clock.now())
+        shed.update((eid, v) for eid, v in adm.take_events() if isinstance(v, Rejection))
+    assert rejected(shed[low.entry_id], Outcome.SHED_OVERLOAD)
+    assert rejected(shed[std.entry_id], Outcome.SHED_OVERLOAD)
+    assert crit.entry_id not in shed
+    r = adm.offer(ticket(clock, 10, priority=Priority.SHEDDABLE), clock.now())
+    rejected(r, Outcome.SHED_OVERLOAD)
+
+
+def test_connect_failures_eject_and_traffic_moves() -> None:
+    clock = FakeClock()
+    cap = CapacityConfig(headroom=0.0, eject_failures=2, eject_cooldown_s=10.0)
+    adm = Admission(config(backend("a", 2000), backend("b", 1000), cap=cap), clock.now())
+    up(adm, clock, "a", "b")
+    for _ in range(2):
+        p = placed(adm.offer(ticket(clock), clock.now()))
+        assert p.backend_url == "a"
+        adm.release(p.lease_id, output_tokens=None, ttft_s=None, failure="connect", now=clock.now())
+    assert placed(adm.offer(ticket(clock), clock.now())).backend_url == "b"
+
+
+def test_likely_reservation_uses_observed_outputs_on_paged_backends() -> None:
+    clock = FakeClock()
+    paged = BackendConfig(url="a", kv_capacity_bytes=10**9, block_size=16)
+    adm = Admission(config(paged), clock.now())
+    up(adm, clock, "a")
+    t = Ticket("t", M, Priority.STANDARD, 1.0, 100, 1000, KVT, clock.now() + 30)
+    first = placed(adm.offer(t, clock.now()))
+    assert first.reserved_bytes == 1104 * KVT  # before samples: prompt + max_tokens, in blocks
+    for _ in range(30):
+        p = placed(adm.offer(t, clock.now()))
+        adm.release(p.lease_id, output_tokens=50, ttft_s=0.1, failure=None, now=clock.now())
+    assert placed(adm.offer(t, clock.now())).reserved_bytes == 160 * KVT
+
+
+def test_cancel_removes_the_waiting_entry() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 100)), clock.now())
+    up(adm, clock, "a")
+    p = placed(adm.offer(ticket(clock, 100), clock.now()))
+    q = adm.offer(ticket(clock, 100), clock.now())
+    assert isinstance(q, Queued)
+    assert adm.cancel(q.entry_id)
+    assert not adm.cancel(q.entry_id)
+    adm.release(p.lease_id, output_tokens=1, ttft_s=None, failure=None, now=clock.now())
+    assert adm.take_events() == []
+
+
+def test_reconfigure_keeps_state_of_persisting_urls_and_rejects_removed_models() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 100), backend("b", 100)), clock.now())
+    up(adm, clock, "a", "b")
+    p = placed(adm.offer(ticket(clock, 100), clock.now()))
+    adm.reconfigure(config(backend(p.backend_url, 100)), clock.now())
+    snap = adm.snapshot(clock.now())[M]
+    assert isinstance(snap, dict)
+    [b] = snap["backends"]
+    assert b["reserved_bytes"] == 100 * KVT
+    assert b["phase"] == "ready"
+    q = adm.offer(ticket(clock, 100), clock.now())
+    assert isinstance(q, Queued)
+    adm.reconfigure(AdmissionConfig(models=()), clock.now())
+    [(eid, r)] = adm.take_events()
+    assert eid == q.entry_id
+    assert rejected(r, Outcome.NOT_FOUND)
+    adm.release(p.lease_id, output_tokens=1, ttft_s=None, failure=None, now=clock.now())
+
+
+def test_disabled_admission_round_robins_over_serving_backends() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a"), backend("b"), backend("c"), enabled=False), clock.now())
+    up(adm, clock, "a", "b")
+    adm.observe_health(M, "c", Health.LOADING, clock.now())
+    urls = [placed(adm.offer(ticket(clock, 10**6), clock.now())).backend_url for _ in range(4)]
+    assert urls == ["a", "b", "a", "b"]
+
+
+def test_unknown_model() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a")), clock.now())
+    t = Ticket("t", "nope", Priority.STANDARD, 1.0, 1, 1, KVT, clock.now() + 1)
+    rejected(adm.offer(t, clock.now()), Outcome.NOT_FOUND)
+
+
+@settings(max_examples=60)
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["offer", "release", "tick", "usage"]), st.integers(1, 600)),
+        max_size=60,
+    )
+)
+def test_reserved_bytes_never_exceed_usable_capacity(ops: list[tuple[str, int]]) -> None:
+    clock = FakeClock()
+    cap = CapacityConfig(headroom=0.1)
+    adm = Admission(config(backend("a", 1000), backend("b", 700), cap=cap), clock.now())
+    up(adm, clock, "a", "b")
+    leases: list[int] = []
+    for op, n in ops:
+        if op == "offer":
+            v = adm.offer(ticket(clock, n), clock.now())
+            if isinstance(v, Placement):
+                leases.append(v.lease_id)
+        elif op == "release" and leases:
+            lid = leases.pop(n % len(leases))
+            adm.release(lid, output_tokens=1, ttft_s=0.1, failure=None, now=clock.now())
+        elif op == "usage":
+            sig = BackendSignals(at=clock.now(), kv_usage=n / 600)
+            adm.observe_signals(M, "a", sig, clock.now())
+        else:
+            clock.advance(n / 100)
+            adm.tick(clock.now())
+        leases += [p.lease_id for _, p in adm.take_events() if isinstance(p, Placement)]
+        snap = adm.snapshot(clock.now())[M]
+        assert isinstance(snap, dict)
+        for b in snap["backends"]:
+            assert b["reserved_bytes"] <= b["usable"] + 1e-6

@@ -1,0 +1,140 @@
+"""Backend life cycle: loading -> warming -> ready, ejection, load-time prediction."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.core.backend import (
+    BackendConfig,
+    Health,
+    Lifecycle,
+    MemoryKind,
+    ReserveMode,
+    Signals,
+)
+from gateway.core.clock import FakeClock
+from gateway.core.types import Phase
+
+
+def make(clock: FakeClock, *, warmup_s: float = 10.0, floor: float = 0.1) -> Lifecycle:
+    return Lifecycle(
+        warmup_s=warmup_s, floor=floor, eject_failures=3, cooldown_s=5.0, now=clock.now()
+    )
+
+
+def test_healthy_at_first_look_is_ready_at_once() -> None:
+    clock = FakeClock()
+    lc = make(clock)
+    lc.observe_health(Health.OK, clock.now())
+    assert lc.phase is Phase.READY
+    assert lc.capacity_factor(clock.now()) == 1.0
+
+
+def test_observed_load_warms_up_linearly_then_ready() -> None:
+    clock = FakeClock()
+    lc = make(clock, warmup_s=10.0, floor=0.1)
+    lc.observe_health(Health.LOADING, clock.now())
+    assert lc.capacity_factor(clock.now()) == 0.0
+    clock.advance(20.0)
+    lc.observe_health(Health.OK, clock.now())
+    assert lc.phase is Phase.WARMING
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.1)
+    clock.advance(5.0)
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.55)
+    clock.advance(5.0)
+    assert lc.capacity_factor(clock.now()) == 1.0
+    assert lc.phase is Phase.READY
+
+
+def test_load_time_is_learned_and_predicts_the_next_load() -> None:
+    clock = FakeClock()
+    lc = make(clock)
+    lc.observe_health(Health.LOADING, clock.now())
+    assert lc.predicted_ready_at(clock.now()) is None  # never seen a load finish
+    clock.advance(30.0)
+    lc.observe_health(Health.OK, clock.now())
+    assert lc.load_estimate_s == pytest.approx(30.0)
+    clock.advance(100.0)
+    lc.observe_health(Health.LOADING, clock.now())  # restarted
+    start = clock.now()
+    clock.advance(10.0)
+    assert lc.predicted_ready_at(clock.now()) == pytest.approx(start + 30.0)
+    clock.advance(40.0)  # overdue: another quarter of the usual time
+    assert lc.predicted_ready_at(clock.now()) == pytest.approx(clock.now() + 7.5)
+
+
+def test_consecutive_failures_eject_then_cooldown_warms_again() -> None:
+    clock = FakeClock()
+    lc = make(clock)
+    lc.observe_health(Health.OK, clock.now())
+    lc.record_failure(clock.now())
+    lc.record_failure(clock.now())
+    lc.record_success()
+    lc.record_failure(clock.now())
+    assert lc.phase is Phase.READY  # not consecutive
+    lc.record_failure(clock.now())
+    lc.record_failure(clock.now())
+    assert lc.phase is Phase.EJECTED
+    assert lc.capacity_factor(clock.now()) == 0.0
+    assert lc.predicted_ready_at(clock.now()) == pytest.approx(clock.now() + 5.0)
+    clock.advance(5.0)
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.1)
+    assert lc.phase is Phase.WARMING
+
+
+def test_ejected_backend_that_is_down_after_cooldown_goes_loading() -> None:
+    clock = FakeClock()
+    lc = make(clock)
+    lc.observe_health(Health.OK, clock.now())
+    for _ in range(3):
+        lc.observe_health(Health.FAILED, clock.now())
+    assert lc.phase is Phase.EJECTED
+    lc.observe_health(Health.LOADING, clock.now())
+    clock.advance(6.0)
+    lc.advance(clock.now())
+    assert lc.phase is Phase.LOADING
+
+
+def test_zero_warmup_goes_straight_to_ready() -> None:
+    clock = FakeClock()
+    lc = make(clock, warmup_s=0.0)
+    lc.observe_health(Health.LOADING, clock.now())
+    clock.advance(1.0)
+    lc.observe_health(Health.OK, clock.now())
+    assert lc.phase is Phase.READY
+
+
+@given(
+    floor=st.floats(0.0, 1.0),
+    steps=st.lists(st.floats(0.0, 3.0), min_size=1, max_size=20),
+)
+def test_warming_factor_is_monotone_and_bounded(floor: float, steps: list[float]) -> None:
+    clock = FakeClock()
+    lc = make(clock, warmup_s=10.0, floor=floor)
+    lc.observe_health(Health.LOADING, clock.now())
+    lc.observe_health(Health.OK, clock.now())
+    last = lc.capacity_factor(clock.now())
+    for dt in steps:
+        clock.advance(dt)
+        f = lc.capacity_factor(clock.now())
+        assert floor - 1e-12 <= f <= 1.0
+        assert f >= last - 1e-12
+        last = f
+
+
+def test_reserve_defaults_follow_memory_kind() -> None:
+    assert BackendConfig(url="u").reserve_mode is ReserveMode.LIKELY
+    contiguous = BackendConfig(url="u", memory=MemoryKind.CONTIGUOUS)
+    assert contiguous.reserve_mode is ReserveMode.WORST_CASE
+    llama = BackendConfig(url="u", signals=Signals.LLAMACPP)
+    assert llama.memory_kind is MemoryKind.SLOTS
+    assert llama.reserve_mode is ReserveMode.WORST_CASE
+    assert BackendConfig(url="u", reserve=ReserveMode.WORST_CASE).reserve_mode is (
+        ReserveMode.WORST_CASE
+    )
+
+
+def test_api_key_is_not_in_repr() -> None:
+    assert "s3cret" not in repr(BackendConfig(url="u", api_key="s3cret"))

@@ -1,0 +1,200 @@
+"""The fair priority queue: order, fairness by weight, no head-of-line blocking, ageing,
+depth, deadlines; CoDel and the drain-rate estimate."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+
+import pytest
+
+from gateway.core.queueing import CoDel, DrainRate, Entry, FairQueue, QueueConfig
+from gateway.core.types import Priority
+
+_ids = itertools.count(1)
+
+
+def entry(
+    tenant: str = "a",
+    *,
+    cost: float = 1.0,
+    priority: Priority = Priority.STANDARD,
+    weight: float = 1.0,
+    at: float = 0.0,
+    deadline: float = 1e9,
+) -> Entry:
+    return Entry(next(_ids), tenant, priority, weight, cost, at, deadline)
+
+
+class Room:
+    """A capacity in bytes: fits when the entry's cost is free."""
+
+    def __init__(self, free: float) -> None:
+        self.free = free
+
+    def fits(self, e: Entry) -> bool:
+        return e.cost <= self.free
+
+    def place(self, e: Entry) -> None:
+        self.free -= e.cost
+
+
+def test_bands_are_served_in_priority_order_then_fifo() -> None:
+    q = FairQueue(QueueConfig())
+    low = entry(priority=Priority.SHEDDABLE)
+    std1, std2 = entry(), entry()
+    crit = entry(priority=Priority.CRITICAL)
+    for e in (low, std1, std2, crit):
+        assert q.push(e)
+    room = Room(10)
+    assert q.pump(room.fits, room.place, 0.0) == [crit, std1, std2, low]
+    assert len(q) == 0
+
+
+def test_no_head_of_line_blocking() -> None:
+    q = FairQueue(QueueConfig())
+    big, small = entry(cost=8), entry(cost=1)
+    q.push(big)
+    q.push(small)
+    room = Room(4)
+    assert q.pump(room.fits, room.place, 0.0) == [small]
+    assert list(q) == [big]
+
+
+def test_max_depth() -> None:
+    q = FairQueue(QueueConfig(max_depth=2))
+    assert q.push(entry())
+    assert q.push(entry())
+    assert not q.push(entry())
+    assert len(q) == 2
+
+
+def test_expired_and_remove() -> None:
+    q = FairQueue(QueueConfig())
+    a, b = entry(deadline=5.0), entry(deadline=10.0)
+    q.push(a)
+    q.push(b)
+    assert q.next_deadline() == 5.0
+    assert q.expired(5.0) == [a]
+    assert q.remove(b.id) is b
+    assert q.remove(b.id) is None
+    assert len(q) == 0
+    assert q.queued_bytes == 0
+
+
+def fairness_run(weights: dict[str, float], services: int, seed: int) -> dict[str, float]:
+    """Every tenant always backlogged; memory frees one request at a time."""
+    rng = random.Random(seed)
+    q = FairQueue(QueueConfig(max_depth=10_000, age_bound_s=1e9))
+    served = dict.fromkeys(weights, 0.0)
+    capacity = 50.0
+    room = Room(capacity)
+    inflight: deque[Entry] = deque()
+    now = 0.0
+
+    def refill() -> None:
+        for t, w in weights.items():
+            while sum(1 for e in q if e.tenant == t) < 5:
+                q.push(entry(t, cost=rng.uniform(1, 10), weight=w, at=now))
+
+    def place(e: Entry) -> None:
+        room.place(e)
+        inflight.append(e)
+        served[e.tenant] += e.cost
+
+    refill()
+    count = 0
+    while count < services:
+        count += len(q.pump(room.fits, place, now))
+        done = inflight.popleft()
+        room.free += done.cost
+        now += 0.01
+        refill()
+    return served
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_weights_two_to_one_share_kv_bytes_two_to_one(seed: int) -> None:
+    served = fairness_run({"a": 2.0, "b": 1.0}, services=6000, seed=seed)
+    assert served["a"] / served["b"] == pytest.approx(2.0, rel=0.05)
+
+
+def test_equal_weights_share_equally_among_three() -> None:
+    served = fairness_run({"a": 1.0, "b": 1.0, "c": 1.0}, services=6000, seed=7)
+    total = sum(served.values())
+    for share in served.values():
+        assert share / total == pytest.approx(1 / 3, rel=0.05)
+
+
+def test_aged_entry_stops_later_arrivals_from_passing_and_is_served_first() -> None:
+    q = FairQueue(QueueConfig(age_bound_s=5.0))
+    big = entry(cost=8, at=0.0)
+    q.push(big)
+    room = Room(4)
+    q.push(entry(cost=1, at=1.0))
+    assert len(q.pump(room.fits, room.place, 1.0)) == 1  # small passes while big is young
+    q.push(entry(cost=1, at=6.0))
+    assert q.pump(room.fits, room.place, 6.0) == []  # big aged: room is kept for it
+    room.free = 8
+    assert q.pump(room.fits, room.place, 6.5)[0] is big
+
+
+def test_aged_entry_does_not_block_a_higher_band() -> None:
+    q = FairQueue(QueueConfig(age_bound_s=5.0))
+    q.push(entry(cost=8, at=0.0))
+    crit = entry(cost=1, priority=Priority.CRITICAL, at=6.0)
+    q.push(crit)
+    room = Room(4)
+    assert q.pump(room.fits, room.place, 6.0) == [crit]
+
+
+def test_aged_entry_is_served_within_a_bound_under_a_stream_of_small_ones() -> None:
+    q = FairQueue(QueueConfig(age_bound_s=2.0))
+    big = entry(cost=30, at=0.0)
+    q.push(big)
+    room = Room(40)
+    inflight: deque[tuple[float, Entry]] = deque()
+    now = 0.0
+    served_at = None
+
+    def place(e: Entry) -> None:
+        room.place(e)
+        inflight.append((now + 1.0, e))  # each request holds its memory for 1 s
+
+    while served_at is None:
+        q.push(entry(cost=5, at=now))
+        for e in q.pump(room.fits, place, now):
+            if e is big:
+                served_at = now
+        while inflight and inflight[0][0] <= now:
+            room.free += inflight.popleft()[1].cost
+        now += 0.1
+        assert now < 10.0
+    assert served_at <= 2.0 + 1.0 + 0.2  # age bound + one hold time + one step
+
+
+def test_codel_sheds_sheddable_then_standard_never_critical() -> None:
+    c = CoDel(target_s=1.0, interval_s=0.1)
+    c.observe(2.0, 0.0)
+    assert c.level == 0
+    c.observe(2.0, 0.1)
+    assert c.sheds(Priority.SHEDDABLE)
+    assert not c.sheds(Priority.STANDARD)
+    c.observe(2.0, 0.2, may_escalate=False)  # sheddable entries still waiting to be shed
+    assert c.level == 1
+    c.observe(2.0, 0.3)
+    assert c.sheds(Priority.STANDARD)
+    assert not c.sheds(Priority.CRITICAL)
+    c.observe(0.5, 0.4)
+    assert c.level == 0
+
+
+def test_drain_rate_and_hold_time() -> None:
+    d = DrainRate(window_s=10.0)
+    assert d.bytes_per_s(0.0) is None
+    for i in range(10):
+        d.record(100.0, 2.0, float(i))
+    assert d.bytes_per_s(10.0) == pytest.approx(1000.0 / 10.0)
+    assert d.hold_s == pytest.approx(2.0)
+    assert d.bytes_per_s(100.0) is None
