@@ -22,6 +22,8 @@ _PATH_RE = re.compile(r" - at `(\$[^`]*)`$")
 _SEGMENT_RE = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
 _MAP_KEY = "..."  # msgspec's placeholder for a mapping key it does not name
 _UNKNOWN_RE = re.compile(r"^Object contains unknown field `([^`]+)`")
+_FIELD_RE = re.compile(r"^`([a-z_]+)`: ")  # a schema check naming the field it failed on
+_LOCATED_RE = re.compile(r"^at (\$\S*): ")  # a compile-time error naming its key path
 
 
 def load_file(path: str | Path) -> schema.Policy:
@@ -50,7 +52,12 @@ def _describe(message: str, text: str) -> str:
     segments = _resolve_keys(_segments(match.group(1) if match else "$"), text)
     key_path = _join(segments)
     unknown = _UNKNOWN_RE.match(what)
-    if unknown is not None:
+    named = _FIELD_RE.match(what)
+    if named is not None:
+        segments = [*segments, named.group(1)]
+        key_path = _join(segments)
+        what = what[named.end() :]
+    elif unknown is not None:
         hint = _did_you_mean(unknown.group(1), segments)
         segments = [*segments, unknown.group(1)]
         key_path = _join(segments)
@@ -58,6 +65,17 @@ def _describe(message: str, text: str) -> str:
     line = _line_of(text, segments)
     where = f"line {line}, at {key_path}" if line else f"at {key_path}"
     return f"{where}: {what}"
+
+
+def locate(error: PolicyError, text: str) -> PolicyError:
+    """Add the line to a compile-time error that names only its key path."""
+    match = _LOCATED_RE.match(error.detail)
+    if match is None:
+        return error
+    line = _line_of(text, _segments(match.group(1)))
+    if line is None:
+        return error
+    return PolicyError(error.source, f"line {line}, {error.detail}")
 
 
 def _describe_syntax(exc: msgspec.DecodeError, text: str) -> str:

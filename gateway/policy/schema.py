@@ -9,7 +9,8 @@ its path.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -22,6 +23,7 @@ Duration = str | float
 Positive = Annotated[int, Meta(gt=0)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
 NonNegativeFloat = Annotated[float, Meta(ge=0)]
+T = TypeVar("T")
 PriorityName = Literal["critical", "standard", "sheddable"]
 
 
@@ -37,8 +39,8 @@ class Timeouts(Base, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         for name in ("connect", "first_byte", "idle", "total"):
-            if units.parse_duration(getattr(self, name)) <= 0:
-                raise ValueError(f"timeouts.{name} must be > 0")
+            if _check(self, name, units.parse_duration) <= 0:
+                raise ValueError(f"`{name}`: must be > 0")
 
 
 class Server(Base, frozen=True, kw_only=True):
@@ -51,8 +53,8 @@ class Server(Base, frozen=True, kw_only=True):
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
 
     def __post_init__(self) -> None:
-        units.parse_size(self.max_body)
-        units.parse_duration(self.grace_period)
+        _check(self, "max_body", units.parse_size)
+        _check(self, "grace_period", units.parse_duration)
 
 
 class MemoryStore(Base, frozen=True, kw_only=True, tag="memory", tag_field="kind"):
@@ -124,14 +126,14 @@ class Backend(Base, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"backend url must start with http:// or https://, got {self.url!r}")
+            raise ValueError(f"`url`: must start with http:// or https://, got {self.url!r}")
         if self.kv_capacity is not None:
-            units.parse_size(self.kv_capacity)
-        units.parse_duration(self.warmup)
-        if units.parse_duration(self.probe_interval) <= 0:
-            raise ValueError("probe_interval must be > 0")
+            _check(self, "kv_capacity", units.parse_size)
+        _check(self, "warmup", units.parse_duration)
+        if _check(self, "probe_interval", units.parse_duration) <= 0:
+            raise ValueError("`probe_interval`: must be > 0")
         if self.api_key is not None and not self.api_key.startswith("env:"):
-            raise ValueError("api_key must be `env:VARIABLE`: secrets do not belong in the file")
+            raise ValueError("`api_key`: must be `env:VARIABLE`; secrets do not belong in the file")
 
 
 class Limit(Base, frozen=True, kw_only=True):
@@ -141,11 +143,11 @@ class Limit(Base, frozen=True, kw_only=True):
     model: str | None = None  # tenant limits: only requests for this model
 
     def __post_init__(self) -> None:
-        amount, _ = units.parse_rate(self.rate)
+        amount, _ = _check(self, "rate", units.parse_rate)
         if amount <= 0:
-            raise ValueError(f"rate must be > 0, got {self.rate!r}")
-        if self.burst is not None and units.parse_amount(self.burst) <= 0:
-            raise ValueError(f"burst must be > 0, got {self.burst!r}")
+            raise ValueError(f"`rate`: must be > 0, got {self.rate!r}")
+        if self.burst is not None and _check(self, "burst", units.parse_amount) <= 0:
+            raise ValueError(f"`burst`: must be > 0, got {self.burst!r}")
 
 
 class Model(Base, frozen=True, kw_only=True):
@@ -161,7 +163,7 @@ class Model(Base, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if self.default_max_tokens > self.context:
-            raise ValueError("default_max_tokens cannot exceed context")
+            raise ValueError("`default_max_tokens`: cannot exceed `context`")
         for limit in self.limits:
             if limit.model is not None:
                 raise ValueError("a model's own limits cannot name another `model`")
@@ -181,7 +183,7 @@ class Tenant(Base, frozen=True, kw_only=True):
             digest = key.removeprefix("sha256:")
             if not key.startswith("sha256:") or len(digest) != 64 or not _is_hex(digest):
                 raise ValueError(
-                    "keys must be `env:VARIABLE` or `sha256:<64 hex digits>`; "
+                    "`keys`: each must be `env:VARIABLE` or `sha256:<64 hex digits>`; "
                     "plaintext keys do not belong in a policy file"
                 )
 
@@ -194,7 +196,7 @@ class Queue(Base, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         for name in ("max_wait", "target_delay", "interval"):
-            units.parse_duration(getattr(self, name))
+            _check(self, name, units.parse_duration)
 
 
 class Fragmentation(Base, frozen=True, kw_only=True):
@@ -202,15 +204,15 @@ class Fragmentation(Base, frozen=True, kw_only=True):
     large_request: float | str = "10%"
 
     def __post_init__(self) -> None:
-        units.parse_share(self.shed_above)
-        units.parse_share(self.large_request)
+        _check(self, "shed_above", units.parse_share)
+        _check(self, "large_request", units.parse_share)
 
 
 class Warmup(Base, frozen=True, kw_only=True):
     floor: float | str = "10%"
 
     def __post_init__(self) -> None:
-        units.parse_share(self.floor)
+        _check(self, "floor", units.parse_share)
 
 
 class Eject(Base, frozen=True, kw_only=True):
@@ -218,7 +220,7 @@ class Eject(Base, frozen=True, kw_only=True):
     cooldown: Duration = "10s"
 
     def __post_init__(self) -> None:
-        units.parse_duration(self.cooldown)
+        _check(self, "cooldown", units.parse_duration)
 
 
 class Admission(Base, frozen=True, kw_only=True):
@@ -232,9 +234,9 @@ class Admission(Base, frozen=True, kw_only=True):
     output_quantile: float | str = 0.9
 
     def __post_init__(self) -> None:
-        units.parse_share(self.headroom)
-        units.parse_duration(self.stale_after)
-        units.parse_share(self.output_quantile)
+        _check(self, "headroom", units.parse_share)
+        _check(self, "stale_after", units.parse_duration)
+        _check(self, "output_quantile", units.parse_share)
 
 
 class Policy(Base, frozen=True, kw_only=True):
@@ -245,6 +247,15 @@ class Policy(Base, frozen=True, kw_only=True):
     models: Annotated[dict[str, Model], Meta(min_length=1)]
     tenants: dict[str, Tenant] = msgspec.field(default_factory=dict)
     admission: Admission = msgspec.field(default_factory=Admission)
+
+
+def _check(struct: msgspec.Struct, name: str, parse: Callable[[Any], T]) -> T:
+    """Parse field ``name`` with ``parse``; a failure names the field so the loader can point
+    at its line."""
+    try:
+        return parse(getattr(struct, name))
+    except ValueError as exc:
+        raise ValueError(f"`{name}`: {exc}") from None
 
 
 def _is_hex(text: str) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gateway.errors import PolicyError
 from gateway.policy.compile import Policy, compile_policy
-from gateway.policy.loader import load_text
+from gateway.policy.loader import load_text, locate
 
 log = logging.getLogger("kvgate.policy")
 
@@ -32,7 +32,12 @@ def read_policy(path: Path) -> tuple[Policy, bytes]:
     except OSError as exc:
         raise PolicyError(str(path), f"cannot read: {exc.strerror or exc}") from exc
     text = data.decode("utf-8", errors="replace")
-    return compile_policy(load_text(text, str(path)), str(path)), hashlib.sha256(data).digest()
+    spec = load_text(text, str(path))
+    try:
+        policy = compile_policy(spec, str(path))
+    except PolicyError as exc:
+        raise locate(exc, text) from exc
+    return policy, hashlib.sha256(data).digest()
 
 
 class PolicyWatcher:
