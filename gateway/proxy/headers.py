@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy
 
 HOP_BY_HOP = frozenset(
-    istr(h)
-    for h in (
+    (
         "connection",
         "keep-alive",
         "proxy-authenticate",
@@ -26,8 +25,7 @@ HOP_BY_HOP = frozenset(
     )
 )
 _NOT_UPSTREAM = HOP_BY_HOP | frozenset(
-    istr(h)
-    for h in (
+    (
         "host",
         "content-length",
         "authorization",
@@ -37,7 +35,7 @@ _NOT_UPSTREAM = HOP_BY_HOP | frozenset(
         "x-kvgate-priority",
     )
 )
-_NOT_DOWNSTREAM = HOP_BY_HOP | frozenset(istr(h) for h in ("content-length", "server", "date"))
+_NOT_DOWNSTREAM = HOP_BY_HOP | frozenset(("content-length", "server", "date"))
 
 
 def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
@@ -56,7 +54,8 @@ def upstream_headers(
     listed = _connection_tokens(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if name in _NOT_UPSTREAM or (listed and name.lower() in listed):
+        lower = name.lower()
+        if lower in _NOT_UPSTREAM or lower in listed:
             continue
         out.add(name, value)
     if peer:
@@ -71,6 +70,6 @@ def upstream_headers(
 def downstream_headers(upstream: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream:
-        if istr(name) not in _NOT_DOWNSTREAM:
+        if name.lower() not in _NOT_DOWNSTREAM:
             out.add(name, value)
     return out
