@@ -212,8 +212,8 @@ class Admission:
     ) -> None:
         """Free a placement and learn from how it went. Unknown ids are ignored (idempotent).
 
-        ``failure``: ``"connect"`` or ``"5xx"`` count towards ejection, ``"oom"`` is memory
-        pressure, ``None`` is a success.
+        ``failure``: ``"connect"``, ``"5xx"`` or ``"timeout"`` count towards ejection,
+        ``"oom"`` is memory pressure, ``None`` is a success.
         """
         lease = self._leases.pop(lease_id, None)
         if lease is None:
@@ -225,7 +225,7 @@ class Admission:
         rt.unplace(lease.nbytes)
         held = now - lease.placed_at
         pool.drain.record(lease.nbytes, held, now)
-        if failure in ("connect", "5xx"):
+        if failure in ("connect", "5xx", "timeout"):
             rt.lifecycle.record_failure(now)
             rt.adaptive.on_drop(now)
         elif failure == "oom":
@@ -255,6 +255,20 @@ class Admission:
         """Time passed: expire deadlines, apply CoDel, re-try the queue."""
         for pool in self._pools.values():
             self._pump_pool(pool, now)
+
+    def any_serving(self, now: float) -> bool:
+        """Some backend of some model is warming or ready (the gateway's readiness)."""
+        return any(
+            rt.lifecycle.capacity_factor(now) > 0
+            for pool in self._pools.values()
+            for rt in pool.backends.values()
+        )
+
+    def backends(self) -> list[tuple[str, BackendConfig]]:
+        """(model, backend config) of every configured backend, for the monitors."""
+        return [
+            (name, rt.config) for name, pool in self._pools.items() for rt in pool.backends.values()
+        ]
 
     def take_events(self) -> list[tuple[int, Placement | Rejection]]:
         events, self._events = self._events, []

@@ -1,0 +1,262 @@
+"""The async driver of admission: what the proxy awaits before forwarding a request.
+
+``Admitter`` owns the pure ``gateway.core.admission.Admission`` and turns its decisions into
+awaitables: a queued request waits on a future that a later pump resolves (a release, a probe,
+or the timer set to the core's ``next_wakeup``: deadlines, ageing, warm-up steps, CoDel). It also
+runs one ``BackendMonitor`` per backend. Everything runs on one event loop; no locks needed.
+
+Cancellation: when the task awaiting ``acquire`` is cancelled (the client left), its entry leaves
+the queue; if a placement raced the cancellation, it is released at once. Nothing leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Literal
+
+import aiohttp
+
+from gateway.backends.monitor import BackendMonitor
+from gateway.core.admission import (
+    Admission,
+    AdmissionConfig,
+    Placement,
+    Queued,
+    Rejection,
+    Ticket,
+)
+from gateway.core.backend import BackendConfig, BackendSignals, Health
+from gateway.core.clock import Clock
+from gateway.core.types import Outcome
+
+__all__ = ["Admitter", "Lease", "Shed", "Ticket"]
+
+Failure = Literal["connect", "5xx", "oom", "timeout"]
+
+
+class Shed(Exception):
+    """Admission refused the request: a decision, carried as an exception to the handler."""
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        retry_after_s: float | None,
+        message: str,
+        should_retry: bool = True,
+    ) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.retry_after_s = retry_after_s
+        self.message = message
+        self.should_retry = should_retry
+
+    @classmethod
+    def of(cls, rejection: Rejection) -> Shed:
+        return cls(
+            rejection.outcome, rejection.retry_after_s, rejection.message, rejection.should_retry
+        )
+
+
+class Lease:
+    """A placement on one backend. ``release`` must be called once the upstream exchange is
+    over; further calls do nothing."""
+
+    __slots__ = ("_admitter", "_released", "backend_url", "lease_id", "queued_s", "reserved_bytes")
+
+    def __init__(self, admitter: Admitter, placement: Placement) -> None:
+        self._admitter = admitter
+        self._released = False
+        self.lease_id = placement.lease_id
+        self.backend_url = placement.backend_url
+        self.reserved_bytes = placement.reserved_bytes
+        self.queued_s = placement.queued_s
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(
+        self,
+        *,
+        output_tokens: int | None = None,
+        ttft_s: float | None = None,
+        failure: str | None = None,
+    ) -> None:
+        """Free the reservation; feed output length, TTFT and failures back; wake the queue."""
+        if self._released:
+            return
+        self._released = True
+        self._admitter._release(self.lease_id, output_tokens, ttft_s, failure)
+
+
+class Admitter:
+    """One per gateway; knows every model's backends. See the module docstring."""
+
+    def __init__(
+        self,
+        config: AdmissionConfig,
+        clock: Clock,
+        *,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self._clock = clock
+        self._core = Admission(config, clock.now())
+        self._waiters: dict[int, asyncio.Future[Placement | Rejection]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._monitors: dict[tuple[str, str], BackendMonitor] = {}
+        self._session = session
+        self._own_session = session is None
+        self._started = False
+
+    async def acquire(self, ticket: Ticket) -> Lease:
+        """Wait for room on a backend; raise ``Shed`` when admission refuses."""
+        verdict = self._core.offer(ticket, self._clock.now())
+        self._dispatch()
+        if isinstance(verdict, Placement):
+            return Lease(self, verdict)
+        if isinstance(verdict, Rejection):
+            raise Shed.of(verdict)
+        return await self._wait(verdict)
+
+    async def _wait(self, queued: Queued) -> Lease:
+        fut: asyncio.Future[Placement | Rejection] = asyncio.get_running_loop().create_future()
+        self._waiters[queued.entry_id] = fut
+        self._reschedule()
+        try:
+            result = await fut
+        except asyncio.CancelledError:
+            self._waiters.pop(queued.entry_id, None)
+            self._core.cancel(queued.entry_id)
+            raced = fut.result() if fut.done() and not fut.cancelled() else None
+            if isinstance(raced, Placement):
+                self._release(raced.lease_id, None, None, None)
+            else:
+                self._dispatch()
+            raise
+        if isinstance(result, Rejection):
+            raise Shed.of(result)
+        return Lease(self, result)
+
+    def reconfigure(self, config: AdmissionConfig) -> None:
+        """Hot reload: state, queue and leases of backends whose URL persists are kept."""
+        self._core.reconfigure(config, self._clock.now())
+        self._dispatch()
+        if self._started:
+            self._sync_monitors()
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        self._started = True
+        self._sync_monitors()
+
+    async def close(self) -> None:
+        self._started = False
+        monitors, self._monitors = self._monitors, {}
+        await asyncio.gather(*(m.stop() for m in monitors.values()))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiters, self._waiters = self._waiters, {}
+        for entry_id, fut in waiters.items():
+            self._core.cancel(entry_id)
+            if not fut.done():
+                msg = "gateway shutting down"
+                fut.set_result(Rejection(Outcome.SHED_OVERLOAD, 1.0, msg))
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def snapshot(self) -> dict[str, object]:
+        return self._core.snapshot(self._clock.now())
+
+    def any_ready(self) -> bool:
+        return self._core.any_serving(self._clock.now())
+
+    @property
+    def waiting(self) -> int:
+        """Requests currently waiting in ``acquire``."""
+        return len(self._waiters)
+
+    # -- feedback -----------------------------------------------------------------------------
+
+    def observe_health(self, model: str, url: str, health: Health) -> None:
+        self._core.observe_health(model, url, health, self._clock.now())
+        self._dispatch()
+
+    def observe_signals(self, model: str, url: str, signals: BackendSignals) -> None:
+        self._core.observe_signals(model, url, signals, self._clock.now())
+        self._dispatch()
+
+    def _release(
+        self, lease_id: int, output_tokens: int | None, ttft_s: float | None, failure: str | None
+    ) -> None:
+        self._core.release(
+            lease_id,
+            output_tokens=output_tokens,
+            ttft_s=ttft_s,
+            failure=failure,
+            now=self._clock.now(),
+        )
+        self._dispatch()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Hand the core's decisions to their waiters; re-arm the timer."""
+        while events := self._core.take_events():
+            for entry_id, verdict in events:
+                fut = self._waiters.pop(entry_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(verdict)
+                elif isinstance(verdict, Placement):
+                    # its waiter is gone: give the room back rather than leak it
+                    self._core.release(
+                        verdict.lease_id,
+                        output_tokens=None,
+                        ttft_s=None,
+                        failure=None,
+                        now=self._clock.now(),
+                    )
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = self._clock.now()
+        wake = self._core.next_wakeup(now)
+        if wake is None:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing can be waiting
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.0, wake - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._core.tick(self._clock.now())
+        self._dispatch()
+
+    def _sync_monitors(self) -> None:
+        wanted = {(model, bc.url): bc for model, bc in self._core.backends()}
+        for key in list(self._monitors):
+            current = self._monitors[key]
+            if key not in wanted or current.config != wanted[key]:
+                del self._monitors[key]
+                current.cancel()
+        for key, bc in wanted.items():
+            if key not in self._monitors:
+                self._monitors[key] = monitor = self._monitor(key[0], bc)
+                monitor.start()
+
+    def _monitor(self, model: str, bc: BackendConfig) -> BackendMonitor:
+        if self._session is None:
+            raise RuntimeError("Admitter.start() must run before monitors exist")
+        return BackendMonitor(
+            bc,
+            session=self._session,
+            clock=self._clock,
+            on_health=lambda h: self.observe_health(model, bc.url, h),
+            on_signals=lambda s: self.observe_signals(model, bc.url, s),
+        )
