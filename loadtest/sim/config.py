@@ -21,7 +21,7 @@ class SimConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
     load_time_s: float = 0.0  # answers 503 "loading" this long after (re)start
     slow_start_s: float = 0.0  # after loading, steps are slower, easing to normal over this window
     slow_start_factor: float = 3.0  # step-time multiplier at the start of slow_start_s
-    oom_crash_after: int = 0  # contiguous mode: crash and reload after this many OOMs in 10 s (0: never)
+    oom_crash_after: int = 0  # contiguous: crash and reload after this many OOMs in 10 s (0: never)
     chars_per_token: float = 4.0  # how the simulator counts prompt tokens from text
     default_output_tokens: int = 256  # when the request asks for no length
     output_mean_ratio: float = 0.5  # output drawn lognormal around this share of max_tokens

@@ -137,6 +137,7 @@ class Engine:
         self._by_id: dict[int, _Seq] = {}
         self._oom_times: deque[float] = deque()
         self._targets: dict[int, int] = {}
+        self._admitted = 0  # sequences admitted in the current step
         self.stats = StatsRecorder(start_s, self._ready_s)
 
     # ---- state ---------------------------------------------------------------------------
@@ -288,6 +289,7 @@ class Engine:
             raise RuntimeError("step() needs a ready engine with work")
         start = self._now
         failed: list[Failure] = []
+        self._admitted = 0
         if isinstance(self._alloc, PagedAllocator):
             prefill = self._schedule_paged(self._alloc)
         else:
@@ -302,18 +304,18 @@ class Engine:
         duration = (
             cfg.decode_step_s + cfg.step_per_seq_s * batch + prefill / cfg.prefill_tokens_per_s
         ) * self.step_multiplier()
+        # the decoding sequences write one more token's K and V during this step
+        self.stats.kv_tokens += batch - self._admitted
         self.stats.ran_step(duration, batch, prefill, self._alloc.used_blocks)
         tokens: list[int] = []
         finished: list[tuple[int, FinishReason]] = []
         keep: list[_Seq] = []
         targets = self._targets
-        grown = 0
         for seq in running:
             if seq.fresh:
                 seq.fresh = False
             else:
                 seq.kv_tokens += 1
-                grown += 1
             seq.generated += 1
             tokens.append(seq.seq_id)
             if seq.generated >= targets[seq.seq_id]:
@@ -323,7 +325,6 @@ class Engine:
             else:
                 keep.append(seq)
         self._running = keep
-        self.stats.kv_tokens += grown
         self.stats.finished += len(finished)
         self._now = start + duration
         if not self.has_work():
@@ -402,6 +403,7 @@ class Engine:
             self.stats.prompt_tokens += seq.prompt
         seq.kv_tokens = kv_tokens
         seq.fresh = True
+        self._admitted += 1
         self._running.append(seq)
         self.stats.kv_tokens += kv_tokens
         self.stats.max_running = max(self.stats.max_running, len(self._running))
