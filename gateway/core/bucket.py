@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from gateway.core.types import Unit
 
-EPSILON_S = 1e-9
-"""Float slack in seconds when comparing a new TAT against the tolerance (Lua uses the same)."""
+EPSILON_S = 1e-6
+"""Slack in seconds when comparing a new TAT with the tolerance: far above float rounding of
+clock readings up to 1e9 s, far below any wait worth reporting (Lua uses the same)."""
 
 
 @dataclass(frozen=True, slots=True)

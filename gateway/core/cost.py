@@ -5,8 +5,10 @@
 per bucket unit, is what settlement refunds or charges (``settlement``).
 
 Prompt tokens without a tokenizer follow one documented rule, which the simulated backend in
-``loadtest/`` shares: ``ceil(chars / chars_per_token) + 4 per chat message + 3`` (the 3 only when
-the prompt has text), plus ``image_tokens`` per non-text content part and one per token id given.
+``loadtest/`` shares: each chat message costs ``ceil(chars / chars_per_token) + 4`` and a chat
+adds 3 for the reply's priming; a completion or embeddings prompt costs
+``ceil(chars / chars_per_token)``; token ids count one each; every non-text content part (image,
+audio, file) costs the profile's ``image_tokens`` (the simulator counts those as 0).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from gateway.core.types import Unit
 MESSAGE_OVERHEAD_TOKENS = 4
 """Tokens a chat template adds around each message (role markers, separators)."""
 PRIMING_TOKENS = 3
-"""Tokens added once to a text prompt (the assistant turn's opening, or a BOS and the like)."""
+"""Tokens a chat template adds once to open the assistant's reply."""
 IMAGE_TOKENS = 765
 """Default cost of one image (or other non-text) content part: a 1024x1024 image tiled in 512 px
 squares at 170 tokens each plus 85, the most common published scheme; a profile can change it."""
@@ -124,6 +126,12 @@ class PromptShape(Protocol):
         ...
 
     @property
+    def char_counts(self) -> Sequence[int]:
+        """Characters of each separately counted segment of ``texts``: one per chat message,
+        per prompt or input, and one for the tool definitions."""
+        ...
+
+    @property
     def messages(self) -> int:
         """Chat messages (0 for completions and embeddings)."""
         ...
@@ -179,14 +187,14 @@ class ContextOverflowError(ValueError):
 
 def prompt_tokens(shape: PromptShape, profile: ModelProfile, counter: TokenCounter | None) -> int:
     """Prompt tokens of all the request's prompts, by the rule in the module docstring."""
-    texts = shape.texts
     if counter is None:
-        text_tokens = math.ceil(sum(map(len, texts)) / profile.chars_per_token)
+        per_token = profile.chars_per_token
+        text_tokens = sum(math.ceil(chars / per_token) for chars in shape.char_counts)
     else:
-        text_tokens = sum(counter.count(text) for text in texts)
-    overhead = MESSAGE_OVERHEAD_TOKENS * shape.messages
-    if texts or shape.messages:
-        overhead += PRIMING_TOKENS
+        text_tokens = sum(counter.count(text) for text in shape.texts)
+    overhead = 0
+    if shape.messages:
+        overhead = MESSAGE_OVERHEAD_TOKENS * shape.messages + PRIMING_TOKENS
     return text_tokens + overhead + shape.token_ids + shape.media * profile.image_tokens
 
 
@@ -214,7 +222,7 @@ def estimate(
     prompts = max(1, shape.prompts)
     per_prompt = -(-prompt // prompts)
     context = profile.context_tokens
-    estimated = counter is None and bool(shape.texts)
+    estimated = counter is None and any(shape.char_counts)
     if shape.embedding:
         output = 0
         if per_prompt > context:

@@ -49,7 +49,8 @@ class ParsedRequest(msgspec.Struct, frozen=True, gc=False):
     """What the gateway reads of a request; it is a ``gateway.core.cost.PromptShape``.
 
     ``texts`` holds every text the model reads (message contents and text parts, names, tool-call
-    names and arguments, the raw JSON of ``tools``/``functions``, prompt or input strings).
+    names and arguments, the raw JSON of ``tools``/``functions``, prompt or input strings);
+    ``char_counts`` their characters per chat message, per prompt, and for the tool definitions.
     ``include_usage`` is true only when the client streams and asked for the usage chunk itself.
     """
 
@@ -58,6 +59,7 @@ class ParsedRequest(msgspec.Struct, frozen=True, gc=False):
     stream: bool
     include_usage: bool
     texts: tuple[str, ...]
+    char_counts: tuple[int, ...]
     messages: int
     media: int
     token_ids: int
@@ -191,8 +193,10 @@ def _chat(body: bytes) -> ParsedRequest:
     req = _decode(_CHAT, body)
     _check_model(req.model)
     texts: list[str] = []
+    char_counts: list[int] = []
     media = 0
     for message in req.messages:
+        first = len(texts)
         content = message.content
         if isinstance(content, str):
             texts.append(content)
@@ -211,9 +215,11 @@ def _chat(body: bytes) -> ParsedRequest:
                 if call.function is not None:
                     texts.append(call.function.name)
                     texts.append(call.function.arguments)
+        char_counts.append(sum(map(len, texts[first:])))
     for raw in (req.tools, req.functions):
         if len(raw):
             texts.append(bytes(raw).decode())
+            char_counts.append(len(texts[-1]))
     stream = bool(req.stream)
     options = req.stream_options
     max_tokens = req.max_completion_tokens
@@ -223,6 +229,7 @@ def _chat(body: bytes) -> ParsedRequest:
         stream=stream,
         include_usage=stream and options is not None and bool(options.include_usage),
         texts=tuple(texts),
+        char_counts=tuple(char_counts),
         messages=len(req.messages),
         media=media,
         token_ids=0,
@@ -244,6 +251,7 @@ def _completion(body: bytes) -> ParsedRequest:
         stream=stream,
         include_usage=stream and options is not None and bool(options.include_usage),
         texts=tuple(texts),
+        char_counts=tuple(map(len, texts)),
         messages=0,
         media=0,
         token_ids=token_ids,
@@ -257,7 +265,7 @@ def _embedding(body: bytes) -> ParsedRequest:
     req = _decode(_EMBEDDING, body)
     _check_model(req.model)
     texts, token_ids, prompts = _prompt_form(req.input, "input")
-    if not texts and not token_ids:
+    if not token_ids and not any(map(len, texts)):
         raise BadRequestBody("`input` must not be empty", "input")
     return ParsedRequest(
         endpoint=Endpoint.EMBEDDING,
@@ -265,6 +273,7 @@ def _embedding(body: bytes) -> ParsedRequest:
         stream=False,
         include_usage=False,
         texts=tuple(texts),
+        char_counts=tuple(map(len, texts)),
         messages=0,
         media=0,
         token_ids=token_ids,

@@ -3,7 +3,7 @@
 -- KEYS: one per bucket. ARGV[1]: now, or '' to read Redis TIME (less EPOCH_S);
 -- ARGV[2]: least TTL in ms; then per bucket: rate_per_s, burst, amount.
 -- Reply: {allowed 0|1, never 0|1, blocking (1-based, 0 none), retry_after_s, remaining..., reset_s...}
-local EPSILON_S = 1e-9
+local EPSILON_S = 1e-6
 local EPOCH_S = 1700000000
 local MAX_TTL_MS = 1e15 -- PX takes an integer; a longer debt is not worth keeping exactly
 local now

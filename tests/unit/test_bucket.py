@@ -1,0 +1,122 @@
+"""GCRA token buckets: worked examples with hand-checked numbers (fake time, no sleeps)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gateway.core.bucket import BucketSpec, adjust, level, try_take
+from gateway.core.types import Unit
+
+TOKENS = BucketSpec("t:acme:tokens", Unit.TOKENS, rate_per_s=10.0, burst=100.0)
+REQUESTS = BucketSpec("t:acme:requests", Unit.REQUESTS, rate_per_s=1.0, burst=2.0)
+NOW = 1000.0
+
+
+def test_a_full_bucket_grants_its_burst_and_no_more() -> None:
+    verdict, tats = try_take([None], [TOKENS], [100.0], NOW)
+    assert verdict.allowed
+    assert verdict.remaining == (0.0,)
+    assert verdict.reset_s == (10.0,)
+    assert tats == (NOW + 10.0,)
+    refused, unchanged = try_take(list(tats), [TOKENS], [1.0], NOW)
+    assert not refused.allowed
+    assert unchanged is None
+    assert refused.retry_after_s == pytest.approx(0.1)
+    assert refused.blocking == 0
+    assert not refused.never
+
+
+def test_refill_is_linear_in_time() -> None:
+    _, tats = try_take([None], [TOKENS], [100.0], NOW)
+    assert tats is not None
+    remaining, reset_s = level(tats[0], TOKENS, NOW + 2.5)
+    assert remaining == pytest.approx(25.0)
+    assert reset_s == pytest.approx(7.5)
+    assert level(tats[0], TOKENS, NOW + 50.0) == (100.0, 0.0)
+
+
+def test_weighted_take_waits_for_its_whole_amount() -> None:
+    verdict, tats = try_take([None], [TOKENS], [70.0], NOW)
+    assert verdict.allowed
+    assert tats is not None
+    refused, _ = try_take(list(tats), [TOKENS], [50.0], NOW)
+    assert refused.retry_after_s == pytest.approx(2.0)  # 30 left, 20 more at 10/s
+    allowed, _ = try_take(list(tats), [TOKENS], [50.0], NOW + refused.retry_after_s)
+    assert allowed.allowed
+
+
+def test_more_than_the_burst_can_never_pass() -> None:
+    verdict, tats = try_take([None, None], [REQUESTS, TOKENS], [1.0, 101.0], NOW)
+    assert not verdict.allowed
+    assert verdict.never
+    assert verdict.blocking == 1
+    assert verdict.retry_after_s == math.inf
+    assert tats is None
+    assert verdict.remaining == (2.0, 100.0)
+
+
+def test_all_or_nothing_reports_the_longest_wait() -> None:
+    tats: list[float | None] = [NOW + 2.0, NOW + 5.0]  # requests empty, tokens at 50
+    verdict, news = try_take(tats, [REQUESTS, TOKENS], [1.0, 80.0], NOW)
+    assert not verdict.allowed
+    assert news is None
+    # requests: 1 more in 1 s; tokens: 30 more in 3 s -> the take waits 3 s for tokens
+    assert verdict.blocking == 1
+    assert verdict.retry_after_s == pytest.approx(3.0)
+    assert verdict.remaining == pytest.approx((0.0, 50.0))
+
+
+def test_zero_amount_passes_even_a_bucket_in_debt() -> None:
+    in_debt = adjust(NOW, TOKENS, 150.0, NOW)  # an overrun of 150 on a full bucket
+    assert level(in_debt, TOKENS, NOW)[0] == pytest.approx(-50.0)
+    verdict, tats = try_take([in_debt], [TOKENS], [0.0], NOW)
+    assert verdict.allowed
+    assert tats == (in_debt,)
+    refused, _ = try_take([in_debt], [TOKENS], [1e-6], NOW)
+    assert not refused.allowed
+    assert refused.retry_after_s == pytest.approx(5.0, abs=1e-6)  # the debt is repaid first
+
+
+def test_refund_restores_but_never_above_full() -> None:
+    _, tats = try_take([None], [TOKENS], [60.0], NOW)
+    assert tats is not None
+    refunded = adjust(tats[0], TOKENS, -40.0, NOW + 1.0)
+    assert level(refunded, TOKENS, NOW + 1.0)[0] == pytest.approx(90.0)
+    too_much = adjust(tats[0], TOKENS, -1000.0, NOW + 1.0)
+    assert too_much == NOW + 1.0
+    assert level(too_much, TOKENS, NOW + 1.0) == (100.0, 0.0)
+
+
+def test_refund_of_a_full_bucket_is_a_no_op() -> None:
+    assert adjust(None, TOKENS, -10.0, NOW) == NOW
+    assert adjust(NOW - 5.0, TOKENS, -10.0, NOW) == NOW
+
+
+def test_overrun_charges_a_partly_used_bucket() -> None:
+    _, tats = try_take([None], [TOKENS], [40.0], NOW)
+    assert tats is not None
+    charged = adjust(tats[0], TOKENS, 25.0, NOW)
+    assert level(charged, TOKENS, NOW)[0] == pytest.approx(35.0)
+
+
+def test_invalid_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match="rate_per_s"):
+        BucketSpec("k", Unit.TOKENS, rate_per_s=0.0, burst=1.0)
+    with pytest.raises(ValueError, match="burst"):
+        BucketSpec("k", Unit.TOKENS, rate_per_s=1.0, burst=math.inf)
+    with pytest.raises(ValueError, match="amount"):
+        try_take([None], [TOKENS], [-1.0], NOW)
+    with pytest.raises(ValueError, match="amount"):
+        try_take([None], [TOKENS], [math.nan], NOW)
+    with pytest.raises(ValueError, match="same length"):
+        try_take([None], [TOKENS, REQUESTS], [1.0, 1.0], NOW)
+    with pytest.raises(ValueError, match="delta"):
+        adjust(None, TOKENS, math.nan, NOW)
+
+
+def test_no_buckets_always_allows() -> None:
+    verdict, tats = try_take([], [], [], NOW)
+    assert verdict.allowed
+    assert tats == ()

@@ -1,0 +1,177 @@
+"""Invariants of the GCRA buckets, over random sequences of takes, settlements and time steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.core.bucket import EPSILON_S, BucketSpec, adjust, level, try_take
+from gateway.core.types import Unit
+
+START = 1000.0
+RETRY_PROBE_S = 10 * EPSILON_S
+
+rates = st.floats(min_value=0.01, max_value=1e4)
+bursts = st.floats(min_value=0.1, max_value=1e5)
+fractions = st.floats(min_value=0.0, max_value=1.0)
+
+# An op is (kind, x, y): x and y are fractions scaled by the bucket (see _run).
+ops = st.lists(
+    st.tuples(st.sampled_from(["take", "advance", "refund", "overrun"]), fractions, fractions),
+    max_size=40,
+)
+
+
+@dataclass
+class Run:
+    spec: BucketSpec
+    now: float = START
+    tat: float | None = None
+    overran: bool = False
+    reservations: list[float] = field(default_factory=list)
+    events: list[tuple[float, float]] = field(default_factory=list)  # (time, net amount admitted)
+
+    def remaining(self) -> float:
+        return level(self.tat, self.spec, self.now)[0]
+
+
+def _tolerance(spec: BucketSpec, window_s: float = 0.0) -> float:
+    return 1e-9 * (spec.burst + spec.rate_per_s * window_s) + spec.rate_per_s * 2 * EPSILON_S
+
+
+def _step(run: Run, kind: str, x: float, y: float) -> None:
+    spec = run.spec
+    tau = spec.burst / spec.rate_per_s
+    before = run.remaining()
+    if kind == "advance":
+        run.now += x * x * 2 * tau
+    elif kind == "take":
+        amount = 0.0 if x < 0.05 else x * 1.2 * spec.burst
+        verdict, tats = try_take([run.tat], [spec], [amount], run.now)
+        if verdict.allowed:
+            assert tats is not None
+            run.tat = tats[0]
+            run.reservations.append(amount)
+            run.events.append((run.now, amount))
+            if amount > 0:
+                assert run.remaining() >= -_tolerance(spec), "a take drove the bucket below zero"
+        else:
+            assert tats is None
+            assert amount > 0, "an amount of 0 must always pass"
+            assert verdict.never == (amount > spec.burst)
+            _check_retry_after(run, amount, verdict.retry_after_s, verdict.never)
+    elif kind == "refund" and run.reservations:
+        reserved = run.reservations.pop(int(x * len(run.reservations)) % len(run.reservations))
+        refund = y * reserved
+        run.tat = adjust(run.tat, spec, -refund, run.now)
+        run.events.append((run.now, -refund))
+        after = run.remaining()
+        assert after <= before + refund + _tolerance(spec), "a refund gave back more than it had"
+    elif kind == "overrun":
+        run.tat = adjust(run.tat, spec, x * spec.burst, run.now)
+        run.overran = True
+    remaining = run.remaining()
+    assert remaining <= spec.burst + _tolerance(spec)
+    if remaining < -_tolerance(spec):
+        assert run.overran, "only a settled overrun can leave a bucket below zero"
+        debt_verdict, _ = try_take([run.tat], [spec], [spec.burst * 1e-6], run.now)
+        assert not debt_verdict.allowed, "a bucket in debt let a take through"
+    zero_verdict, _ = try_take([run.tat], [spec], [0.0], run.now)
+    assert zero_verdict.allowed
+
+
+def _check_retry_after(run: Run, amount: float, retry_after_s: float, never: bool) -> None:
+    spec = run.spec
+    if never:
+        return
+    assert retry_after_s > 0
+    later, _ = try_take([run.tat], [spec], [amount], run.now + retry_after_s)
+    assert later.allowed, "waiting retry_after_s was not enough"
+    if retry_after_s > 2 * RETRY_PROBE_S:
+        early, _ = try_take([run.tat], [spec], [amount], run.now + retry_after_s - RETRY_PROBE_S)
+        assert not early.allowed, "retry_after_s was longer than needed"
+
+
+def _check_windows(run: Run) -> None:
+    """Net admitted (takes less refunds) over every window <= rate x window + burst."""
+    spec = run.spec
+    events = run.events
+    for i in range(len(events)):
+        net = 0.0
+        for j in range(i, len(events)):
+            net += events[j][1]
+            window_s = events[j][0] - events[i][0]
+            bound = spec.rate_per_s * window_s + spec.burst
+            assert net <= bound + _tolerance(spec, window_s), (i, j, net, bound)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rates, bursts, ops)
+def test_single_bucket_invariants(
+    rate: float, burst: float, steps: list[tuple[str, float, float]]
+) -> None:
+    run = Run(BucketSpec("k", Unit.TOKENS, rate, burst))
+    for kind, x, y in steps:
+        _step(run, kind, x, y)
+    _check_windows(run)
+
+
+specs3 = st.lists(st.tuples(rates, bursts), min_size=1, max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(specs3, st.lists(st.tuples(fractions, fractions, fractions, fractions), max_size=25))
+def test_multi_bucket_take_is_all_or_nothing(
+    params: list[tuple[float, float]], steps: list[tuple[float, float, float, float]]
+) -> None:
+    specs = [
+        BucketSpec(f"k{i}", Unit.TOKENS, rate, burst) for i, (rate, burst) in enumerate(params)
+    ]
+    tats: list[float | None] = [None] * len(specs)
+    now = START
+    for dt, a, b, c in steps:
+        now += dt * dt * max(s.burst / s.rate_per_s for s in specs)
+        scale = (a, b, c)
+        amounts = [scale[i] * 1.1 * spec.burst for i, spec in enumerate(specs)]
+        before = [level(tat, spec, now)[0] for tat, spec in zip(tats, specs, strict=True)]
+        verdict, news = try_take(tats, specs, amounts, now)
+        assert len(verdict.remaining) == len(specs) == len(verdict.reset_s)
+        if verdict.allowed:
+            assert news is not None
+            tats = list(news)
+            for i, spec in enumerate(specs):
+                after = level(tats[i], spec, now)[0]
+                assert after == _approx(before[i] - amounts[i], spec)
+                assert verdict.remaining[i] == _approx(after, spec)
+        else:
+            assert news is None  # a refused take changes no bucket
+            assert verdict.blocking is not None
+            assert verdict.remaining == tuple(
+                _approx(r, s) for r, s in zip(before, specs, strict=True)
+            )
+            waits = [
+                (tats[i] or now) + amounts[i] / spec.rate_per_s - spec.burst / spec.rate_per_s - now
+                for i, spec in enumerate(specs)
+            ]
+            if verdict.never:
+                assert amounts[verdict.blocking] > specs[verdict.blocking].burst
+            else:
+                assert verdict.retry_after_s == _approx(max(waits), specs[verdict.blocking])
+                retry, _ = try_take(tats, specs, amounts, now + verdict.retry_after_s)
+                assert retry.allowed
+
+
+class _approx:
+    """Like pytest.approx, with the bucket's tolerance."""
+
+    def __init__(self, value: float, spec: BucketSpec) -> None:
+        self.value = value
+        self.tolerance = _tolerance(spec) + 1e-9 * abs(value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, float) and abs(other - self.value) <= self.tolerance
+
+    def __repr__(self) -> str:
+        return f"{self.value} ± {self.tolerance}"
