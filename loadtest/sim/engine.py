@@ -275,11 +275,12 @@ class Engine:
             raise RuntimeError("only an idle engine may skip time; step() moves a busy one")
         self._now = max(self._now, t)
 
-    def restart(self) -> list[Failure]:
-        """Reload now (as after a crash): every request in flight fails, then ``load_time_s``."""
+    def restart(self, load_time_s: float | None = None) -> list[Failure]:
+        """Reload now, as after a crash: every request in flight fails, then the engine loads for
+        ``load_time_s`` (default: the configured one)."""
         failed = self._fail_all("restart", "the server restarted")
         self.stats.restarts += 1
-        self._begin_loading()
+        self._begin_loading(load_time_s)
         return failed
 
     # ---- the step ------------------------------------------------------------------------
@@ -438,8 +439,11 @@ class Engine:
         self.stats.failed += len(failed)
         return failed
 
-    def _begin_loading(self) -> None:
-        self._ready_s = self._now + self.config.load_time_s
+    def _begin_loading(self, load_time_s: float | None = None) -> None:
+        load = self.config.load_time_s if load_time_s is None else load_time_s
+        if load < 0:
+            raise ValueError(f"load_time_s must be >= 0, got {load}")
+        self._ready_s = self._now + load
         self._oom_times.clear()
         self.stats.began_loading(self._now, self._ready_s)
 

@@ -83,8 +83,10 @@ class SimRuntime:
         if self._channels.pop(seq_id, None) is not None:
             self.engine.cancel(seq_id)
 
-    def restart(self) -> None:
-        self._fail(self.sync().restart())
+    def restart(self, load_time_s: float | None = None) -> float:
+        """Restart the engine (see ``Engine.restart``); return wall seconds until it is ready."""
+        self._fail(self.sync().restart(load_time_s))
+        return (self.engine.ready_at - self.engine.now) / self.config.time_scale
 
     async def run(self) -> None:
         """The step loop; runs until cancelled."""

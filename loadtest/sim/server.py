@@ -135,11 +135,19 @@ async def _stats(request: web.Request) -> web.Response:
     )
 
 
+class _RestartBody(msgspec.Struct, forbid_unknown_fields=True):
+    load_time_s: float | None = None  # simulated seconds; default: the configured load_time_s
+
+
 async def _restart(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    runtime.restart()
-    ready_in_s = runtime.config.load_time_s / runtime.config.time_scale
-    return _json(msgspec.json.encode({"status": "restarting", "ready_in_s": ready_in_s}))
+    """Fail everything in flight and reload, optionally for a different ``load_time_s``."""
+    raw = await request.read()
+    try:
+        body = msgspec.json.decode(raw, type=_RestartBody) if raw else _RestartBody()
+        ready_in_s = request.app[RUNTIME].restart(body.load_time_s)
+    except (msgspec.DecodeError, ValueError) as exc:
+        return _json(error_body(str(exc), type_="invalid_request_error"), 400)
+    return _json(msgspec.json.encode({"status": "loading", "ready_in_s": ready_in_s}))
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
