@@ -205,9 +205,12 @@ async def post_chat(
     stream: bool,
     now_s: Callable[[], float],
 ) -> Attempt:
-    """One POST of a chat completion; reads the whole answer (every stream event)."""
+    """One POST of a chat completion; reads the whole answer (every stream event). A failure
+    after a 200 arrived (a cut stream, bad JSON) is a stream error, not a connection error."""
+    status = 0
     try:
         async with session.post(url, data=body, headers=headers) as resp:
+            status = resp.status
             if resp.status != 200:
                 try:
                     error = _chunk.decode(await resp.read()).error
@@ -217,7 +220,7 @@ async def post_chat(
                     status=resp.status,
                     result=classify(resp.status, error),
                     done_s=now_s(),
-                    error_type=None if error is None else str(error.type or error.code),
+                    error_type=_error_word(error),
                     retry_after_s=parse_retry_after(resp.headers),
                     should_retry={"true": True, "false": False}.get(
                         resp.headers.get("x-should-retry", "")
@@ -227,14 +230,20 @@ async def post_chat(
                 chunk = _chunk.decode(await resp.read())
                 return _success(resp.status, chunk.usage, None, now_s())
             return await _read_stream(resp, now_s)
-    except (aiohttp.ClientError, ConnectionError) as exc:
+    except (aiohttp.ClientError, ConnectionError, msgspec.DecodeError) as exc:
         return Attempt(
-            status=0, result=Result.CONNECTION_ERROR, done_s=now_s(), error_type=type(exc).__name__
+            status=status,
+            result=Result.STREAM_ERROR if status == 200 else Result.CONNECTION_ERROR,
+            done_s=now_s(),
+            error_type=type(exc).__name__,
         )
-    except msgspec.DecodeError:
-        return Attempt(
-            status=200, result=Result.STREAM_ERROR, done_s=now_s(), error_type="bad_json"
-        )
+
+
+def _error_word(error: _Error | None) -> str | None:
+    """The most specific word of an error body: its code when that is a word, else its type."""
+    if error is None:
+        return None
+    return error.code if isinstance(error.code, str) else error.type
 
 
 def _success(status: int, usage: _Usage | None, first: float | None, done: float) -> Attempt:
@@ -266,7 +275,7 @@ async def _read_stream(resp: aiohttp.ClientResponse, now_s: Callable[[], float])
                 result=Result.OOM if oom else Result.STREAM_ERROR,
                 done_s=now_s(),
                 first_token_s=first,
-                error_type=str(chunk.error.type or chunk.error.code),
+                error_type=_error_word(chunk.error),
             )
         if first is None and any(c.delta and c.delta.content for c in chunk.choices):
             first = now_s()
@@ -390,15 +399,17 @@ class _Run:
             live.result = Result.UNFINISHED
             raise
 
-    def progress(self, out: TextIO, sent: int) -> None:
-        results = Counter(
-            live.last.result if live.last else "pending" for live in self.live.values()
+    def progress(self, out: TextIO, tasks: Sequence[asyncio.Task[None]]) -> None:
+        ended = Counter(
+            live.result or (live.last.result if live.last else Result.UNFINISHED)
+            for live, task in zip(self.live.values(), tasks, strict=True)
+            if task.done()
         )
-        done = {r: n for r, n in sorted(results.items()) if r != "pending"}
-        counts = " ".join(f"{r}={n}" for r, n in done.items())
+        counts = " ".join(f"{r}={n}" for r, n in sorted(ended.items()))
+        in_flight = len(tasks) - sum(ended.values())
         print(
-            f"[{self.scenario.name}] t={self.now_s():6.1f}s sent={sent} "
-            f"in_flight={results.get('pending', 0)} {counts}",
+            f"[{self.scenario.name}] t={self.now_s():6.1f}s sent={len(tasks)} "
+            f"in_flight={in_flight} {counts}",
             file=out,
             flush=True,
         )
@@ -429,7 +440,7 @@ async def run_trace(
             for item in planned:
                 while (delay := run.t0 + item.at_s - run.loop.time()) > 0:
                     if progress is not None and run.loop.time() >= next_progress:
-                        run.progress(progress, len(tasks))
+                        run.progress(progress, tasks)
                         next_progress += progress_every_s
                     await asyncio.sleep(min(delay, max(0.0, next_progress - run.loop.time())))
                 run.live[item.id] = _Live(item)
@@ -439,7 +450,7 @@ async def run_trace(
                 wait_s = min(progress_every_s, run.end - run.loop.time())
                 _, pending = await asyncio.wait(pending, timeout=wait_s)
                 if progress is not None:
-                    run.progress(progress, len(tasks))
+                    run.progress(progress, tasks)
         finally:
             for task in [*tasks, *side]:
                 task.cancel()

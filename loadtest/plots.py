@@ -21,19 +21,38 @@ BIN_S = 1.0
 def throughput_series(
     records: Sequence[RequestRecord], end_s: float, bin_s: float = BIN_S
 ) -> tuple[list[float], list[float], list[float]]:
-    """(bin starts, output tokens/s of successful requests, of those within SLO), each request's
-    tokens counted in the bin where it completed."""
+    """(bin starts, output tokens/s of successful requests, of those within SLO). A streamed
+    request's tokens are spread evenly from its first token to its end; a non-streamed one's all
+    count at its end (the client cannot see when its generation started)."""
     bins = max(1, math.ceil(end_s / bin_s))
     all_ok = [0.0] * bins
     good = [0.0] * bins
     for r in records:
         if r.result is not Result.OK or r.done_s is None:
             continue
-        i = min(bins - 1, int(r.done_s // bin_s))
-        all_ok[i] += (r.output_tokens or 0) / bin_s
-        if r.within_slo():
-            good[i] += (r.output_tokens or 0) / bin_s
+        start = r.first_token_s if r.first_token_s is not None else r.done_s
+        tokens = float(r.output_tokens or 0)
+        for i, share in _overlaps(start, r.done_s, bin_s, bins):
+            all_ok[i] += tokens * share / bin_s
+            if r.within_slo():
+                good[i] += tokens * share / bin_s
     return [i * bin_s for i in range(bins)], all_ok, good
+
+
+def _overlaps(start: float, end: float, bin_s: float, bins: int) -> list[tuple[int, float]]:
+    """(bin, share of [start, end] inside it); an empty interval lies wholly in its bin."""
+    last = bins - 1
+    if end <= start:
+        return [(min(last, int(end // bin_s)), 1.0)]
+    first_bin, last_bin = int(start // bin_s), min(last, int(end // bin_s))
+    out = []
+    for i in range(min(first_bin, last), last_bin + 1):
+        lo, hi = max(start, i * bin_s), min(end, (i + 1) * bin_s)
+        if i == last:
+            hi = end  # whatever runs past the last bin is shown in it
+        if hi > lo:
+            out.append((i, (hi - lo) / (end - start)))
+    return out
 
 
 def inflight_series(
@@ -60,6 +79,17 @@ def backend_series(samples: Sequence[BackendSample], key: str) -> tuple[list[flo
     return [t for t, _ in points], [float(v) for _, v in points]
 
 
+def backend_rate(
+    samples: Sequence[BackendSample], key: str, every: int = 2
+) -> tuple[list[float], list[float]]:
+    """Rate of change per wall second of a backend counter, between samples ``every`` apart,
+    placed at the end of each interval."""
+    times, values = backend_series(samples, key)
+    pairs = zip(range(0, len(times) - every, every), range(every, len(times), every), strict=True)
+    points = [(times[j], (values[j] - values[i]) / (times[j] - times[i])) for i, j in pairs]
+    return [t for t, _ in points], [max(0.0, r) for _, r in points]
+
+
 def cdf(values: Sequence[float]) -> tuple[list[float], list[float]]:
     ordered = sorted(values)
     return ordered, [(i + 1) / len(ordered) for i in range(len(ordered))]
@@ -76,14 +106,18 @@ def draw_all(
     if not records:
         return []
     names = ["throughput.png", "inflight.png", "latency_cdf.png"]
-    _throughput(records, ceiling, end_s, out / names[0])
+    _throughput(records, samples, ceiling, end_s, out / names[0])
     _inflight(records, samples, end_s, out / names[1])
     _latency_cdf(records, out / names[2])
     return names
 
 
 def _throughput(
-    records: Mapping[str, Sequence[RequestRecord]], ceiling: float, end_s: float, path: Path
+    records: Mapping[str, Sequence[RequestRecord]],
+    samples: Mapping[str, Sequence[BackendSample]],
+    ceiling: float,
+    end_s: float,
+    path: Path,
 ) -> None:
     fig = Figure(figsize=(9, 2.6 * len(records)))
     axes = fig.subplots(len(records), 1, squeeze=False)
@@ -91,11 +125,12 @@ def _throughput(
         times, all_ok, good = throughput_series(recs, end_s)
         ax.step(times, all_ok, where="post", label="output tok/s (ok)")
         ax.step(times, good, where="post", label="goodput tok/s (within SLO)")
+        ax.plot(*backend_rate(samples.get(target, ()), "generated_tokens"), label="backend tok/s")
         ax.axhline(ceiling, color="grey", linestyle="--", label="ceiling")
         ax.set_title(target)
         ax.set_ylabel("tokens/s")
         ax.legend(loc="upper right", fontsize="small")
-    axes[-1, 0].set_xlabel("seconds since start (by completion time, 1 s bins)")
+    axes[-1, 0].set_xlabel("seconds since start (1 s bins)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
