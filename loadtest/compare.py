@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -22,7 +22,7 @@ from loadtest.records import BackendSample, RequestRecord, write_jsonl
 from loadtest.report import TargetSummary, render_markdown, render_table, summarise
 from loadtest.scenario import Scenario
 from loadtest.sim.ceiling import ceiling_tokens_per_s
-from loadtest.targets import TargetError, gateway, simulator
+from loadtest.targets import TargetError, free_port, gateway, simulator
 
 TargetName = Literal["direct", "count_limited", "kvgate"]
 TARGETS: tuple[TargetName, ...] = get_args(TargetName)
@@ -90,25 +90,29 @@ def restarter(sim_url: str, at_s: float) -> Extra:
     return restart
 
 
-@contextlib.asynccontextmanager
-async def _front(
-    scenario: Scenario, target: TargetName, sim_url: str, workdir: Path
-) -> AsyncIterator[str]:
-    if target == "direct":
-        yield sim_url
-    else:
-        async with gateway(scenario, target, sim_url, workdir) as url:
-            yield url
-
-
 async def run_target(
     scenario: Scenario, planned: Sequence[PlannedRequest], target: TargetName, workdir: Path
 ) -> tuple[list[RequestRecord], list[BackendSample]]:
+    """One target on a fresh simulator. For a cold start (``backend_wait: listening``) the
+    gateway starts first, so its start-up does not eat into the backend's load time and every
+    target meets the same loading backend when the trace begins."""
     samples: list[BackendSample] = []
-    async with (
-        simulator(scenario.backend, workdir, target, scenario.backend_wait) as sim_url,
-        _front(scenario, target, sim_url, workdir) as url,
-    ):
+    sim_port = free_port()
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    wait = scenario.backend_wait
+
+    def sim() -> contextlib.AbstractAsyncContextManager[str]:
+        return simulator(scenario.backend, workdir, target, wait, sim_port)
+
+    async with contextlib.AsyncExitStack() as stack:
+        if target == "direct":
+            url = await stack.enter_async_context(sim())
+        elif wait == "listening":
+            url = await stack.enter_async_context(gateway(scenario, target, sim_url, workdir))
+            await stack.enter_async_context(sim())
+        else:
+            await stack.enter_async_context(sim())
+            url = await stack.enter_async_context(gateway(scenario, target, sim_url, workdir))
         extras = [sampler(sim_url, samples)]
         if scenario.restart_at_s is not None:
             extras.append(restarter(sim_url, scenario.restart_at_s))

@@ -151,10 +151,10 @@ class Process:
 
 @contextlib.asynccontextmanager
 async def simulator(
-    config: SimConfig, workdir: Path, name: str, wait: Literal["ready", "listening"]
+    config: SimConfig, workdir: Path, name: str, wait: Literal["ready", "listening"], port: int
 ) -> AsyncIterator[str]:
-    """A fresh simulator; yields its base URL once it is ready (or merely listening)."""
-    port = free_port()
+    """A fresh simulator on ``port``; yields its base URL once it is ready (or merely
+    listening: its load time starts when it listens)."""
     config_path = workdir / f"sim-{name}.yaml"
     config_path.write_text(yaml.safe_dump(msgspec.to_builtins(config), sort_keys=False))
     args = [sys.executable, "-m", "loadtest.sim", "--host", "127.0.0.1", "--port", str(port)]
