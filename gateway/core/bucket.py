@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from gateway.core.types import Unit
 
 EPSILON_S = 1e-6
-"""Slack in seconds when comparing a new TAT with the tolerance: far above float rounding of
-clock readings up to 1e9 s, far below any wait worth reporting (Lua uses the same)."""
+"""Slack in seconds when comparing a new TAT with the tolerance: above the float rounding of
+clock readings up to 1e9 s (0.12 µs there), below any wait worth reporting (Lua uses the same)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -290,12 +290,15 @@ def parse_request(body: bytes, path: str) -> ParsedRequest:
     """Decode ``body`` for the endpoint ``path`` names.
 
     Raises ``BadRequestBody`` for malformed JSON (msgspec's message, with its byte position), a
-    missing or empty ``model``, a field of the wrong type or range, or an empty prompt; and
-    ``ValueError`` for a path that is not an inference endpoint (see ``endpoint_of``).
+    missing or empty ``model``, a field of the wrong type or range, an empty prompt, or a path
+    that is not one of the endpoints (check ``endpoint_of`` first to answer those with 404).
     """
     endpoint = endpoint_of(path)
     if endpoint is None:
-        raise ValueError(f"{path!r} is not a chat, completion or embeddings endpoint")
+        raise BadRequestBody(
+            f"POST {path} is not served here: use /v1/chat/completions, /v1/completions "
+            "or /v1/embeddings"
+        )
     return _PARSERS[endpoint](body)
 
 

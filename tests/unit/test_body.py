@@ -26,7 +26,7 @@ def test_endpoints_are_recognised_by_path() -> None:
     assert endpoint_of("/v1/completions") is Endpoint.COMPLETION
     assert endpoint_of("/v1/embeddings") is Endpoint.EMBEDDING
     assert endpoint_of("/v1/models") is None
-    with pytest.raises(ValueError, match="not a chat"):
+    with pytest.raises(BadRequestBody, match="not served here"):
         parse_request(b"{}", "/v1/models")
 
 
