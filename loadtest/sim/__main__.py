@@ -22,12 +22,12 @@ from loadtest.sim.engine import validate_config
 from loadtest.sim.server import serve
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.sim", description="Simulated LLM GPU backend (vLLM-like)."
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port")
     parser.add_argument("--config", type=Path, help="YAML file of SimConfig fields")
     hints = typing.get_type_hints(SimConfig)
     for field in msgspec.structs.fields(SimConfig):
@@ -62,8 +62,10 @@ async def _run(config: SimConfig, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    bound_host, bound_port = runner.addresses[0][:2]
     print(
-        f"kvgate-sim listening on http://{host}:{port} (model {config.model}, {config.mode}, "
+        f"kvgate-sim listening on http://{bound_host}:{bound_port} "
+        f"(model {config.model}, {config.mode}, "
         f"{config.kv_blocks} blocks x {config.block_size} tokens, time_scale {config.time_scale})",
         flush=True,
     )
@@ -74,11 +76,12 @@ async def _run(config: SimConfig, host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         config = load_config(args)
-    except (OSError, msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
-        print(f"kvgate-sim: {exc}", file=sys.stderr)
+    except (OSError, msgspec.DecodeError, ValueError) as exc:
+        source = f"{args.config}: " if args.config is not None else ""
+        print(f"kvgate-sim: {source}{exc}", file=sys.stderr)
         return 2
     uvloop.run(_run(config, args.host, args.port))
     return 0

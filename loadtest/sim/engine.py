@@ -71,12 +71,23 @@ class StepResult:
 
 
 class _Seq:
-    __slots__ = ("blocks", "cap", "fresh", "generated", "kv_tokens", "prompt", "region", "seq_id")
+    __slots__ = (
+        "blocks",
+        "cap",
+        "fresh",
+        "generated",
+        "kv_tokens",
+        "prompt",
+        "region",
+        "seq_id",
+        "target",
+    )
 
-    def __init__(self, seq_id: int, prompt: int, cap: int) -> None:
+    def __init__(self, seq_id: int, prompt: int, cap: int, target: int) -> None:
         self.seq_id = seq_id
         self.prompt = prompt
         self.cap = cap  # most tokens it may generate (max_tokens)
+        self.target = target  # tokens it will generate, 1..cap
         self.generated = 0  # tokens sent to the client so far; survives preemption
         self.kv_tokens = 0  # tokens whose K and V are in the cache
         self.blocks = 0  # blocks held (paged mode)
@@ -136,7 +147,6 @@ class Engine:
         self._waiting: deque[_Seq] = deque()
         self._by_id: dict[int, _Seq] = {}
         self._oom_times: deque[float] = deque()
-        self._targets: dict[int, int] = {}
         self._admitted = 0  # sequences admitted in the current step
         self.stats = StatsRecorder(start_s, self._ready_s)
 
@@ -245,9 +255,8 @@ class Engine:
             target = max(1, min(cap, round(draw)))
         if not self.has_work():
             self.stats.work_arrived(self._now)
-        seq = _Seq(self._next_id, prompt_tokens, cap)
+        seq = _Seq(self._next_id, prompt_tokens, cap, target)
         self._next_id += 1
-        self._targets[seq.seq_id] = target
         self._by_id[seq.seq_id] = seq
         self._waiting.append(seq)
         self.stats.submitted += 1
@@ -311,7 +320,6 @@ class Engine:
         tokens: list[int] = []
         finished: list[tuple[int, FinishReason]] = []
         keep: list[_Seq] = []
-        targets = self._targets
         for seq in running:
             if seq.fresh:
                 seq.fresh = False
@@ -319,7 +327,7 @@ class Engine:
                 seq.kv_tokens += 1
             seq.generated += 1
             tokens.append(seq.seq_id)
-            if seq.generated >= targets[seq.seq_id]:
+            if seq.generated >= seq.target:
                 finished.append((seq.seq_id, "length" if seq.generated >= seq.cap else "stop"))
                 self._release(seq)
                 self._forget(seq)
@@ -426,7 +434,6 @@ class Engine:
 
     def _forget(self, seq: _Seq) -> None:
         del self._by_id[seq.seq_id]
-        del self._targets[seq.seq_id]
 
     def _fail_all(self, kind: FailureKind, message: str) -> list[Failure]:
         failed = [Failure(s.seq_id, kind, message) for s in (*self._running, *self._waiting)]
@@ -434,7 +441,6 @@ class Engine:
         self._running = []
         self._waiting.clear()
         self._by_id.clear()
-        self._targets.clear()
         self._alloc.reset()
         self.stats.failed += len(failed)
         return failed

@@ -5,7 +5,10 @@ request to stay in flight give it a long output and end it themselves."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
+from loadtest.sim.__main__ import build_parser, load_config, main
 from loadtest.sim.config import SimConfig
 from loadtest.sim.server import build_app
 
@@ -297,3 +301,50 @@ async def test_contiguous_oom_is_a_500_and_repeated_ooms_crash(
         await holder.read()  # the crash cut the stream in flight
     after = await stats(client)
     assert (after["crashes"], after["oom_errors"], after["failed"]) == (1, 2, 3)
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_flags_override_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "sim.yaml"
+    path.write_text("mode: contiguous\nkv_blocks: 64\ndecode_step_s: 0.01\n")
+    args = build_parser().parse_args(["--config", str(path), "--kv-blocks", "128"])
+    config = load_config(args)
+    assert (config.mode, config.kv_blocks, config.decode_step_s) == ("contiguous", 128, 0.01)
+    assert config.block_size == SimConfig().block_size
+
+
+def test_cli_refuses_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--kv-blocks", "0"]) == 2
+    assert "kv_blocks=0" in capsys.readouterr().err
+    path = tmp_path / "sim.yaml"
+    path.write_text("kv_blocks: many\n")
+    assert main(["--config", str(path)]) == 2
+    assert "sim.yaml" in capsys.readouterr().err
+
+
+async def test_cli_serves_then_stops_cleanly_on_sigterm() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "loadtest.sim",
+        "--port",
+        "0",
+        "--time-scale",
+        "100",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        url = line.split()[3]
+        assert url.startswith("http://127.0.0.1:")
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/health") as resp:
+            assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
