@@ -15,9 +15,16 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.core.clock import Clock, MonotonicClock
-from gateway.core.tokens import TokenCounter, tiktoken_counter, tokenizer_json_counter
+from gateway.core.tokens import (
+    TokenCounter,
+    TokenizerUnavailable,
+    tiktoken_counter,
+    tokenizer_json_counter,
+)
+from gateway.errors import PolicyError
 from gateway.metrics import Metrics
-from gateway.policy.compile import Policy, admission_config
+from gateway.policy.compile import Model, Policy, store_kind
+from gateway.policy.schema import RedisStore
 from gateway.policy.watcher import PolicyWatcher
 from gateway.proxy.admit import Admitter
 from gateway.proxy.handler import proxy
@@ -44,7 +51,7 @@ def build_app(
     metrics = metrics or Metrics()
     gw = Gateway(
         live=build_live(policy, clock, None),
-        admitter=Admitter(admission_config(policy), clock),
+        admitter=Admitter(policy.admission, clock),
         metrics=metrics,
         clock=clock,
     )
@@ -70,25 +77,31 @@ def build_live(policy: Policy, clock: Clock, previous: Live | None) -> Live:
         store = previous.store
     else:
         store = build_store(policy, clock)
-    counters = {name: _counter(m) for name, m in policy.models.items()}
+    counters = {name: _counter(m, policy.source) for name, m in policy.models.items()}
     return Live(policy=policy, store=store, counters=counters)
 
 
 def build_store(policy: Policy, clock: Clock) -> LimitStore:
     spec = policy.spec.store
     local = MemoryLimitStore(clock)
-    if spec.kind == "memory":
+    if not isinstance(spec, RedisStore):
         return local
     return FallbackLimitStore(RedisLimitStore(spec.url, prefix=spec.prefix), local, spec.on_error)
 
 
-def _counter(model: object) -> TokenCounter | None:
-    tokenizer = getattr(model, "tokenizer", None)
+def _counter(model: Model, source: str) -> TokenCounter | None:
+    """The exact token counter a model's policy names; a missing package or file is a policy
+    error at load time, not a failure on the first request."""
+    tokenizer = model.tokenizer
     if tokenizer is None:
         return None
-    if tokenizer.tiktoken is not None:
-        return tiktoken_counter(tokenizer.tiktoken)
-    return tokenizer_json_counter(tokenizer.file)
+    where = f"models.{model.name}.tokenizer"
+    try:
+        if tokenizer.tiktoken is not None:
+            return tiktoken_counter(tokenizer.tiktoken)
+        return tokenizer_json_counter(Path(str(tokenizer.file)).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TokenizerUnavailable) as exc:
+        raise PolicyError(source, f"at $.{where}: {exc}") from exc
 
 
 async def apply_policy(app: web.Application, policy: Policy) -> None:
@@ -96,7 +109,7 @@ async def apply_policy(app: web.Application, policy: Policy) -> None:
     gw = app[GATEWAY]
     old = gw.live
     live = await asyncio.to_thread(build_live, policy, gw.clock, old)
-    gw.admitter.reconfigure(admission_config(policy))
+    gw.admitter.reconfigure(policy.admission)
     gw.live = live
     gw.metrics.set_policy(policy.fingerprint)
     if live.store is not old.store:
@@ -176,7 +189,7 @@ async def _state(request: web.Request) -> web.Response:
         {
             "policy": {"source": policy.source, "fingerprint": policy.fingerprint},
             "store": {
-                "kind": policy.spec.store.kind,
+                "kind": store_kind(policy),
                 "degraded": getattr(gw.live.store, "degraded", False),
             },
             "admission": gw.admitter.snapshot(),

@@ -17,7 +17,7 @@ from gateway import logs
 from gateway.core.clock import MonotonicClock
 from gateway.core.cost import ContextOverflowError, estimate
 from gateway.errors import PolicyError
-from gateway.policy.compile import Policy
+from gateway.policy.compile import Policy, store_kind
 from gateway.policy.watcher import read_policy
 from gateway.proxy.body import BadRequestBody, parse_request
 
@@ -106,7 +106,7 @@ async def _explain(config: Path, tenant_name: str, path: str, request: Path, bod
         remaining = await store.peek(specs) if specs else ()
     finally:
         await store.close()
-    print(f"limits ({len(specs)}, all must pass; state from the {policy.spec.store.kind} store):")
+    print(f"limits ({len(specs)}, all must pass; state from the {store_kind(policy)} store):")
     for spec, left in zip(specs, remaining, strict=True):
         need = cost.amount(spec.unit)
         if need > spec.burst:
@@ -180,9 +180,8 @@ async def _run(
 async def _start_simulator(policy: Policy) -> web.AppRunner:
     from urllib.parse import urlsplit
 
-    from loadtest.sim.server import build_app as build_sim
-
     from loadtest.sim.config import SimConfig
+    from loadtest.sim.server import build_app as build_sim
 
     model = next(iter(policy.models.values()))
     target = urlsplit(model.backends[0].url)

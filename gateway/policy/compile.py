@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from gateway.core.admission import AdmissionConfig, ModelPool
+from gateway.core.backend import BackendConfig, MemoryKind, MetricNames, ReserveMode, Signals
 from gateway.core.bucket import BucketSpec
+from gateway.core.capacity import CapacityConfig
 from gateway.core.cost import ModelProfile
+from gateway.core.queueing import QueueConfig
 from gateway.core.types import Priority
 from gateway.errors import PolicyError
 from gateway.policy import schema, units
@@ -48,6 +52,7 @@ class Tenant:
 class Backend:
     url: str
     authorization: str | None  # "Bearer <key>" sent upstream, resolved from env at compile time
+    config: BackendConfig = field(repr=False)  # what admission and the monitor need
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,7 @@ class Policy:
     anonymous: Tenant | None
     shadow: bool
     max_wait_s: float  # longest a request may queue for admission
+    admission: AdmissionConfig
     _by_key: Mapping[bytes, Tenant] = field(repr=False)
     _buckets: Mapping[tuple[str, str], tuple[BucketSpec, ...]] = field(repr=False)
 
@@ -78,6 +84,10 @@ class Policy:
     def buckets(self, tenant: str, model: str) -> tuple[BucketSpec, ...]:
         """Every bucket a request of ``tenant`` for ``model`` must pass, all or nothing."""
         return self._buckets.get((tenant, model), ())
+
+
+def store_kind(policy: Policy) -> str:
+    return "redis" if isinstance(policy.spec.store, schema.RedisStore) else "memory"
 
 
 def compile_policy(
@@ -110,6 +120,7 @@ def compile_policy(
         anonymous=anonymous,
         shadow=spec.shadow,
         max_wait_s=units.parse_duration(spec.admission.queue.max_wait),
+        admission=_admission(spec.admission, models),
         _by_key=_keys(spec, tenants, source, env),
         _buckets=_buckets(spec, source),
     )
@@ -150,12 +161,58 @@ def _model(name: str, m: schema.Model, source: str, env: Mapping[str, str]) -> M
     )
     backends = []
     for i, b in enumerate(m.backends):
-        auth = None
+        key = None
         if b.api_key is not None:
             key = _secret(b.api_key, env, source, f"$.models.{name}.backends[{i}].api_key")
-            auth = f"Bearer {key}"
-        backends.append(Backend(url=b.url.rstrip("/"), authorization=auth))
+        url = b.url.rstrip("/")
+        config = BackendConfig(
+            url=url,
+            signals=Signals(b.signals),
+            kv_capacity_bytes=units.parse_size(b.kv_capacity) if b.kv_capacity else None,
+            memory=MemoryKind(b.memory),
+            reserve=ReserveMode(b.reserve) if b.reserve else None,
+            block_size=b.block_size,
+            warmup_s=units.parse_duration(b.warmup),
+            probe_interval_s=units.parse_duration(b.probe_interval),
+            max_concurrency=b.max_concurrency,
+            metrics_path=b.metrics.path,
+            metric_names=MetricNames(**msgspec.structs.asdict(b.metrics.names)),
+            health_path=b.health_path,
+            api_key=key,
+        )
+        backends.append(Backend(url, f"Bearer {key}" if key else None, config))
     return Model(name=name, profile=profile, backends=tuple(backends), tokenizer=m.tokenizer)
+
+
+def _admission(a: schema.Admission, models: Mapping[str, Model]) -> AdmissionConfig:
+    pools = tuple(
+        ModelPool(
+            name=name,
+            kv_bytes_per_token=m.profile.kv_bytes_per_token,
+            backends=tuple(b.config for b in m.backends),
+        )
+        for name, m in models.items()
+    )
+    return AdmissionConfig(
+        models=pools,
+        enabled=a.enabled,
+        capacity=CapacityConfig(
+            headroom=units.parse_share(a.headroom),
+            warmup_floor=units.parse_share(a.warmup.floor),
+            stale_after_s=units.parse_duration(a.stale_after),
+            shed_above=units.parse_share(a.fragmentation.shed_above),
+            large_request=units.parse_share(a.fragmentation.large_request),
+            eject_failures=a.eject.failures,
+            eject_cooldown_s=units.parse_duration(a.eject.cooldown),
+        ),
+        queue=QueueConfig(
+            max_wait_s=units.parse_duration(a.queue.max_wait),
+            max_depth=a.queue.max_depth,
+            target_delay_s=units.parse_duration(a.queue.target_delay),
+            interval_s=units.parse_duration(a.queue.interval),
+        ),
+        output_quantile=units.parse_share(a.output_quantile),
+    )
 
 
 def _secret(ref: str, env: Mapping[str, str], source: str, where: str) -> str:

@@ -320,3 +320,19 @@ def with_usage_requested(body: bytes) -> bytes:
     options["include_usage"] = _TRUE
     top["stream_options"] = msgspec.Raw(msgspec.json.encode(options))
     return msgspec.json.encode(top)
+
+
+class _ModelOnly(msgspec.Struct):
+    model: str | None = None
+
+
+_model_only = msgspec.json.Decoder(_ModelOnly)
+
+
+def model_of(body: bytes) -> str | None:
+    """The ``model`` of a JSON body on a path the gateway has no cost rules for (e.g. vLLM's
+    ``/tokenize``, rerankers); None when the body is not JSON or names no model."""
+    try:
+        return _model_only.decode(body).model
+    except msgspec.DecodeError:
+        return None

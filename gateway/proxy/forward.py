@@ -86,7 +86,7 @@ async def forward(
     started = False
     which = "first byte"
     try:
-        async with asyncio.timeout(min(loop.time() + timeouts.first_byte_s, end_by)) as limit:
+        async with asyncio.timeout_at(min(loop.time() + timeouts.first_byte_s, end_by)) as limit:
             try:
                 upstream = await session.request(
                     request.method,

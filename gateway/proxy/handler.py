@@ -19,7 +19,14 @@ from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.policy.compile import Model, Policy, Tenant
 from gateway.proxy import responses
 from gateway.proxy.admit import Lease, Shed, Ticket
-from gateway.proxy.body import BadRequestBody, ParsedRequest, parse_request, with_usage_requested
+from gateway.proxy.body import (
+    BadRequestBody,
+    ParsedRequest,
+    endpoint_of,
+    model_of,
+    parse_request,
+    with_usage_requested,
+)
 from gateway.proxy.forward import Relay, forward
 from gateway.proxy.headers import upstream_headers
 from gateway.proxy.limits import Charge, charge, ratelimit_headers, settle
@@ -27,7 +34,7 @@ from gateway.state import GATEWAY, Gateway, Live
 
 access_log = logging.getLogger("kvgate.access")
 
-# A request without a JSON model (proxied to the fallback pool) costs one request and no memory.
+# A request on a path without cost rules (no prompt to read) costs one request and no memory.
 _PLAIN_COST = Cost(
     requests=1, input_tokens=0, output_tokens=0, kv_bytes=0, kv_gib_seconds=0.0, price=0.0
 )
@@ -44,6 +51,7 @@ class _Exchange:
     status: int = 0
     queued_s: float = 0.0
     backend: str | None = None
+    sequences: int = 1  # output sequences (n x prompts) the output tokens are spread over
     relay: Relay = dataclasses.field(default_factory=Relay)
 
 
@@ -63,7 +71,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         refusal = responses.error(Outcome.TOO_LARGE, message, should_retry=False)
         return _refused(gw, tenant, None, refusal)
     parsed: ParsedRequest | None = None
-    if body and request.method == "POST":
+    model_name: str | None = None
+    if request.method == "POST" and endpoint_of(request.path) is not None:
         try:
             parsed = parse_request(body, request.path)
         except BadRequestBody as exc:
@@ -71,7 +80,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                 Outcome.BAD_REQUEST, exc.message, param=exc.param, should_retry=False
             )
             return _refused(gw, tenant, None, refusal)
-    model_name = parsed.model if parsed is not None else policy.server.fallback_model
+        model_name = parsed.model
+    elif body:
+        model_name = model_of(body)
+    model_name = model_name or policy.server.fallback_model
     model = policy.models.get(model_name) if model_name is not None else None
     if model is None:
         return _refused(gw, tenant, None, _not_found(request, policy, model_name))
@@ -104,6 +116,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         gw.metrics.requests.labels(tenant.name, model.name, Outcome.SHADOW_LIMITED.value).inc()
 
     ex = _Exchange(tenant, model, started)
+    if parsed is not None:
+        ex.sequences = parsed.n * parsed.prompts
     try:
         response = await _admit_and_forward(request, gw, ex, cost, body, parsed, headers, held)
     finally:
@@ -233,7 +247,9 @@ async def _settle(
         if output_tokens is None:
             output_tokens = cost.output_tokens if relay.complete else 0
         duration = ended - ex.started - ex.queued_s
-        actual = settle_cost(ex.model.profile, input_tokens, output_tokens, duration)
+        actual = settle_cost(
+            ex.model.profile, input_tokens, output_tokens, duration, sequences=ex.sequences
+        )
         labels = (ex.tenant.name, ex.model.name)
         gw.metrics.tokens.labels(*labels, "input").inc(actual.input_tokens)
         gw.metrics.tokens.labels(*labels, "output").inc(actual.output_tokens)
@@ -252,14 +268,7 @@ def _refused(
     model_name = model.name if model else "unknown"
     gw.metrics.requests.labels(tenant_name, model_name, outcome).inc()
     access_log.info(
-        _encode(
-            {
-                "tenant": tenant_name,
-                "model": model_name,
-                "status": response.status,
-                "outcome": outcome,
-            }
-        ).decode()
+        {"tenant": tenant_name, "model": model_name, "status": response.status, "outcome": outcome}
     )
     return response
 

@@ -79,11 +79,14 @@ def make_gateway(
     monkeypatch.setenv("ACME_KEY", "sk-acme")
     monkeypatch.setenv("BACKEND_KEY", "sk-backend")
 
-    async def make(text: str) -> tuple[TestClient[web.Request, web.Application], Metrics]:
+    async def make(
+        text: str, *, wait_ready: bool = True
+    ) -> tuple[TestClient[web.Request, web.Application], Metrics]:
         metrics = Metrics()
         app = build_app(compile_policy(load_text(text)), metrics=metrics)
         client = await aiohttp_client(app)
-        await _wait_ready(client)
+        if wait_ready:
+            await _wait_ready(client)
         return client, metrics
 
     return make

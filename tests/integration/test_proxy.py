@@ -116,11 +116,18 @@ async def test_connect_failure_is_retried_on_another_backend(
     assert len(stub.requests) == 4
 
 
-async def test_all_backends_unreachable_is_502(make_gateway: MakeGateway) -> None:
-    client, _ = await make_gateway(policy_text([_closed_port_url()]))
-    response = await client.post("/v1/chat/completions", json=CHAT)
-    assert response.status in (502, 503)
-    assert "error" in await response.json()
+async def test_a_backend_that_never_came_up_sheds_with_its_loading_estimate(
+    make_gateway: MakeGateway,
+) -> None:
+    client, _ = await make_gateway(policy_text([_closed_port_url()]), wait_ready=False)
+    assert (await client.get("/readyz")).status == 503
+    response = await client.post(
+        "/v1/chat/completions", json=CHAT, headers={"x-request-timeout": "0.2"}
+    )
+    assert response.status == 503
+    error = (await response.json())["error"]
+    assert error["type"] == "overloaded"
+    assert int(response.headers["Retry-After"]) >= 1
 
 
 async def test_client_keys_never_reach_the_backend_and_forwarding_headers_are_set(
