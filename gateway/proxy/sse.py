@@ -7,6 +7,8 @@ inside an event delays only that event's bytes until the rest arrives; nothing e
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 
@@ -22,6 +24,8 @@ class _Chunk(msgspec.Struct):
 
 _decoder = msgspec.json.Decoder(_Chunk)
 _EVENT_END = b"\n\n"
+# Servers send `"usage": null` on every chunk once usage is asked for; only an object matters.
+_HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
 
 class UsageTap:
@@ -42,7 +46,7 @@ class UsageTap:
             self._pending = buffer
             return b""
         complete, self._pending = buffer[: end + 2], buffer[end + 2 :]
-        if b'"usage"' not in complete:
+        if _HAS_USAGE.search(complete) is None:
             # The common case: plain token chunks; count them without decoding any JSON.
             self.chunks += complete.count(_EVENT_END) - complete.count(b"[DONE]")
             return complete
