@@ -56,6 +56,7 @@ def build_app(
         clock=clock,
     )
     metrics.set_policy(policy.fingerprint)
+    metrics.watch_admission(gw.admitter.snapshot)
     app = web.Application(client_max_size=policy.server.max_body_bytes)
     app[GATEWAY] = gw
     if watch is not None:

@@ -4,7 +4,11 @@ policy, ``outcome`` from ``Outcome``; never request ids or keys."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -64,6 +68,55 @@ class Metrics:
             registry=r,
         )
 
+    def watch_admission(self, snapshot: Callable[[], Mapping[str, object]]) -> None:
+        """Export the admission state (read at scrape time, nothing on the request path)."""
+        self.registry.register(_AdmissionCollector(snapshot))
+
     def set_policy(self, fingerprint: str) -> None:
         self.policy_info.clear()
         self.policy_info.labels(fingerprint).set(1)
+
+
+_BACKEND_GAUGES = (
+    ("usable", "kvgate_backend_kv_usable_bytes", "KV bytes (or slots) admission may plan now."),
+    (
+        "reserved_bytes",
+        "kvgate_backend_kv_reserved_bytes",
+        "KV bytes reserved by requests in flight.",
+    ),
+    ("inflight", "kvgate_backend_inflight_requests", "Requests in flight through this gateway."),
+    ("fragmentation", "kvgate_backend_fragmentation_ratio", "1 - largest free block / free."),
+)
+
+
+class _AdmissionCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Mapping[str, object]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        phase = GaugeMetricFamily(
+            "kvgate_backend_phase",
+            "1 for the backend's current phase (loading, warming, ready, ejected).",
+            labels=["model", "backend", "phase"],
+        )
+        gauges = {
+            key: GaugeMetricFamily(name, text, labels=["model", "backend"])
+            for key, name, text in _BACKEND_GAUGES
+        }
+        depth = GaugeMetricFamily("kvgate_queue_depth", "Requests waiting.", labels=["model"])
+        oldest = GaugeMetricFamily(
+            "kvgate_queue_oldest_wait_seconds", "Age of the oldest waiter.", labels=["model"]
+        )
+        for model, raw in self._snapshot().items():
+            pool = raw if isinstance(raw, dict) else {}
+            depth.add_metric([model], float(pool.get("queue_depth", 0)))
+            oldest.add_metric([model], float(pool.get("oldest_wait_s", 0.0)))
+            for backend in pool.get("backends", []):
+                url = str(backend["url"])
+                phase.add_metric([model, url, str(backend["phase"])], 1.0)
+                for key, gauge in gauges.items():
+                    gauge.add_metric([model, url], float(backend.get(key) or 0.0))
+        yield phase
+        yield from gauges.values()
+        yield depth
+        yield oldest

@@ -88,6 +88,9 @@ RECORDS = [
         output=60, planned_output=60),
     rec(10, "a", scheduled=9, sent=9, done=None, status=0, result=Result.UNFINISHED),
     rec(11, "b", scheduled=9.5, sent=9.6, done=10, status=400, result=Result.CLIENT_ERROR),
+    # refused once, cut while waiting to retry: unfinished, not shed
+    rec(12, "b", scheduled=9.8, sent=9.8, done=None, status=503, result=Result.UNFINISHED,
+        attempt_statuses=[503]),
 ]  # fmt: skip
 
 
@@ -113,9 +116,9 @@ def test_counts_goodput_and_percentiles_from_records() -> None:
     # good tokens: #1 100 + #2 50 (a), #9 60 (b) = 210 over 20 s
     assert s.goodput_tokens_per_s == pytest.approx(10.5)
     assert s.output_tokens_per_s == pytest.approx((100 + 50 + 80 + 120 + 60) / 20)
-    assert (s.requests, s.ok, s.within_slo) == (11, 5, 3)
+    assert (s.requests, s.ok, s.within_slo) == (12, 5, 3)
     assert (s.limited_429, s.shed_503, s.errors_5xx, s.oom) == (1, 1, 1, 1)
-    assert (s.unfinished, s.other_failures) == (1, 1)
+    assert (s.unfinished, s.other_failures) == (2, 1)
     # TTFTs of ok streams: 0.4, 0.5, 1.0, 2.5 (nearest rank: 2nd, 4th, 4th)
     assert (s.p50_ttft_s, s.p90_ttft_s, s.p99_ttft_s) == pytest.approx((0.5, 2.5, 2.5))
     # latencies of ok: 2, 3, 4, 4, 6 (3rd, 5th, 5th)

@@ -1,0 +1,113 @@
+"""The command line as a user runs it: validate, explain, and run with a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import policy_text
+from tests.integration.stub import StubBackend
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _kvgate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "ACME_KEY": "sk-acme"},
+        timeout=60,
+        check=False,
+    )
+
+
+def test_validate_accepts_good_files_and_names_the_line_of_a_bad_one() -> None:
+    ok = _kvgate("validate", "policies/default.yaml")
+    assert ok.returncode == 0
+    assert "ok (fingerprint" in ok.stdout
+    bad = _kvgate("validate", "policies/default.yaml", "policies/invalid/unknown_key.yaml")
+    assert bad.returncode == 1
+    assert "unknown_key.yaml: line 7, at $.models.llama.backends[0].warmpu" in bad.stderr
+
+
+def test_explain_shows_cost_and_limits(tmp_path: Path) -> None:
+    request = tmp_path / "req.json"
+    body = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "x" * 400}]}
+    request.write_text(json.dumps({**body, "max_tokens": 200}))
+    result = _kvgate("explain", "-c", "policies/default.yaml", "--tenant", "team-a", str(request))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "input_tokens               107" in out  # ceil(400 / 4) + 4 per message + 3
+    assert "output_tokens (reserved)   200" in out
+    assert "t:team-a:*:tokens:60" in out
+    assert "passes now" in out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_sigterm_lets_requests_in_flight_finish(
+    tmp_path: Path, stub: StubBackend, stub_url: str
+) -> None:
+    port = _free_port()
+    text = policy_text([stub_url]).replace(
+        "server:\n", f"server:\n  port: {port}\n  grace_period: 10s\n", 1
+    )
+    (tmp_path / "policy.yaml").write_text(text)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "-c",
+        str(tmp_path / "policy.yaml"),
+        env={"PATH": "/usr/bin:/bin", "ACME_KEY": "sk-acme", "PYTHONPATH": str(ROOT)},
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(20):
+                while True:
+                    try:
+                        async with session.get(f"{url}/readyz") as ready:
+                            if ready.status == 200:
+                                break
+                    except aiohttp.ClientConnectionError:
+                        pass
+                    await asyncio.sleep(0.05)
+            stub.hold_first_byte = True
+            request = asyncio.ensure_future(
+                session.post(
+                    f"{url}/v1/chat/completions",
+                    json={"model": "m1", "messages": [{"role": "user", "content": "hi"}]},
+                )
+            )
+            async with asyncio.timeout(5):
+                while not stub.requests:
+                    await asyncio.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            stub.release.set()
+            response = await asyncio.wait_for(request, 10)
+            assert response.status == 200
+            assert (await response.json())["usage"]["completion_tokens"] == 5
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
