@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -114,6 +115,18 @@ def fair_shares(
     return shares
 
 
+def category(record: RequestRecord) -> str:
+    """The one column a request counts in: ok, oom, unfinished (cut while still trying, even
+    after a refusal), else by its final status: limited_429, shed_503, errors_5xx; else other."""
+    if record.result in (Result.OK, Result.OOM, Result.UNFINISHED):
+        return {Result.OK: "ok", Result.OOM: "oom"}.get(record.result, "unfinished")
+    if record.status == 429:
+        return "limited_429"
+    if record.status == 503:
+        return "shed_503"
+    return "errors_5xx" if record.status >= 500 else "other"
+
+
 def _tokens(record: RequestRecord) -> int:
     return record.output_tokens or 0
 
@@ -130,18 +143,11 @@ def summarise(
     ``samples`` are the backend's, when the harness could read them."""
     ok = [r for r in records if r.result is Result.OK]
     good = [r for r in ok if r.within_slo()]
-    unfinished = sum(r.result is Result.UNFINISHED for r in records)
     ends = [r.done_s for r in records if r.done_s is not None]
     span = max(duration_s, *ends) if ends else duration_s
-    if unfinished:
+    if any(r.result is Result.UNFINISHED for r in records):
         span = max(span, run_s)
-    oom = sum(r.result is Result.OOM for r in records)
-    limited = sum(r.status == 429 and r.result is not Result.OOM for r in records)
-    shed = sum(r.status == 503 and r.result is not Result.OOM for r in records)
-    errors_5xx = sum(
-        r.status >= 500 and r.status != 503 and r.result is not Result.OOM for r in records
-    )
-    counted = len(ok) + oom + limited + shed + errors_5xx + unfinished
+    kinds = Counter(category(r) for r in records)
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
     latencies = [r.latency_s for r in ok if r.latency_s is not None]
 
@@ -176,18 +182,18 @@ def summarise(
     return TargetSummary(
         goodput_tokens_per_s=good_total / span,
         ok=len(ok),
-        limited_429=limited,
-        shed_503=shed,
-        errors_5xx=errors_5xx,
-        oom=oom,
+        limited_429=kinds["limited_429"],
+        shed_503=kinds["shed_503"],
+        errors_5xx=kinds["errors_5xx"],
+        oom=kinds["oom"],
         p50_ttft_s=percentile(ttfts, 50),
         p99_ttft_s=percentile(ttfts, 99),
         p99_latency_s=percentile(latencies, 99),
         jain_fairness=jain([t.goodput_share / t.weight_share for t in tenants.values()]),
         requests=len(records),
         within_slo=len(good),
-        other_failures=len(records) - counted,
-        unfinished=unfinished,
+        other_failures=kinds["other"],
+        unfinished=kinds["unfinished"],
         output_tokens_per_s=sum(_tokens(r) for r in ok) / span,
         span_s=span,
         p90_ttft_s=percentile(ttfts, 90),
@@ -360,8 +366,10 @@ own claims.
 - SLO: success, latency <= the tenant's latency_s and, when streamed, TTFT <= ttft_s, both
   measured from the request's scheduled time (so generator lag and retry waits count).
 - Percentiles: nearest rank over successful requests; TTFT over streamed ones.
-- 429 / 503 / 5xx: the final status after the client's retries; OOM: the backend's out-of-memory
-  error, whatever its status. Other failures: other 4xx, connection and stream errors, timeouts.
+- Each request counts in one column: OOM (the backend's out-of-memory error, whatever its
+  status), unfinished (still trying at the cut, even after a refusal), else by its final status
+  after the client's retries: 429, 503, other 5xx; other failures are other 4xx, connection and
+  stream errors, and client timeouts.
 - Jain share/weight: Jain's index over (goodput share / weight share) per tenant. Jain share/fair
   share: over (goodput / weighted max-min fair share of the same total, given what each tenant
   offered), which does not count a tenant that asked for less than its weight as starved.
