@@ -32,7 +32,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from gateway.core.backend import BackendConfig, BackendSignals, Health, ReserveMode
-from gateway.core.capacity import BackendRuntime, CapacityConfig
+from gateway.core.capacity import BackendRuntime, CapacityConfig, Room
 from gateway.core.outputs import OutputLengths
 from gateway.core.queueing import CoDel, DrainRate, Entry, FairQueue, QueueConfig
 from gateway.core.types import Outcome, Priority
@@ -99,6 +99,19 @@ Verdict = Placement | Rejection | Queued
 
 
 @dataclass(slots=True)
+class _Waiting:
+    """A queued ticket and, per candidate backend URL, the bytes it would reserve there
+    (computed once when queued, or on reload: the pump only compares numbers)."""
+
+    ticket: Ticket
+    needs: tuple[tuple[str, int], ...]
+    min_need: int = 0
+
+    def __post_init__(self) -> None:
+        self.min_need = min((need for _, need in self.needs), default=0)
+
+
+@dataclass(slots=True)
 class _Lease:
     model: str
     url: str
@@ -114,7 +127,7 @@ class _Pool:
         self.queue = FairQueue(config.queue)
         self.codel = CoDel(config.queue.target_delay_s, config.queue.interval_s)
         self.drain = DrainRate()
-        self.tickets: dict[int, Ticket] = {}
+        self.waiting: dict[int, _Waiting] = {}
         self.rr = 0
         self.retune(spec, config, now)
 
@@ -150,7 +163,7 @@ class Admission:
         self._leases: dict[int, _Lease] = {}
         self._ids = itertools.count(1)
         self._events: list[tuple[int, Placement | Rejection]] = []
-        self._chosen: dict[int, BackendRuntime] = {}
+        self._chosen: dict[int, tuple[str, int]] = {}
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -185,7 +198,7 @@ class Admission:
         if not pool.queue.push(entry):
             retry = self._wait_estimate(pool, ticket.priority, entry.cost, now)
             return Rejection(Outcome.SHED_QUEUE_FULL, _retry(retry), "admission queue is full")
-        pool.tickets[entry.id] = ticket
+        pool.waiting[entry.id] = _Waiting(ticket, self._needs(pool, ticket))
         self._pump_pool(pool, now)
         for i, (eid, verdict) in enumerate(self._events):
             if eid == entry.id:
@@ -287,11 +300,14 @@ class Admission:
             check = pool.codel.next_check_at()
             if check is not None:
                 times.append(check)
-            q = pool.queue.config
-            for e in pool.queue:
-                for later in (e.enqueued_at + q.ageing_s, e.enqueued_at + q.target_delay_s):
-                    if later > now:
-                        times.append(later)
+            oldest = pool.queue.oldest()
+            if oldest is not None:
+                q = pool.queue.config
+                for later in (
+                    oldest.enqueued_at + q.target_delay_s,
+                    oldest.enqueued_at + q.ageing_s,
+                ):
+                    times.append(later if later > now else now + q.interval_s)
             for rt in pool.backends.values():
                 change = rt.lifecycle.next_change_at(now)
                 if change is not None:
@@ -312,9 +328,11 @@ class Admission:
                 pool = _Pool(spec, config, now)
             else:
                 pool.retune(spec, config, now)
+                for eid, w in pool.waiting.items():  # backends may have come or gone
+                    pool.waiting[eid] = _Waiting(w.ticket, self._needs(pool, w.ticket))
             pools[spec.name] = pool
         for gone in self._pools.values():
-            for entry_id in list(gone.tickets):
+            for entry_id in list(gone.waiting):
                 self._drop(gone, entry_id)
                 msg = "model removed from the policy"
                 self._events.append((entry_id, Rejection(Outcome.NOT_FOUND, None, msg, False)))
@@ -392,13 +410,22 @@ class Admission:
         self._leases[lease_id] = _Lease(pool.spec.name, rt.url, ticket.tenant, nbytes, now)
         return Placement(lease_id, pool.spec.name, rt.url, nbytes, queued_s)
 
-    def _best(self, pool: _Pool, ticket: Ticket, now: float) -> BackendRuntime | None:
-        best: BackendRuntime | None = None
+    def _needs(self, pool: _Pool, ticket: Ticket) -> tuple[tuple[str, int], ...]:
+        return tuple((rt.url, self._need(rt, ticket)) for rt in pool.candidates(ticket))
+
+    @staticmethod
+    def _best(
+        needs: tuple[tuple[str, int], ...], rooms: dict[str, Room | None]
+    ) -> tuple[str, int] | None:
+        """The backend with the most free bytes left after placing a request of ``needs``;
+        ``rooms`` holds each backend's room at this instant (refreshed on placement)."""
+        best: tuple[str, int] | None = None
         best_score = 0.0
-        for rt in pool.candidates(ticket):
-            score = rt.placement_score(self._need(rt, ticket), now)
+        for url, need in needs:
+            room = rooms.get(url)
+            score = None if room is None else room.score(need)
             if score is not None and (best is None or score > best_score):
-                best, best_score = rt, score
+                best, best_score = (url, need), score
         return best
 
     def _pump_pool(self, pool: _Pool, now: float) -> None:
@@ -406,7 +433,7 @@ class Admission:
             return
         for e in pool.queue.expired(now):
             self._events.append((e.id, self._expiry(pool, e, now)))
-            pool.tickets.pop(e.id, None)
+            pool.waiting.pop(e.id, None)
         for priority in (Priority.SHEDDABLE, Priority.STANDARD):
             if not pool.codel.sheds(priority):
                 continue
@@ -417,18 +444,38 @@ class Admission:
                     msg = "queue delay above target"
                     self._events.append((e.id, Rejection(Outcome.SHED_OVERLOAD, _retry(wait), msg)))
 
+        rooms = {url: rt.room(now) for url, rt in pool.backends.items()}
+        if all(room is None for room in rooms.values()):
+            pool.codel.observe(
+                pool.queue.oldest_age(now),
+                now,
+                may_escalate=not pool.queue.has_band(Priority.SHEDDABLE),
+            )
+            return  # nothing fits anywhere: skip scanning the queue
+
+        # the largest request any backend could take now: most entries fail this one comparison
+        max_room = max(room.max_need for room in rooms.values() if room is not None)
+        waiting = pool.waiting
+
         def fits(e: Entry) -> bool:
-            rt = self._best(pool, pool.tickets[e.id], now)
-            if rt is None:
+            w = waiting[e.id]
+            if w.min_need > max_room:
                 return False
-            self._chosen[e.id] = rt
+            best = self._best(w.needs, rooms)
+            if best is None:
+                return False
+            self._chosen[e.id] = best
             return True
 
         def place(e: Entry) -> None:
-            ticket = pool.tickets.pop(e.id)
-            rt = self._chosen.pop(e.id)
-            placement = self._place(
-                pool, rt, ticket, self._need(rt, ticket), now - e.enqueued_at, now
+            ticket = pool.waiting.pop(e.id).ticket
+            url, need = self._chosen.pop(e.id)
+            rt = pool.backends[url]
+            placement = self._place(pool, rt, ticket, need, now - e.enqueued_at, now)
+            rooms[url] = rt.room(now)
+            nonlocal max_room
+            max_room = max(
+                (room.max_need for room in rooms.values() if room is not None), default=-1.0
             )
             self._events.append((e.id, placement))
 
@@ -446,7 +493,7 @@ class Admission:
 
     def _expiry(self, pool: _Pool, e: Entry, now: float) -> Rejection:
         waited = now - e.enqueued_at
-        ticket = pool.tickets[e.id]
+        ticket = pool.waiting[e.id].ticket
         if not any(b.lifecycle.serving for b in pool.candidates(ticket)):
             ready = [
                 t
@@ -496,7 +543,7 @@ class Admission:
         return max(0.0, backlog) / rate
 
     def _drop(self, pool: _Pool, entry_id: int) -> bool:
-        pool.tickets.pop(entry_id, None)
+        pool.waiting.pop(entry_id, None)
         return pool.queue.remove(entry_id) is not None
 
 

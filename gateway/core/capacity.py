@@ -72,6 +72,26 @@ class CapacityView:
     stale: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Room:
+    """Room for one more request on a backend at one instant: a request fits when its bytes
+    are at most ``max_need``. ``free`` is bytes when ``by_bytes``, else whole requests."""
+
+    max_need: float
+    free: float
+    by_bytes: bool
+
+    def score(self, need_bytes: int) -> float | None:
+        """Free bytes left after placing the request, or None when it does not fit.
+
+        For slot and concurrency backends (no byte measure) the score is the number of such
+        requests that would still fit, times the request's bytes, so pools compare in bytes.
+        """
+        if need_bytes > self.max_need:
+            return None
+        return self.free - need_bytes if self.by_bytes else (self.free - 1) * need_bytes
+
+
 class Pressure:
     """A multiplicative capacity cut that recovers linearly with time."""
 
@@ -290,11 +310,11 @@ class BackendRuntime:
             return prompt_tokens <= self._slot_ctx
         return True
 
-    def placement_score(self, need_bytes: int, now: float) -> float | None:
-        """Free bytes left after placing the request here, or None when it does not fit.
+    def room(self, now: float) -> Room | None:
+        """What one more request may take here now; None when nothing fits at all.
 
-        For slot and concurrency backends (no byte measure) the score is the number of such
-        requests that would still fit, times the request's bytes, so pools compare in bytes.
+        Every condition on a request's bytes is an upper bound (free bytes, a reported largest
+        free block, the large-request bound while fragmented), so one number says it.
         """
         if not self.lifecycle.serving:
             return None
@@ -302,14 +322,18 @@ class BackendRuntime:
             return None
         v = self.view(now)
         if v.kind is not CapacityKind.BYTES:
-            return None if v.free < 1 else (v.free - 1) * need_bytes
-        if need_bytes > v.free:
-            return None
-        if v.largest_free_bytes is not None and need_bytes > v.largest_free_bytes:
-            return None
-        if self.too_fragmented(need_bytes, v):
-            return None
-        return v.free - need_bytes
+            return None if v.free < 1 else Room(math.inf, v.free, by_bytes=False)
+        limit = v.free
+        if v.largest_free_bytes is not None:
+            limit = min(limit, v.largest_free_bytes)
+        if v.fragmentation is not None and v.fragmentation > self.cap.shed_above:
+            limit = min(limit, self.cap.large_request * v.usable)
+        return None if limit < 0 else Room(limit, v.free, by_bytes=True)
+
+    def placement_score(self, need_bytes: int, now: float) -> float | None:
+        """Free bytes left after placing the request here, or None when it does not fit."""
+        room = self.room(now)
+        return None if room is None else room.score(need_bytes)
 
     def too_fragmented(self, need_bytes: int, v: CapacityView) -> bool:
         """A large request avoids a backend whose fragmentation is above ``shed_above``."""

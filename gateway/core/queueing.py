@@ -17,6 +17,7 @@ Higher bands still pass it.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -74,8 +75,10 @@ class FairQueue:
     def __init__(self, config: QueueConfig) -> None:
         self.config = config
         self._bands = {p: _Band() for p in Priority}
-        self._by_id: dict[int, Entry] = {}
+        self._by_id: dict[int, Entry] = {}  # in push order, so the first is the oldest
         self._bytes = 0.0
+        self._band_bytes = dict.fromkeys(Priority, 0.0)
+        self._deadlines: list[tuple[float, int]] = []  # heap; entries removed lazily
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -100,6 +103,8 @@ class FairQueue:
         flow.append(entry)
         self._by_id[entry.id] = entry
         self._bytes += entry.cost
+        self._band_bytes[entry.priority] += entry.cost
+        heapq.heappush(self._deadlines, (entry.deadline, entry.id))
         return True
 
     def remove(self, entry_id: int) -> Entry | None:
@@ -107,6 +112,7 @@ class FairQueue:
         if entry is None:
             return None
         self._bytes -= entry.cost
+        self._band_bytes[entry.priority] -= entry.cost
         band = self._bands[entry.priority]
         flow = band.flows[entry.tenant]
         flow.remove(entry)
@@ -116,20 +122,29 @@ class FairQueue:
 
     def expired(self, now: float) -> list[Entry]:
         """Remove and return entries whose deadline has passed."""
-        late = [e for e in self._by_id.values() if e.deadline <= now]
-        for e in late:
-            self.remove(e.id)
+        late: list[Entry] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, entry_id = heapq.heappop(self._deadlines)
+            entry = self.remove(entry_id)
+            if entry is not None:
+                late.append(entry)
         return late
 
     def next_deadline(self) -> float | None:
-        return min((e.deadline for e in self._by_id.values()), default=None)
+        while self._deadlines and self._deadlines[0][1] not in self._by_id:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def oldest(self) -> Entry | None:
+        return next(iter(self._by_id.values()), None)
 
     def oldest_age(self, now: float) -> float:
-        return max((now - e.enqueued_at for e in self._by_id.values()), default=0.0)
+        first = self.oldest()
+        return 0.0 if first is None else now - first.enqueued_at
 
     def bytes_ahead(self, priority: Priority) -> float:
         """Bytes queued in ``priority``'s band and the bands served before it."""
-        return sum(e.cost for e in self._by_id.values() if e.priority <= priority)
+        return sum(b for p, b in self._band_bytes.items() if p <= priority)
 
     def has_band(self, priority: Priority) -> bool:
         return bool(self._bands[priority].flows)
