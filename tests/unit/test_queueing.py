@@ -8,6 +8,8 @@ import random
 from collections import deque
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.core.queueing import CoDel, DrainRate, Entry, FairQueue, QueueConfig
 from gateway.core.types import Priority
@@ -198,3 +200,49 @@ def test_drain_rate_and_hold_time() -> None:
     assert d.bytes_per_s(10.0) == pytest.approx(1000.0 / 10.0)
     assert d.hold_s == pytest.approx(2.0)
     assert d.bytes_per_s(100.0) is None
+
+
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["push", "pump", "remove", "expire"]),
+            st.integers(0, 3),
+            st.floats(0.5, 20.0),
+            st.sampled_from(list(Priority)),
+        ),
+        max_size=80,
+    )
+)
+def test_every_entry_leaves_exactly_once_and_within_room(
+    ops: list[tuple[str, int, float, Priority]],
+) -> None:
+    q = FairQueue(QueueConfig(max_depth=30, age_bound_s=3.0))
+    live: dict[int, Entry] = {}
+    gone: set[int] = set()
+    now = 0.0
+    for op, tenant, x, prio in ops:
+        now += 0.5
+        if op == "push":
+            e = entry(
+                f"t{tenant}", cost=x, priority=prio, weight=1 + tenant, at=now, deadline=now + x
+            )
+            if q.push(e):
+                live[e.id] = e
+        elif op == "pump":
+            room = Room(x)
+            out = q.pump(room.fits, room.place, now)
+            assert sum(e.cost for e in out) <= x + 1e-9
+            left = out
+        elif op == "remove" and live:
+            victim = sorted(live)[tenant % len(live)]
+            left = [e for e in [q.remove(victim)] if e is not None]
+        else:
+            left = q.expired(now)
+            assert all(e.deadline <= now for e in left)
+        if op != "push":
+            for e in left:
+                assert e.id not in gone
+                gone.add(e.id)
+                del live[e.id]
+        assert len(q) == len(live)
+        assert q.queued_bytes == pytest.approx(sum(e.cost for e in live.values()))
