@@ -76,7 +76,9 @@ def _pin(core: int) -> list[str]:
 
 @contextlib.contextmanager
 def _process(cmd: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Logs go to a file: a pipe nobody reads would block the process once full.
+    log = tempfile.NamedTemporaryFile(prefix="kvgate-bench-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -85,7 +87,7 @@ def _process(cmd: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]
                     break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"{cmd} did not come up") from None
+                    raise RuntimeError(f"{cmd} did not come up; see {log.name}") from None
                 time.sleep(0.1)
         yield proc
     finally:
@@ -94,6 +96,7 @@ def _process(cmd: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]
             proc.wait(10)
         if proc.poll() is None:
             proc.kill()
+        log.close()
 
 
 def _cpu_s(pid: int) -> float:
@@ -127,7 +130,7 @@ def _wrk(url: str, connections: int, duration: int, body: dict[str, object]) -> 
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
-        raise RuntimeError(f"{url}: {errors.group(1)} error responses\n{out}")
+        raise RuntimeError(f"{url}: {errors.group(1)} error responses (logs: /tmp/kvgate-bench-*)")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     return requests, Result(rps, _pct(out, "50%"), _pct(out, "99%"), None)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from typing import cast
 
 import uvloop
 
@@ -60,11 +61,11 @@ class _Backend(asyncio.Protocol):
         self._plain = plain
         self._stream = stream
         self._buffer = b""
-        self._transport: asyncio.Transport | None = None
+        self._transport: asyncio.WriteTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's TCP transport writes but is not registered as an asyncio.Transport subclass
+        self._transport = cast(asyncio.WriteTransport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -82,8 +83,8 @@ class _Backend(asyncio.Protocol):
             body = self._buffer[end + 4 : end + 4 + length]
             self._buffer = self._buffer[end + 4 + length :]
             streaming = b'"stream": true' in body or b'"stream":true' in body
-            assert self._transport is not None
-            self._transport.write(self._stream if streaming else self._plain)
+            if self._transport is not None:
+                self._transport.write(self._stream if streaming else self._plain)
 
 
 async def serve(host: str, port: int, chunks: int) -> None:

@@ -56,6 +56,7 @@ class Relay:
     completion_tokens: int | None = None
     chunks: int = 0
     complete: bool = False  # the whole answer reached the client
+    client_gone: bool = False  # the client left mid-answer: not the backend's fault
     failure: str | None = None  # "5xx", "oom" or "timeout": fed back to the backend's state
 
     @property
@@ -122,13 +123,15 @@ async def forward(
                 async for data in upstream.content.iter_any():
                     limit.reschedule(min(loop.time() + timeouts.idle_s, end_by))
                     out = tap.feed(data) if tap is not None else data
-                    if out:
-                        await response.write(out)
+                    if out and not await _send(response, out, relay):
+                        break
+                else:
+                    if tap is not None:
+                        await _send(response, tap.flush(), relay)
+                    if await _send(response, None, relay):
+                        relay.complete = True
                 if tap is not None:
-                    await response.write(tap.flush())
                     _take_tap(relay, tap)
-                relay.complete = True
-                await response.write_eof()
                 return response
     except TimeoutError as exc:
         relay.failure = "timeout"
@@ -164,6 +167,19 @@ def _read_usage(relay: Relay, upstream: aiohttp.ClientResponse, data: bytes) -> 
     if usage is not None:
         relay.prompt_tokens = usage.prompt_tokens
         relay.completion_tokens = usage.completion_tokens
+
+
+async def _send(response: web.StreamResponse, data: bytes | None, relay: Relay) -> bool:
+    """Write ``data`` (None: end the body) to the client; False when the client has gone."""
+    try:
+        if data is None:
+            await response.write_eof()
+        elif data:
+            await response.write(data)
+    except ConnectionError:
+        relay.client_gone = True
+        return False
+    return True
 
 
 def _take_tap(relay: Relay, tap: UsageTap) -> None:

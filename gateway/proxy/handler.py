@@ -120,6 +120,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         ex.sequences = parsed.n * parsed.prompts
     try:
         response = await _admit_and_forward(request, gw, ex, cost, body, parsed, headers, held)
+    except asyncio.CancelledError:
+        ex.outcome = Outcome.CLIENT_CLOSED
+        raise
     finally:
         ended = gw.clock.now()
         gw.spawn(_settle(gw, live, ex, held, cost, ended))
@@ -227,7 +230,9 @@ async def _forward(
             ttft_s=ttft,
             failure=failure or relay.failure,
         )
-    if not relay.complete and ex.outcome is Outcome.OK:
+    if relay.client_gone:
+        ex.outcome = Outcome.CLIENT_CLOSED
+    elif not relay.complete and ex.outcome is Outcome.OK:
         ex.outcome = (
             Outcome.UPSTREAM_TIMEOUT if relay.failure == "timeout" else Outcome.UPSTREAM_ERROR
         )

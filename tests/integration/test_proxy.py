@@ -236,3 +236,21 @@ async def _until(condition: object, timeout_s: float = 5.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not condition():  # type: ignore[operator]
             await asyncio.sleep(0.01)
+
+
+async def test_clients_leaving_mid_stream_do_not_count_against_the_backend(
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str
+) -> None:
+    stub.hold_stream = True
+    client, metrics = await make_gateway(policy_text([stub_url]))
+    for _ in range(4):  # more than eject.failures (3)
+        response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        await response.content.readuntil(b"\n\n")
+        response.close()
+    stub.release.set()
+    labels = {"tenant": "anon", "model": "m1", "outcome": "client_closed"}
+    await _until(lambda: metrics.registry.get_sample_value("kvgate_requests_total", labels) == 4)
+    backend = (await (await client.get("/admin/state")).json())["admission"]["m1"]["backends"][0]
+    assert backend["phase"] == "ready"
+    assert backend["failures"] == 0
+    assert backend["inflight"] == 0
