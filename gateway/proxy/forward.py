@@ -57,6 +57,7 @@ class Relay:
     chunks: int = 0
     complete: bool = False  # the whole answer reached the client
     client_gone: bool = False  # the client left mid-answer: not the backend's fault
+    error: str | None = None  # what broke upstream, for the access log
     failure: str | None = None  # "5xx", "oom" or "timeout": fed back to the backend's state
 
     @property
@@ -88,17 +89,7 @@ async def forward(
     which = "first byte"
     try:
         async with asyncio.timeout_at(min(loop.time() + timeouts.first_byte_s, end_by)) as limit:
-            try:
-                upstream = await session.request(
-                    request.method,
-                    url,
-                    data=body or None,
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s),
-                    allow_redirects=False,
-                )
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                raise UpstreamConnectError(f"cannot connect to backend: {exc}") from exc
+            upstream = await _send_request(request.method, session, url, body, headers, timeouts)
             async with upstream:
                 relay.status = upstream.status
                 relay.first_byte_at = clock.now()
@@ -117,7 +108,11 @@ async def forward(
                     return web.Response(status=upstream.status, body=data, headers=out_headers)
                 which = "idle"
                 response = web.StreamResponse(status=upstream.status, headers=out_headers)
-                await response.prepare(request)
+                try:
+                    await response.prepare(request)
+                except ConnectionError:
+                    relay.client_gone = True
+                    return response
                 started = True
                 tap = UsageTap(strip_usage=strip_usage) if is_sse else None
                 async for data in upstream.content.iter_any():
@@ -148,10 +143,41 @@ async def forward(
         return response
     except aiohttp.ClientError as exc:
         relay.failure = "5xx"
+        relay.error = f"{type(exc).__name__}: {exc}"
         if not started:
             raise UpstreamError(f"backend answered badly: {exc}") from exc
         await _end_stream(response, f"backend stream broke: {exc}")
         return response
+
+
+async def _send_request(
+    method: str,
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: CIMultiDict[str],
+    timeouts: Timeouts,
+) -> aiohttp.ClientResponse:
+    """The upstream request, sent once more on a fresh connection when a pooled one turned out
+    to be closing before a byte of the request was written (a keep-alive race under churn)."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s)
+    retries = 1
+    while True:
+        try:
+            return await session.request(
+                method,
+                url,
+                data=body or None,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise UpstreamConnectError(f"cannot connect to backend: {exc}") from exc
+        except aiohttp.ClientConnectionResetError as exc:
+            if not retries:
+                raise UpstreamConnectError(f"backend connection reset: {exc}") from exc
+            retries -= 1
 
 
 def _read_usage(relay: Relay, upstream: aiohttp.ClientResponse, data: bytes) -> None:

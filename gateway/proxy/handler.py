@@ -290,6 +290,8 @@ def _log(ex: _Exchange, ended: float, status: int, actual: Cost | None) -> None:
         "duration_s": round(ended - ex.started, 6),
         "queued_s": round(ex.queued_s, 6),
     }
+    if ex.relay.error is not None:
+        record["error"] = ex.relay.error
     if actual is not None:
         record["input_tokens"] = actual.input_tokens
         record["output_tokens"] = actual.output_tokens
