@@ -22,6 +22,7 @@ from gateway.core.tokens import (
     tokenizer_json_counter,
 )
 from gateway.errors import PolicyError
+from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.policy.compile import Model, Policy, store_kind
 from gateway.policy.schema import RedisStore
@@ -61,7 +62,9 @@ def build_app(
     app[GATEWAY] = gw
     if watch is not None:
         app[_WATCH] = watch
-    app.cleanup_ctx.extend([_upstream_session, _admitter, _policy_watcher, _drain])
+    if policy.spec.server.access_log:
+        gw.access = AccessLog()
+    app.cleanup_ctx.extend([_upstream_session, _admitter, _policy_watcher, _access_log, _drain])
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -150,6 +153,18 @@ async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
 
     watcher = PolicyWatcher(path, digest, apply, report)
     task = asyncio.get_running_loop().create_task(watcher.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _access_log(app: web.Application) -> AsyncIterator[None]:
+    access = app[GATEWAY].access
+    if access is None:
+        yield
+        return
+    task = asyncio.get_running_loop().create_task(access.run())
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

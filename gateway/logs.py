@@ -1,11 +1,14 @@
-"""Structured logs: one JSON object per line. A log call may pass a dict as its message (the
-access log does); its fields are merged into the line. API keys are never logged: the request
+"""Structured logs: one JSON object per line on stderr, for the gateway's events (``logging``
+with ``JsonFormatter``) and for requests (``AccessLog``). API keys are never logged: the request
 path only ever logs tenant names."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
 import time
+from typing import BinaryIO
 
 import msgspec
 
@@ -20,10 +23,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        if isinstance(record.msg, dict):
-            line.update(record.msg)
-        else:
-            line["msg"] = record.getMessage()
+        line["msg"] = record.getMessage()
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
         return _encode(line).decode()
@@ -33,3 +33,50 @@ def configure(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+class AccessLog:
+    """One JSON line per request, to stderr, written in batches.
+
+    Going through ``logging`` costs a record object, a lock and a flushed write per request:
+    tens of microseconds, more than the rest of the gateway's own work. Lines here are encoded
+    once and written at most every ``flush_interval_s`` (or when 64 KiB are waiting), by
+    ``run`` in the background and at shutdown.
+    """
+
+    def __init__(self, stream: BinaryIO | None = None, flush_interval_s: float = 0.2) -> None:
+        self._stream = stream if stream is not None else sys.stderr.buffer
+        self._flush_interval_s = flush_interval_s
+        self._lines: list[bytes] = []
+        self._size = 0
+
+    def write(self, record: dict[str, object]) -> None:
+        record["ts"] = _wall_clock()
+        line = _encode(record) + b"\n"
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= 65536:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        data, self._lines, self._size = b"".join(self._lines), [], 0
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except OSError:
+            return  # a closed or full stderr must not take requests down with it
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self._flush_interval_s)
+                self.flush()
+        finally:
+            self.flush()
+
+
+def _wall_clock() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"

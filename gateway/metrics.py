@@ -5,6 +5,7 @@ policy, ``outcome`` from ``Outcome``; never request ids or keys."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -62,11 +63,28 @@ class Metrics:
         self.policy_info = Gauge(
             "kvgate_policy_info", "1 for the live policy.", ["fingerprint"], registry=r
         )
+        self._children: dict[tuple[object, ...], Counter | Histogram] = {}
         self.store_degraded = Gauge(
             "kvgate_store_degraded",
             "1 while the shared limit store is unreachable and the fallback decides.",
             registry=r,
         )
+
+    # The request path's metrics go through these: a label lookup costs microseconds, so each
+    # labelled child is looked up once and kept (label sets are bounded by the policy).
+
+    def count(self, tenant: str, model: str, outcome: str) -> None:
+        _child(self.requests, self._children, tenant, model, outcome).inc()
+
+    def settled(
+        self, tenant: str, model: str, input_tokens: int, output_tokens: int, gib_s: float
+    ) -> None:
+        _child(self.tokens, self._children, tenant, model, "input").inc(input_tokens)
+        _child(self.tokens, self._children, tenant, model, "output").inc(output_tokens)
+        _child(self.kv_gib_seconds, self._children, tenant, model).inc(gib_s)
+
+    def timed(self, histogram: Histogram, model: str, seconds: float) -> None:
+        _child(histogram, self._children, model).observe(seconds)
 
     def watch_admission(self, snapshot: Callable[[], Mapping[str, object]]) -> None:
         """Export the admission state (read at scrape time, nothing on the request path)."""
@@ -75,6 +93,16 @@ class Metrics:
     def set_policy(self, fingerprint: str) -> None:
         self.policy_info.clear()
         self.policy_info.labels(fingerprint).set(1)
+
+
+def _child(
+    metric: Counter | Histogram, cache: dict[tuple[object, ...], Counter | Histogram], *labels: str
+) -> Any:
+    key = (id(metric), *labels)
+    child = cache.get(key)
+    if child is None:
+        child = cache[key] = metric.labels(*labels)
+    return child
 
 
 _BACKEND_GAUGES = (

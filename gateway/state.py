@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.core.clock import Clock
 from gateway.core.tokens import TokenCounter
+from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.policy.compile import Policy
 from gateway.proxy.admit import Admitter
@@ -38,6 +39,7 @@ class Gateway:
     admitter: Admitter
     metrics: Metrics
     clock: Clock
+    access: AccessLog | None = None  # None: the policy turned the access log off
     session: aiohttp.ClientSession | None = None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
 

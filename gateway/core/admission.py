@@ -186,6 +186,12 @@ class Admission:
         if pool.codel.sheds(ticket.priority):
             retry = self._wait_estimate(pool, ticket.priority, 0.0, now)
             return Rejection(Outcome.SHED_OVERLOAD, _retry(retry), "queue delay above target")
+        if not len(pool.queue):
+            # Nobody waits, so nobody can be passed: place at once if it fits anywhere.
+            best = self._best(self._needs(pool, ticket), {b.url: b.room(now) for b in cands})
+            if best is not None:
+                pool.codel.observe(0.0, now)
+                return self._place(pool, pool.backends[best[0]], ticket, best[1], 0.0, now)
         entry = Entry(
             id=next(self._ids),
             tenant=ticket.tenant,
@@ -360,6 +366,7 @@ class Admission:
                         "fragmentation": v.fragmentation,
                         "stale": v.stale,
                         "pressure": rt.pressure.value(now),
+                        "overcommit": rt.overcommit.value,
                         "adaptive_limit": rt.adaptive.value,
                         "load_estimate_s": rt.lifecycle.load_estimate_s,
                         "failures": rt.lifecycle.failures,
@@ -430,6 +437,9 @@ class Admission:
 
     def _pump_pool(self, pool: _Pool, now: float) -> None:
         if not self.config.enabled:
+            return
+        if not len(pool.queue):
+            pool.codel.observe(0.0, now)
             return
         for e in pool.queue.expired(now):
             self._events.append((e.id, self._expiry(pool, e, now)))

@@ -3,10 +3,12 @@
 A backend's capacity has one of three kinds:
 - ``BYTES`` (its KV size is known, from ``kv_capacity`` or its metrics):
   ``usable = capacity * (1 - headroom) * warm-up factor * (1 - fragmentation) * pressure``;
-  ``free = min(usable - reserved - foreign, what the usage gauge leaves free)`` where
-  ``reserved`` is what this gateway's requests in flight there hold, ``foreign`` is usage the
-  gauge shows beyond what we had reserved at the scrape (another gateway, or our estimates
-  running over), and the gauge bound subtracts what we admitted since the scrape.
+  ``free = min(usable * overcommit - reserved - foreign, usable - measured usage - admitted
+  since the scrape)`` where ``reserved`` is what this gateway's requests in flight there hold,
+  ``foreign`` is usage the gauge shows beyond what we had reserved at the scrape (another
+  gateway, or our estimates running over), and ``overcommit`` (``gateway.core.overcommit``, 1
+  but for paged backends) lets reservations exceed usable while the measured usage stays under
+  it. Without a fresh usage gauge: ``free = usable - reserved``.
   A request needing more than a reported largest free block does not go there, nor does a
   *large* one (over ``large_request`` of usable) while fragmentation is above ``shed_above``.
 - ``SLOTS`` (llama.cpp): a whole slot per request; usable = slots * warm-up * pressure.
@@ -34,6 +36,7 @@ from gateway.core.backend import (
     Lifecycle,
     MemoryKind,
 )
+from gateway.core.overcommit import Overcommit
 from gateway.core.types import Phase
 
 _NEAR_FULL = 0.95
@@ -150,6 +153,7 @@ class BackendRuntime:
         self.reserved_bytes = 0
         self.inflight = 0
         self.pressure = Pressure()
+        self.overcommit = Overcommit()
         self.adaptive = AdaptiveLimit(
             initial=config.max_concurrency, max_limit=config.max_concurrency
         )
@@ -188,13 +192,22 @@ class BackendRuntime:
     def apply_signals(self, sig: BackendSignals, now: float) -> None:
         """Take a scrape; infer pressure from its change since the previous one."""
         prev = self.signals
+        usage = self._usage(sig)
         if prev is not None and now - prev.at <= self.cap.stale_after_s:
-            if _rose(prev.preemptions_total, sig.preemptions_total):
+            preempted = _rose(prev.preemptions_total, sig.preemptions_total)
+            if preempted:
                 self.pressure.cut(now)
                 self.adaptive.on_drop(now)
-            usage = self._usage(sig)
             if usage is not None and usage >= _NEAR_FULL and _rose(prev.waiting, sig.waiting):
                 self.pressure.cut(now)
+            if usage is not None and self.config.memory_kind is MemoryKind.PAGED:
+                planned = self.view(now).usable * self.overcommit.value
+                self.overcommit.observe(
+                    usage=usage,
+                    target=1.0 - self.cap.headroom,
+                    reserved_share=self.reserved_bytes / planned if planned > 0 else 0.0,
+                    preempted=preempted,
+                )
         self.signals = sig
         self._reserved_at_scrape = self.reserved_bytes
         self._inflight_at_scrape = self.inflight
@@ -265,9 +278,12 @@ class BackendRuntime:
             * self.pressure.value(now)
         )
         own = float(self.reserved_bytes)
-        free = usable - own
         usage = None if sig is None else self._usage(sig)
-        if usage is not None:
+        if usage is None:
+            free = usable - own
+        else:
+            # Fresh usage: reservations may exceed usable by the learned overcommit, and what
+            # was admitted since the scrape must fit in what the gauge left under usable.
             real_total = (
                 float(self._capacity_tokens * self.kv_bytes_per_token)
                 if self._capacity_tokens
@@ -275,8 +291,8 @@ class BackendRuntime:
             )
             foreign = max(0.0, usage * real_total - self._reserved_at_scrape)
             admitted_since = max(0.0, own - self._reserved_at_scrape)
-            gauge_left = real_total * (1.0 - usage) - admitted_since
-            free = min(free - foreign, gauge_left)
+            gauge_left = usable - usage * real_total - admitted_since
+            free = min(usable * self.overcommit.value - own - foreign, gauge_left)
         return CapacityView(
             CapacityKind.BYTES,
             self.lifecycle.phase,

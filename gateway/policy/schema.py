@@ -50,6 +50,7 @@ class Server(Base, frozen=True, kw_only=True):
     grace_period: Duration = "10s"
     anonymous_tenant: str | None = None
     fallback_model: str | None = None  # pool that receives paths without a JSON model
+    access_log: bool = True  # one JSON line per request on stderr
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
 
     def __post_init__(self) -> None:

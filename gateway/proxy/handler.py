@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 
 import aiohttp
 from aiohttp import web
@@ -31,8 +30,6 @@ from gateway.proxy.forward import Relay, forward
 from gateway.proxy.headers import upstream_headers
 from gateway.proxy.limits import Charge, charge, ratelimit_headers, settle
 from gateway.state import GATEWAY, Gateway, Live
-
-access_log = logging.getLogger("kvgate.access")
 
 # A request on a path without cost rules (no prompt to read) costs one request and no memory.
 _PLAIN_COST = Cost(
@@ -113,7 +110,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             return _refused(gw, tenant, model, refusal)
         if not tenant.shadow:
             return _refused(gw, tenant, model, _rate_refusal(held, headers))
-        gw.metrics.requests.labels(tenant.name, model.name, Outcome.SHADOW_LIMITED.value).inc()
+        gw.metrics.count(tenant.name, model.name, Outcome.SHADOW_LIMITED.value)
 
     ex = _Exchange(tenant, model, started)
     if parsed is not None:
@@ -167,6 +164,7 @@ async def _admit_and_forward(
                 headers=headers,
             )
         ex.queued_s = lease.queued_s
+        gw.metrics.timed(gw.metrics.queue_wait, ex.model.name, lease.queued_s)
         ex.backend = lease.backend_url
         try:
             return await _forward(request, gw, ex, lease, body, strip_usage, headers)
@@ -224,7 +222,7 @@ async def _forward(
     finally:
         ttft = relay.first_byte_at - sent if relay.first_byte_at is not None else None
         if ttft is not None:
-            gw.metrics.ttft.labels(ex.model.name).observe(ttft)
+            gw.metrics.timed(gw.metrics.ttft, ex.model.name, ttft)
         lease.release(
             output_tokens=relay.output_tokens if relay.complete else None,
             ttft_s=ttft,
@@ -256,12 +254,13 @@ async def _settle(
             ex.model.profile, input_tokens, output_tokens, duration, sequences=ex.sequences
         )
         labels = (ex.tenant.name, ex.model.name)
-        gw.metrics.tokens.labels(*labels, "input").inc(actual.input_tokens)
-        gw.metrics.tokens.labels(*labels, "output").inc(actual.output_tokens)
-        gw.metrics.kv_gib_seconds.labels(*labels).inc(actual.kv_gib_seconds)
-        gw.metrics.duration.labels(ex.model.name).observe(ended - ex.started)
-    gw.metrics.requests.labels(ex.tenant.name, ex.model.name, ex.outcome.value).inc()
-    _log(ex, ended, relay.status, actual)
+        gw.metrics.settled(
+            *labels, actual.input_tokens, actual.output_tokens, actual.kv_gib_seconds
+        )
+        gw.metrics.timed(gw.metrics.duration, ex.model.name, ended - ex.started)
+    gw.metrics.count(ex.tenant.name, ex.model.name, ex.outcome.value)
+    if gw.access is not None:
+        gw.access.write(_access_record(ex, ended, relay.status, actual))
     await settle(live.store, held, actual)
 
 
@@ -271,16 +270,22 @@ def _refused(
     outcome = response.headers["x-kvgate-outcome"]
     tenant_name = tenant.name if tenant else "unknown"
     model_name = model.name if model else "unknown"
-    gw.metrics.requests.labels(tenant_name, model_name, outcome).inc()
-    access_log.info(
-        {"tenant": tenant_name, "model": model_name, "status": response.status, "outcome": outcome}
-    )
+    gw.metrics.count(tenant_name, model_name, outcome)
+    if gw.access is not None:
+        gw.access.write(
+            {
+                "tenant": tenant_name,
+                "model": model_name,
+                "status": response.status,
+                "outcome": outcome,
+            }
+        )
     return response
 
 
-def _log(ex: _Exchange, ended: float, status: int, actual: Cost | None) -> None:
-    if not access_log.isEnabledFor(logging.INFO):
-        return
+def _access_record(
+    ex: _Exchange, ended: float, status: int, actual: Cost | None
+) -> dict[str, object]:
     record: dict[str, object] = {
         "tenant": ex.tenant.name,
         "model": ex.model.name,
@@ -295,7 +300,7 @@ def _log(ex: _Exchange, ended: float, status: int, actual: Cost | None) -> None:
     if actual is not None:
         record["input_tokens"] = actual.input_tokens
         record["output_tokens"] = actual.output_tokens
-    access_log.info(record)
+    return record
 
 
 def _rate_refusal(held: Charge, headers: dict[str, str]) -> web.Response:

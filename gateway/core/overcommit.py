@@ -1,0 +1,40 @@
+"""How far a paged backend's reservations may exceed its usable KV memory, learned from the
+backend's own usage gauge and preemption counter.
+
+A paged server (vLLM, SGLang) grows a sequence's KV blocks as it decodes, so at any moment a
+request holds its prompt plus what it has produced so far, about half of its final output on
+average, while admission reserves its whole likely size (prompt + a high quantile of output
+lengths). Counting reservations alone keeps such a GPU half full. So each scrape nudges a factor
+on the planned capacity: up (additively) while the gateway is bound by its reservations and the
+measured usage is below target; down (multiplicatively) when the backend preempts, and
+additively while usage is above target. It never goes below 1: reservations are then an upper
+bound of real usage, as for contiguous backends, which never overcommit. Between scrapes the
+usage gauge itself bounds what is admitted (``capacity.BackendRuntime``), so a wrong factor
+costs at most one scrape interval of admissions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Overcommit:
+    max_factor: float = 4.0
+    step: float = 0.1  # added or removed per scrape
+    cut: float = 0.8  # multiplied on a preemption
+    margin: float = 0.05  # grow only while usage is this far below target
+    bound_share: float = 0.9  # "bound by reservations": holding this share of the plan
+    value: float = 1.0
+
+    def observe(
+        self, *, usage: float, target: float, reserved_share: float, preempted: bool
+    ) -> None:
+        """One scrape: ``usage`` of the whole KV cache measured by the backend, ``target`` the
+        usage to aim for (1 - headroom), ``reserved_share`` = reserved bytes / planned bytes."""
+        if preempted:
+            self.value = max(1.0, self.value * self.cut)
+        elif usage > target:
+            self.value = max(1.0, self.value - self.step)
+        elif usage < target - self.margin and reserved_share >= self.bound_share:
+            self.value = min(self.max_factor, self.value + self.step)
