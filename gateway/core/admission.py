@@ -176,7 +176,11 @@ class Admission:
             return Rejection(Outcome.UPSTREAM_ERROR, _MIN_RETRY_S, "every backend failed")
         if not self.config.enabled:
             return self._round_robin(pool, cands, ticket, now)
-        if not any(b.can_ever_hold(self._need(b, ticket), ticket.prompt_tokens) for b in cands):
+        needs = tuple((b.url, self._need(b, ticket)) for b in cands)
+        if not any(
+            b.can_ever_hold(need, ticket.prompt_tokens)
+            for b, (_, need) in zip(cands, needs, strict=True)
+        ):
             return Rejection(
                 Outcome.TOO_LARGE,
                 None,
@@ -188,7 +192,7 @@ class Admission:
             return Rejection(Outcome.SHED_OVERLOAD, _retry(retry), "queue delay above target")
         if not len(pool.queue):
             # Nobody waits, so nobody can be passed: place at once if it fits anywhere.
-            best = self._best(self._needs(pool, ticket), {b.url: b.room(now) for b in cands})
+            best = self._best(needs, {b.url: b.room(now) for b in cands})
             if best is not None:
                 pool.codel.observe(0.0, now)
                 return self._place(pool, pool.backends[best[0]], ticket, best[1], 0.0, now)
@@ -204,7 +208,7 @@ class Admission:
         if not pool.queue.push(entry):
             retry = self._wait_estimate(pool, ticket.priority, entry.cost, now)
             return Rejection(Outcome.SHED_QUEUE_FULL, _retry(retry), "admission queue is full")
-        pool.waiting[entry.id] = _Waiting(ticket, self._needs(pool, ticket))
+        pool.waiting[entry.id] = _Waiting(ticket, needs)
         self._pump_pool(pool, now)
         for i, (eid, verdict) in enumerate(self._events):
             if eid == entry.id:

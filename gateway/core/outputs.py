@@ -8,6 +8,7 @@ never more than ``max_tokens``: the backend stops there anyway.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 
@@ -15,28 +16,28 @@ _ANY_TENANT = ""
 
 
 class _Samples:
-    __slots__ = ("_cached", "_values")
+    """A sliding window kept twice: in arrival order (to evict the oldest) and sorted (so a
+    quantile is one index). Insertion and eviction are a bisect and a memmove of at most
+    ``window`` ints: microseconds, on every finished request."""
+
+    __slots__ = ("_ordered", "_values")
 
     def __init__(self, window: int) -> None:
         self._values: deque[int] = deque(maxlen=window)
-        self._cached: dict[float, int] = {}
+        self._ordered: list[int] = []
 
     def add(self, value: int) -> None:
+        if len(self._values) == self._values.maxlen:
+            del self._ordered[bisect.bisect_left(self._ordered, self._values[0])]
         self._values.append(value)
-        self._cached.clear()
+        bisect.insort(self._ordered, value)
 
     def __len__(self) -> int:
         return len(self._values)
 
     def quantile(self, q: float) -> int:
         """Nearest-rank quantile: the smallest sample with at least ``q`` of samples ≤ it."""
-        hit = self._cached.get(q)
-        if hit is None:
-            ordered = sorted(self._values)
-            rank = max(1, math.ceil(q * len(ordered)))
-            hit = ordered[rank - 1]
-            self._cached[q] = hit
-        return hit
+        return self._ordered[max(1, math.ceil(q * len(self._ordered))) - 1]
 
 
 class OutputLengths:

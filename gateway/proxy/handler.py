@@ -61,8 +61,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if tenant is None:
         message = "Invalid or missing API key: send `Authorization: Bearer <key>` or `api-key`."
         return _refused(gw, None, None, responses.error(Outcome.UNAUTHORIZED, message))
-    body = await _read_body(request, policy.server.max_body_bytes)
-    if body is None:
+    body = await _read_body(request)
+    if body is None or len(body) > policy.server.max_body_bytes:
         limit = policy.server.max_body_bytes
         message = f"Request body is larger than this gateway's limit of {limit} bytes."
         refusal = responses.error(Outcome.TOO_LARGE, message, should_retry=False)
@@ -341,19 +341,14 @@ def _authenticate(request: web.Request, policy: Policy) -> Tenant | None:
     return policy.tenant_for_key(key)
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
-    """The whole body, or None when it is longer than ``limit`` (read no further than that)."""
-    length = request.content_length
-    if length is not None and length > limit:
+async def _read_body(request: web.Request) -> bytes | None:
+    """The whole body, or None when it is longer than the app's ``client_max_size`` (the
+    ``max_body`` the gateway started with; aiohttp stops reading there; a reloaded, smaller
+    ``max_body`` is checked by the caller)."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
         return None
-    chunks = []
-    size = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _priority(request: web.Request, tenant: Tenant) -> Priority:
