@@ -188,8 +188,11 @@ class Admission:
                 False,
             )
         if pool.codel.sheds(ticket.priority):
+            # Refuse at the door only while the queue ahead already holds a target delay of
+            # work: an emptied queue would leave memory idle the moment it frees.
             retry = self._wait_estimate(pool, ticket.priority, 0.0, now)
-            return Rejection(Outcome.SHED_OVERLOAD, _retry(retry), "queue delay above target")
+            if retry is None or retry >= pool.codel.target_s:
+                return Rejection(Outcome.SHED_OVERLOAD, _retry(retry), "queue delay above target")
         if not len(pool.queue):
             # Nobody waits, so nobody can be passed: place at once if it fits anywhere.
             best = self._best(needs, {b.url: b.room(now) for b in cands})

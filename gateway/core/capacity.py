@@ -2,15 +2,17 @@
 
 A backend's capacity has one of three kinds:
 - ``BYTES`` (its KV size is known, from ``kv_capacity`` or its metrics):
-  ``usable = capacity * (1 - headroom) * warm-up factor * (1 - fragmentation) * pressure``;
+  ``usable = capacity * (1 - headroom) * warm-up factor * pressure``;
   ``free = min(usable * overcommit - reserved - foreign, usable - measured usage - admitted
   since the scrape)`` where ``reserved`` is what this gateway's requests in flight there hold,
   ``foreign`` is usage the gauge shows beyond what we had reserved at the scrape (another
   gateway, or our estimates running over), and ``overcommit`` (``gateway.core.overcommit``, 1
   but for paged backends) lets reservations exceed usable while the measured usage stays under
   it. Without a fresh usage gauge: ``free = usable - reserved``.
-  A request needing more than a reported largest free block does not go there, nor does a
-  *large* one (over ``large_request`` of usable) while fragmentation is above ``shed_above``.
+  A request needing more than a reported largest free block does not go there (it waits;
+  ageing reserves room for it). Where only a fragmentation ratio is reported, the fragmented
+  share of free memory is unusable, and a *large* request (over ``large_request`` of usable)
+  avoids a backend whose ratio is above ``shed_above``.
 - ``SLOTS`` (llama.cpp): a whole slot per request; usable = slots * warm-up * pressure.
 - ``CONCURRENCY`` (no memory signal, no configured size): the adaptive limit of
   ``gateway.core.adaptive``.
@@ -195,12 +197,16 @@ class BackendRuntime:
         usage = self._usage(sig)
         if prev is not None and now - prev.at <= self.cap.stale_after_s:
             preempted = _rose(prev.preemptions_total, sig.preemptions_total)
+            # A paged backend with a usage gauge answers a preemption through its overcommit
+            # alone: cutting pressure too would halve the reaction to one event.
+            tuned = usage is not None and self.config.memory_kind is MemoryKind.PAGED
             if preempted:
-                self.pressure.cut(now)
+                if not tuned:
+                    self.pressure.cut(now)
                 self.adaptive.on_drop(now)
             if usage is not None and usage >= _NEAR_FULL and _rose(prev.waiting, sig.waiting):
                 self.pressure.cut(now)
-            if usage is not None and self.config.memory_kind is MemoryKind.PAGED:
+            if tuned and usage is not None:
                 planned = self.view(now).usable * self.overcommit.value
                 self.overcommit.observe(
                     usage=usage,
@@ -270,13 +276,7 @@ class BackendRuntime:
         total = float(self.total_bytes() or 0)
         frag = None if sig is None else sig.fragmentation
         largest = None if sig is None else sig.largest_free_block_bytes
-        usable = (
-            total
-            * (1.0 - self.cap.headroom)
-            * factor
-            * (1.0 - (frag or 0.0))
-            * self.pressure.value(now)
-        )
+        usable = total * (1.0 - self.cap.headroom) * factor * self.pressure.value(now)
         own = float(self.reserved_bytes)
         usage = None if sig is None else self._usage(sig)
         if usage is None:
@@ -293,6 +293,10 @@ class BackendRuntime:
             admitted_since = max(0.0, own - self._reserved_at_scrape)
             gauge_left = usable - usage * real_total - admitted_since
             free = min(usable * self.overcommit.value - own - foreign, gauge_left)
+        if frag is not None and largest is None:
+            # Only the ratio is known: the fragmented share of what is free cannot be used.
+            # (With the largest free block known, each request is held to it instead.)
+            free = min(free, max(0.0, free) * (1.0 - frag))
         return CapacityView(
             CapacityKind.BYTES,
             self.lifecycle.phase,
@@ -342,7 +346,7 @@ class BackendRuntime:
         limit = v.free
         if v.largest_free_bytes is not None:
             limit = min(limit, v.largest_free_bytes)
-        if v.fragmentation is not None and v.fragmentation > self.cap.shed_above:
+        elif v.fragmentation is not None and v.fragmentation > self.cap.shed_above:
             limit = min(limit, self.cap.large_request * v.usable)
         return None if limit < 0 else Room(limit, v.free, by_bytes=True)
 
@@ -352,9 +356,12 @@ class BackendRuntime:
         return None if room is None else room.score(need_bytes)
 
     def too_fragmented(self, need_bytes: int, v: CapacityView) -> bool:
-        """A large request avoids a backend whose fragmentation is above ``shed_above``."""
+        """A large request avoids a backend whose fragmentation is above ``shed_above`` when
+        only the ratio is known; with the largest free block reported, it waits until a block
+        that large is free (small ones keep flowing; ageing keeps it from starving)."""
         return (
             v.fragmentation is not None
+            and v.largest_free_bytes is None
             and v.fragmentation > self.cap.shed_above
             and need_bytes > self.cap.large_request * v.usable
         )

@@ -181,15 +181,15 @@ async def test_fragmentation_sheds_large_and_passes_small(aiohttp_server: Server
     stub.metrics = "kvgate_gpu_fragmentation_ratio 0.6\n"
     try:
         await until(lambda: backend_view(r, url)["fragmentation"] == 0.6, "fragmentation seen")
-        small = await r.admitter.acquire(ticket(r.clock, 10))  # 10 of 400 usable
+        small = await r.admitter.acquire(ticket(r.clock, 10))  # 10 of 1000 usable: small
         with pytest.raises(Shed) as shed:
-            await r.admitter.acquire(ticket(r.clock, 100))
+            await r.admitter.acquire(ticket(r.clock, 150))  # over 10% of usable: large
         assert shed.value.outcome is Outcome.SHED_FRAGMENTATION
         assert shed.value.retry_after_s is not None
         assert shed.value.should_retry
         stub.metrics = "kvgate_gpu_fragmentation_ratio 0.1\n"
         await until(lambda: backend_view(r, url)["fragmentation"] == 0.1, "defragmented")
-        large = await r.admitter.acquire(ticket(r.clock, 100))
+        large = await r.admitter.acquire(ticket(r.clock, 150))
         small.release()
         large.release()
     finally:

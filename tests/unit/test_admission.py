@@ -217,8 +217,8 @@ def test_large_request_shed_when_every_backend_is_fragmented_small_pass() -> Non
     adm = Admission(config(backend("a", 1000), cap=cap), clock.now())
     up(adm, clock, "a")
     adm.observe_signals(M, "a", BackendSignals(at=clock.now(), fragmentation=0.6), clock.now())
-    placed(adm.offer(ticket(clock, 20), clock.now()))  # 20 of 400 usable: small
-    rejected(adm.offer(ticket(clock, 100), clock.now()), Outcome.SHED_FRAGMENTATION)
+    placed(adm.offer(ticket(clock, 20), clock.now()))  # 20 of 1000 usable: small
+    rejected(adm.offer(ticket(clock, 150), clock.now()), Outcome.SHED_FRAGMENTATION)  # > 10%
 
 
 def test_codel_sheds_sheddable_first_and_never_critical() -> None:

@@ -60,14 +60,24 @@ def test_warmup_scales_usable() -> None:
     assert rt.view(clock.now()).usable == pytest.approx(6 * GIB)
 
 
-def test_fragmentation_shrinks_usable_and_largest_free_block_bounds_a_request() -> None:
+def test_largest_free_block_bounds_a_request_and_leaves_capacity_whole() -> None:
     clock = FakeClock()
     rt = runtime(clock, cap=CapacityConfig(headroom=0.0, shed_above=0.9))
-    sig = BackendSignals(at=clock.now(), fragmentation=0.25, largest_free_block_bytes=GIB)
+    sig = BackendSignals(at=clock.now(), fragmentation=0.75, largest_free_block_bytes=GIB)
     rt.apply_signals(sig, clock.now())
-    assert rt.view(clock.now()).usable == pytest.approx(7.5 * GIB)
-    assert rt.placement_score(GIB, clock.now()) == pytest.approx(6.5 * GIB)
+    assert rt.view(clock.now()).usable == pytest.approx(10 * GIB)
+    assert rt.placement_score(GIB, clock.now()) == pytest.approx(9 * GIB)
     assert rt.placement_score(GIB + 1, clock.now()) is None
+
+
+def test_a_fragmentation_ratio_alone_makes_its_share_of_free_memory_unusable() -> None:
+    clock = FakeClock()
+    rt = runtime(clock, cap=CapacityConfig(headroom=0.0, shed_above=0.9))
+    rt.place(2 * GIB)
+    rt.apply_signals(BackendSignals(at=clock.now(), fragmentation=0.25), clock.now())
+    view = rt.view(clock.now())
+    assert view.usable == pytest.approx(10 * GIB)
+    assert view.free == pytest.approx((10 - 2) * GIB * 0.75)
 
 
 def test_large_requests_avoid_a_backend_above_shed_above_small_ones_pass() -> None:
