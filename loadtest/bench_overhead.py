@@ -77,7 +77,9 @@ def _pin(core: int) -> list[str]:
 @contextlib.contextmanager
 def _process(cmd: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
     # Logs go to a file: a pipe nobody reads would block the process once full.
-    log = tempfile.NamedTemporaryFile(prefix="kvgate-bench-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115  # closed in finally, kept for reading
+        prefix="kvgate-bench-", suffix=".log", delete=False
+    )
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 20

@@ -118,6 +118,7 @@ class _Lease:
     tenant: str
     nbytes: int
     placed_at: float
+    started: bool = False
 
 
 class _Pool:
@@ -227,6 +228,16 @@ class Admission:
         """Forget a waiting entry (its client left). True if it was still queued."""
         return any(self._drop(pool, entry_id) for pool in self._pools.values())
 
+    def started(self, lease_id: int) -> None:
+        """The backend began answering a placement (its response headers arrived)."""
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.started:
+            return
+        lease.started = True
+        rt = self._runtime(lease.model, lease.url)
+        if rt is not None:
+            rt.started(lease.nbytes)
+
     def release(
         self,
         lease_id: int,
@@ -248,7 +259,7 @@ class Admission:
         rt = None if pool is None else pool.backends.get(lease.url)
         if pool is None or rt is None:
             return
-        rt.unplace(lease.nbytes)
+        rt.unplace(lease.nbytes, started=lease.started)
         held = now - lease.placed_at
         pool.drain.record(lease.nbytes, held, now)
         if failure in ("connect", "5xx", "timeout"):

@@ -160,6 +160,9 @@ class BackendRuntime:
             initial=config.max_concurrency, max_limit=config.max_concurrency
         )
         self._reserved_at_scrape = 0
+        self.unstarted_bytes = 0  # placed here, no answer yet: maybe not allocated yet
+        self._unstarted_at_scrape = 0
+        self._placed_since_scrape = 0
         self._inflight_at_scrape = 0
         self._capacity_tokens: int | None = None
         self._slots: int | None = None
@@ -216,6 +219,8 @@ class BackendRuntime:
                 )
         self.signals = sig
         self._reserved_at_scrape = self.reserved_bytes
+        self._unstarted_at_scrape = self.unstarted_bytes
+        self._placed_since_scrape = 0
         self._inflight_at_scrape = self.inflight
         self._capacity_tokens = sig.capacity_tokens or self._capacity_tokens
         self._slots = sig.total_slots or self._slots
@@ -345,7 +350,7 @@ class BackendRuntime:
             return None if v.free < 1 else Room(math.inf, v.free, by_bytes=False)
         limit = v.free
         if v.largest_free_bytes is not None:
-            limit = min(limit, v.largest_free_bytes)
+            limit = min(limit, self._largest_free(v.largest_free_bytes))
         elif v.fragmentation is not None and v.fragmentation > self.cap.shed_above:
             limit = min(limit, self.cap.large_request * v.usable)
         return None if limit < 0 else Room(limit, v.free, by_bytes=True)
@@ -369,10 +374,29 @@ class BackendRuntime:
     def place(self, need_bytes: int) -> None:
         self.reserved_bytes += need_bytes
         self.inflight += 1
+        self.unstarted_bytes += need_bytes
+        self._placed_since_scrape += need_bytes
 
-    def unplace(self, need_bytes: int) -> None:
+    def started(self, need_bytes: int) -> None:
+        """The backend answered a request placed here: its memory is allocated by now."""
+        self.unstarted_bytes = max(0, self.unstarted_bytes - need_bytes)
+
+    def unplace(self, need_bytes: int, *, started: bool) -> None:
         self.reserved_bytes = max(0, self.reserved_bytes - need_bytes)
         self.inflight = max(0, self.inflight - 1)
+        if not started:
+            self.started(need_bytes)
+
+    def _largest_free(self, reported: float) -> float:
+        """A reported largest free block, less what may have been carved from it since.
+
+        A contiguous server allocates when it starts a request, so a scrape reflects the
+        requests that had started by then; the rest (unstarted at the scrape, or placed since)
+        may still take their region out of that block. Holding each request to what is left
+        after all of them keeps two requests from being promised one region."""
+        if self.config.memory_kind is not MemoryKind.CONTIGUOUS:
+            return reported
+        return reported - self._unstarted_at_scrape - self._placed_since_scrape
 
 
 def _whole(x: float) -> float:

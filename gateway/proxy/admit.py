@@ -76,6 +76,11 @@ class Lease:
     def released(self) -> bool:
         return self._released
 
+    def started(self) -> None:
+        """The backend's response began: what it allocates for the request is allocated."""
+        if not self._released:
+            self._admitter._mark_started(self.lease_id)
+
     def release(
         self,
         *,
@@ -188,6 +193,9 @@ class Admitter:
     def observe_signals(self, model: str, url: str, signals: BackendSignals) -> None:
         self._core.observe_signals(model, url, signals, self._clock.now())
         self._dispatch()
+
+    def _mark_started(self, lease_id: int) -> None:
+        self._core.started(lease_id)
 
     def _release(
         self, lease_id: int, output_tokens: int | None, ttft_s: float | None, failure: str | None

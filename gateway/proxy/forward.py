@@ -9,7 +9,7 @@ stream ends with an SSE error event, which the OpenAI SDKs raise as an API error
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -80,9 +80,11 @@ async def forward(
     relay: Relay,
     clock: Clock,
     extra_headers: Mapping[str, str],
+    on_start: Callable[[], None],
 ) -> web.StreamResponse:
     """Proxy to ``url``; fills ``relay`` as it goes (also when it raises). ``extra_headers`` are
-    added to the client's response (the gateway's rate-limit headers)."""
+    added to the client's response (the gateway's rate-limit headers); ``on_start`` is called
+    when the backend's response headers arrive."""
     loop = asyncio.get_running_loop()
     end_by = loop.time() + timeouts.total_s
     started = False
@@ -93,6 +95,7 @@ async def forward(
             async with upstream:
                 relay.status = upstream.status
                 relay.first_byte_at = clock.now()
+                on_start()
                 if upstream.status >= 500:
                     relay.failure = "5xx"
                 out_headers = downstream_headers(upstream.headers.items())

@@ -212,6 +212,7 @@ async def _forward(
             relay=relay,
             clock=gw.clock,
             extra_headers=headers,
+            on_start=lease.started,
         )
     except UpstreamConnectError:
         failure = "connect"

@@ -3,6 +3,7 @@ both aiohttp servers on 127.0.0.1, and real HTTP clients."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -92,9 +93,14 @@ def make_gateway(
     return make
 
 
-async def _wait_ready(client: TestClient[web.Request, web.Application]) -> None:
-    import asyncio
+async def until(condition: Callable[[], object], timeout_s: float = 5.0) -> None:
+    """Wait for state that another server changes; there is no event to await on it."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
+
+async def _wait_ready(client: TestClient[web.Request, web.Application]) -> None:
     for _ in range(200):
         response = await client.get("/readyz")
         if response.status == 200:

@@ -22,7 +22,9 @@ class Seen:
 class StubBackend:
     requests: list[Seen] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)  # lets a held answer go on
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)  # the held handler was cancelled
+    cancelled: asyncio.Event = field(
+        default_factory=asyncio.Event
+    )  # the held handler was cancelled
     hold_first_byte: bool = False  # wait for `release` before sending anything
     hold_stream: bool = False  # send the first chunk, then wait for `release`
     completion_tokens: int = 5

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.conftest import policy_text
+from tests.integration.conftest import policy_text, until
 from tests.integration.stub import StubBackend
 
 pytestmark = pytest.mark.integration
@@ -97,9 +97,7 @@ async def test_sigterm_lets_requests_in_flight_finish(
                     json={"model": "m1", "messages": [{"role": "user", "content": "hi"}]},
                 )
             )
-            async with asyncio.timeout(5):
-                while not stub.requests:
-                    await asyncio.sleep(0.01)
+            await until(lambda: stub.requests)
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
             stub.release.set()

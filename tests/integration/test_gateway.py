@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 from gateway.app import build_app
 from gateway.metrics import Metrics
 from gateway.policy.watcher import read_policy
-from tests.integration.conftest import MakeGateway, policy_text
+from tests.integration.conftest import MakeGateway, policy_text, until
 from tests.integration.stub import StubBackend
 
 pytestmark = pytest.mark.integration
@@ -122,15 +122,13 @@ async def test_policy_edits_reload_without_dropping_a_request_and_bad_ones_are_r
     async def reload(result: str) -> None:
         before = _sample(metrics, "kvgate_policy_reloads_total", result=result)
         os.kill(os.getpid(), signal.SIGHUP)
-        async with asyncio.timeout(5):
-            while _sample(metrics, "kvgate_policy_reloads_total", result=result) == before:
-                await asyncio.sleep(0.01)
+        await until(
+            lambda: _sample(metrics, "kvgate_policy_reloads_total", result=result) != before
+        )
 
     stub.hold_first_byte = True
     in_flight = asyncio.ensure_future(client.post("/v1/chat/completions", json=CHAT))
-    async with asyncio.timeout(5):
-        while not stub.requests:
-            await asyncio.sleep(0.01)
+    await until(lambda: stub.requests)
 
     path.write_text(policy_text([stub_url]).replace("anonymous_tenant: anon", ""))
     await reload("ok")

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from tests.integration.conftest import MakeGateway, policy_text
+from tests.integration.conftest import MakeGateway, policy_text, until
 from tests.integration.stub import StubBackend
 
 pytestmark = pytest.mark.integration
@@ -59,7 +59,7 @@ async def test_usage_chunk_asked_by_the_gateway_is_hidden_and_settles_tokens(
     assert '"usage"' not in text
     upstream = json.loads(stub.requests[-1].body)
     assert upstream["stream_options"] == {"include_usage": True}
-    await _until(lambda: _sample(metrics, "kvgate_tokens_total", kind="output") == 5)
+    await until(lambda: _sample(metrics, "kvgate_tokens_total", kind="output") == 5)
 
 
 async def test_usage_chunk_is_passed_when_the_client_asked(
@@ -77,7 +77,7 @@ async def test_client_disconnect_cancels_the_upstream_request(
     stub.hold_first_byte = True
     client, _ = await make_gateway(policy_text([stub_url]))
     request = asyncio.ensure_future(client.post("/v1/chat/completions", json=CHAT))
-    await _until(lambda: bool(stub.requests))
+    await until(lambda: bool(stub.requests))
     request.cancel()
     await asyncio.wait_for(stub.cancelled.wait(), 5)
 
@@ -232,12 +232,6 @@ def _sample(metrics: object, name: str, **labels: str) -> float:
     return total
 
 
-async def _until(condition: object, timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0.01)
-
-
 async def test_clients_leaving_mid_stream_do_not_count_against_the_backend(
     make_gateway: MakeGateway, stub: StubBackend, stub_url: str
 ) -> None:
@@ -249,7 +243,7 @@ async def test_clients_leaving_mid_stream_do_not_count_against_the_backend(
         response.close()
     stub.release.set()
     labels = {"tenant": "anon", "model": "m1", "outcome": "client_closed"}
-    await _until(lambda: metrics.registry.get_sample_value("kvgate_requests_total", labels) == 4)
+    await until(lambda: metrics.registry.get_sample_value("kvgate_requests_total", labels) == 4)
     backend = (await (await client.get("/admin/state")).json())["admission"]["m1"]["backends"][0]
     assert backend["phase"] == "ready"
     assert backend["failures"] == 0
