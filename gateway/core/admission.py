@@ -38,6 +38,8 @@ from gateway.core.queueing import CoDel, DrainRate, Entry, FairQueue, QueueConfi
 from gateway.core.types import Outcome, Priority
 
 _MIN_RETRY_S = 1.0
+# A backend with no queue of its own allocates a request within a step of receiving it.
+_ALLOCATION_GRACE_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,12 +233,8 @@ class Admission:
     def started(self, lease_id: int) -> None:
         """The backend began answering a placement (its response headers arrived)."""
         lease = self._leases.get(lease_id)
-        if lease is None or lease.started:
-            return
-        lease.started = True
-        rt = self._runtime(lease.model, lease.url)
-        if rt is not None:
-            rt.started(lease.nbytes)
+        if lease is not None:
+            lease.started = True
 
     def release(
         self,
@@ -259,7 +257,7 @@ class Admission:
         rt = None if pool is None else pool.backends.get(lease.url)
         if pool is None or rt is None:
             return
-        rt.unplace(lease.nbytes, started=lease.started)
+        rt.unplace(lease.nbytes)
         held = now - lease.placed_at
         pool.drain.record(lease.nbytes, held, now)
         if failure in ("connect", "5xx", "timeout"):
@@ -285,8 +283,22 @@ class Admission:
     def observe_signals(self, model: str, url: str, signals: BackendSignals, now: float) -> None:
         rt = self._runtime(model, url)
         if rt is not None:
-            rt.apply_signals(signals, now)
+            rt.apply_signals(signals, now, pending_bytes=self._pending(model, url, signals, now))
             self._pump_pool(self._pools[model], now)
+
+    def _pending(self, model: str, url: str, signals: BackendSignals, now: float) -> int:
+        """Bytes placed on a backend that its scrape may not show allocated: every unanswered
+        request while the backend has a queue of its own, else those placed just before."""
+        recent = now - _ALLOCATION_GRACE_S
+        queued = bool(signals.waiting)
+        return sum(
+            lease.nbytes
+            for lease in self._leases.values()
+            if lease.url == url
+            and lease.model == model
+            and not lease.started
+            and (queued or lease.placed_at >= recent)
+        )
 
     def tick(self, now: float) -> None:
         """Time passed: expire deadlines, apply CoDel, re-try the queue."""

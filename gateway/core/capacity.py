@@ -160,8 +160,7 @@ class BackendRuntime:
             initial=config.max_concurrency, max_limit=config.max_concurrency
         )
         self._reserved_at_scrape = 0
-        self.unstarted_bytes = 0  # placed here, no answer yet: maybe not allocated yet
-        self._unstarted_at_scrape = 0
+        self._pending_at_scrape = 0
         self._placed_since_scrape = 0
         self._inflight_at_scrape = 0
         self._capacity_tokens: int | None = None
@@ -194,8 +193,10 @@ class BackendRuntime:
     def block_size(self) -> int:
         return self.config.block_size or self._block_size or DEFAULT_BLOCK_SIZE
 
-    def apply_signals(self, sig: BackendSignals, now: float) -> None:
-        """Take a scrape; infer pressure from its change since the previous one."""
+    def apply_signals(self, sig: BackendSignals, now: float, *, pending_bytes: int = 0) -> None:
+        """Take a scrape; infer pressure from its change since the previous one.
+        ``pending_bytes``: what this gateway placed here that the backend may not have
+        allocated yet when it answered the scrape."""
         prev = self.signals
         usage = self._usage(sig)
         if prev is not None and now - prev.at <= self.cap.stale_after_s:
@@ -219,7 +220,7 @@ class BackendRuntime:
                 )
         self.signals = sig
         self._reserved_at_scrape = self.reserved_bytes
-        self._unstarted_at_scrape = self.unstarted_bytes
+        self._pending_at_scrape = pending_bytes
         self._placed_since_scrape = 0
         self._inflight_at_scrape = self.inflight
         self._capacity_tokens = sig.capacity_tokens or self._capacity_tokens
@@ -374,29 +375,22 @@ class BackendRuntime:
     def place(self, need_bytes: int) -> None:
         self.reserved_bytes += need_bytes
         self.inflight += 1
-        self.unstarted_bytes += need_bytes
         self._placed_since_scrape += need_bytes
 
-    def started(self, need_bytes: int) -> None:
-        """The backend answered a request placed here: its memory is allocated by now."""
-        self.unstarted_bytes = max(0, self.unstarted_bytes - need_bytes)
-
-    def unplace(self, need_bytes: int, *, started: bool) -> None:
+    def unplace(self, need_bytes: int) -> None:
         self.reserved_bytes = max(0, self.reserved_bytes - need_bytes)
         self.inflight = max(0, self.inflight - 1)
-        if not started:
-            self.started(need_bytes)
 
     def _largest_free(self, reported: float) -> float:
         """A reported largest free block, less what may have been carved from it since.
 
         A contiguous server allocates when it starts a request, so a scrape reflects the
-        requests that had started by then; the rest (unstarted at the scrape, or placed since)
-        may still take their region out of that block. Holding each request to what is left
-        after all of them keeps two requests from being promised one region."""
+        requests it had started by then; the rest (pending at the scrape, or placed since) may
+        still take their region out of that block. Holding each request to what is left after
+        all of them keeps two requests from being promised one region."""
         if self.config.memory_kind is not MemoryKind.CONTIGUOUS:
             return reported
-        return reported - self._unstarted_at_scrape - self._placed_since_scrape
+        return reported - self._pending_at_scrape - self._placed_since_scrape
 
 
 def _whole(x: float) -> float:

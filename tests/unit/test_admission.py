@@ -352,3 +352,35 @@ def test_reserved_bytes_never_exceed_usable_capacity(ops: list[tuple[str, int]])
         assert isinstance(snap, dict)
         for b in snap["backends"]:
             assert b["reserved_bytes"] <= b["usable"] + 1e-6
+
+
+def test_one_free_region_is_never_promised_twice_on_a_contiguous_backend() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000)), clock.now())
+    up(adm, clock, "a")
+    region = 300 * KVT  # the largest free block: 300 tokens, although 1000 are free
+    adm.observe_signals(
+        M, "a", BackendSignals(at=clock.now(), largest_free_block_bytes=region), clock.now()
+    )
+    placed(adm.offer(ticket(clock, 200), clock.now()))
+    # 200 of the 300 may already be carved out of that region: 150 more must wait
+    assert isinstance(adm.offer(ticket(clock, 150), clock.now()), Queued)
+    placed(adm.offer(ticket(clock, 100), clock.now()))
+
+
+def test_requests_the_backend_may_not_have_allocated_at_a_scrape_still_count() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000)), clock.now())
+    up(adm, clock, "a")
+    first = placed(adm.offer(ticket(clock, 200), clock.now()))
+    clock.advance(1.0)
+    # The backend has a queue of its own, and `first` has not started: its region may still
+    # be taken from the 300 the scrape reports free.
+    sig = BackendSignals(at=clock.now(), waiting=1, largest_free_block_bytes=300 * KVT)
+    adm.observe_signals(M, "a", sig, clock.now())
+    assert isinstance(adm.offer(ticket(clock, 150), clock.now()), Queued)
+    adm.started(first.lease_id)
+    clock.advance(1.0)
+    sig = BackendSignals(at=clock.now(), waiting=0, largest_free_block_bytes=300 * KVT)
+    adm.observe_signals(M, "a", sig, clock.now())
+    assert any(isinstance(v, Placement) for _, v in adm.take_events())

@@ -39,7 +39,7 @@ def test_usable_is_capacity_minus_headroom_minus_reserved() -> None:
     assert v.usable == pytest.approx(9 * GIB)
     rt.place(2 * GIB)
     assert rt.view(clock.now()).free == pytest.approx(7 * GIB)
-    rt.unplace(2 * GIB, started=True)
+    rt.unplace(2 * GIB)
     assert rt.view(clock.now()).free == pytest.approx(9 * GIB)
 
 
