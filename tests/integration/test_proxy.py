@@ -248,3 +248,23 @@ async def test_clients_leaving_mid_stream_do_not_count_against_the_backend(
     assert backend["phase"] == "ready"
     assert backend["failures"] == 0
     assert backend["inflight"] == 0
+
+
+async def test_a_stream_settles_to_its_real_usage_and_refunds_the_rest(
+    make_gateway: MakeGateway, stub_url: str
+) -> None:
+    limits = "      - {unit: tokens, rate: 1000/min}"
+    client, metrics = await make_gateway(policy_text([stub_url], acme_limits=limits))
+    auth = {"Authorization": "Bearer sk-acme"}
+    body = {**CHAT, "stream": True, "max_tokens": 900}
+    first = await client.post("/v1/chat/completions", json=body, headers=auth)
+    # charged up front: the estimated prompt (~9) and all 900 reserved output tokens
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) < 100
+    await first.read()
+    # settled to the real usage (7 prompt + 5 output): the unused 895 came back
+    labels = {"tenant": "acme", "model": "m1", "kind": "output"}
+    await until(lambda: metrics.registry.get_sample_value("kvgate_tokens_total", labels) == 5)
+    second = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1}, headers=auth)
+    assert second.status == 200
+    remaining = int(second.headers["x-ratelimit-remaining-tokens"])
+    assert 1000 - 12 - 20 <= remaining <= 1000 - 12

@@ -130,6 +130,9 @@ def test_counts_goodput_and_percentiles_from_records() -> None:
     assert s.tenants["a"].offered_output_tokens == 100 + 50 + 80 + 100 + 100
     assert (s.retries, s.refused_after_honoured_wait) == (1, 1)
     assert s.max_send_lag_s == pytest.approx(0.5)
+    # steady window 2.5-10 s: of the good ones only #2 (done at 4) finished in it; #1 finished
+    # at 2 (start-up), #9 at 12 (drain): 50 tokens over 7.5 s
+    assert s.steady_goodput_tokens_per_s == pytest.approx(50 / 7.5)
 
 
 def test_backend_figures_are_differences_within_the_span() -> None:
