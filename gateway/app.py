@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -151,12 +152,8 @@ async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
     def report(result: str) -> None:
         gw.metrics.policy_reloads.labels(result).inc()
 
-    watcher = PolicyWatcher(path, digest, apply, report)
-    task = asyncio.get_running_loop().create_task(watcher.run())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with _running(PolicyWatcher(path, digest, apply, report).run()):
+        yield
 
 
 async def _access_log(app: web.Application) -> AsyncIterator[None]:
@@ -164,11 +161,20 @@ async def _access_log(app: web.Application) -> AsyncIterator[None]:
     if access is None:
         yield
         return
-    task = asyncio.get_running_loop().create_task(access.run())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with _running(access.run()):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _running(work: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """``work`` as a task for the app's lifetime: cancelled and awaited when it stops."""
+    task = asyncio.get_running_loop().create_task(work)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _drain(app: web.Application) -> AsyncIterator[None]:
