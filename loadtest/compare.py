@@ -18,7 +18,7 @@ import msgspec
 
 from loadtest import plots
 from loadtest.generator import Extra, PlannedRequest, run_trace
-from loadtest.records import BackendSample, RequestRecord, write_jsonl
+from loadtest.records import BackendSample, RequestRecord, Result, write_jsonl
 from loadtest.report import TargetSummary, render_markdown, render_table, summarise
 from loadtest.scenario import Scenario
 from loadtest.sim.ceiling import ceiling_tokens_per_s
@@ -61,6 +61,19 @@ def trace_shape(scenario: Scenario, planned: Sequence[PlannedRequest]) -> TraceS
         ceiling_tokens_per_s=ceiling_tokens_per_s(
             scenario.backend, max(1.0, prompt), output, mean_max_tokens=reserved
         ),
+    )
+
+
+def served_ceiling(scenario: Scenario, records: Sequence[RequestRecord]) -> float:
+    """The ceiling for the requests a target served (0 when it served none)."""
+    served = [r for r in records if r.result is Result.OK and r.output_tokens]
+    if not served:
+        return 0.0
+    prompt = sum(r.prompt_tokens or r.planned_prompt_tokens for r in served) / len(served)
+    output = sum(r.output_tokens or 0 for r in served) / len(served)
+    reserved = max(output, sum(r.max_tokens for r in served) / len(served))
+    return ceiling_tokens_per_s(
+        scenario.backend, max(1.0, prompt), max(1.0, output), mean_max_tokens=reserved
     )
 
 
@@ -137,7 +150,10 @@ def write_results(
     for target, (records, samples) in results.items():
         write_jsonl(out / f"records-{target}.jsonl", records)
         write_jsonl(out / f"backend-{target}.jsonl", samples)
-        summaries[target] = summarise(records, weights, scenario.duration_s, run_s, samples)
+        summary = summarise(records, weights, scenario.duration_s, run_s, samples)
+        summaries[target] = msgspec.structs.replace(
+            summary, served_ceiling_tokens_per_s=served_ceiling(scenario, records)
+        )
     result = Comparison(
         scenario=scenario.name,
         seed=scenario.seed,
