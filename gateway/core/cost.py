@@ -251,26 +251,64 @@ def estimate(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """How the backend that served a request held its KV cache, for the GiB·s it is charged.
+
+    ``growing``: a paged backend, whose sequences hold their prompt and grow a block at a time
+    as they decode; otherwise the whole sequence (prompt + ``reserved_output_tokens`` per
+    sequence) is allocated for the request's whole life. ``decode_s``: seconds from the first
+    output token to the end, when the gateway saw it (a stream); else it is apportioned from the
+    profile's prefill and decode speeds.
+    """
+
+    growing: bool
+    reserved_output_tokens: int
+    decode_s: float | None = None
+
+
 def settle_cost(
     profile: ModelProfile,
     input_tokens: int,
     output_tokens: int,
     duration_s: float,
     sequences: int = 1,
+    holding: Holding | None = None,
 ) -> Cost:
     """What a finished request really used: the usage block's token counts and the measured
     duration (seconds from admission to the last byte). ``sequences`` is the number of output
-    sequences the ``output_tokens`` are spread over (``n``); KV is laid out as in ``estimate``."""
+    sequences the ``output_tokens`` are spread over (``n``); KV is laid out as in ``estimate``.
+
+    GiB·s is the KV memory the backend held over time: without ``holding``, the final KV for the
+    whole duration (an upper bound); on a growing (paged) backend, the prompt's KV for the whole
+    duration plus the output's, growing linearly, over the decode time; on one that allocates up
+    front, prompt + reserved output for the whole duration.
+    """
     sequences = max(1, sequences)
+    duration_s = max(0.0, duration_s)
     per_sequence = -(-output_tokens // sequences)
-    blocks = _kv_blocks(input_tokens, per_sequence, sequences, profile.block_size)
-    kv_bytes = blocks * profile.block_size * profile.kv_bytes_per_token
+    block_bytes = profile.block_size * profile.kv_bytes_per_token
+    kv_bytes = _kv_blocks(input_tokens, per_sequence, sequences, profile.block_size) * block_bytes
+    byte_seconds = kv_bytes * duration_s
+    if holding is not None and holding.growing:
+        prompt_bytes = _kv_blocks(input_tokens, 0, sequences, profile.block_size) * block_bytes
+        decode_s = holding.decode_s
+        if decode_s is None:
+            prefill = input_tokens / profile.prefill_tokens_per_s
+            decode = per_sequence / profile.decode_tokens_per_s
+            decode_s = duration_s * decode / (prefill + decode) if prefill + decode else 0.0
+        decode_s = min(max(0.0, decode_s), duration_s)
+        byte_seconds = prompt_bytes * duration_s + (kv_bytes - prompt_bytes) * decode_s / 2
+    elif holding is not None:
+        reserved = max(per_sequence, holding.reserved_output_tokens)
+        allocated = _kv_blocks(input_tokens, reserved, sequences, profile.block_size)
+        byte_seconds = allocated * block_bytes * duration_s
     return Cost(
         requests=1.0,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         kv_bytes=kv_bytes,
-        kv_gib_seconds=kv_bytes / GIB * max(0.0, duration_s),
+        kv_gib_seconds=byte_seconds / GIB,
         price=_price(profile, input_tokens, output_tokens),
     )
 

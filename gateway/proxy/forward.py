@@ -57,6 +57,7 @@ class Relay:
     chunks: int = 0
     complete: bool = False  # the whole answer reached the client
     client_gone: bool = False  # the client left mid-answer: not the backend's fault
+    streamed: bool = False  # an SSE stream: first_byte_at is the first output token
     error: str | None = None  # what broke upstream, for the access log
     failure: str | None = None  # "5xx", "oom" or "timeout": fed back to the backend's state
 
@@ -117,19 +118,25 @@ async def forward(
                     relay.client_gone = True
                     return response
                 started = True
+                relay.streamed = is_sse
                 tap = UsageTap(strip_usage=strip_usage) if is_sse else None
-                async for data in upstream.content.iter_any():
-                    limit.reschedule(min(loop.time() + timeouts.idle_s, end_by))
-                    out = tap.feed(data) if tap is not None else data
-                    if out and not await _send(response, out, relay):
-                        break
-                else:
+                try:
+                    async for data in upstream.content.iter_any():
+                        limit.reschedule(min(loop.time() + timeouts.idle_s, end_by))
+                        out = tap.feed(data) if tap is not None else data
+                        if out and not await _send(response, out, relay):
+                            break
+                    else:
+                        last = tap.flush() if tap is not None else b""
+                        # Everything reached the client once the last bytes are written; a
+                        # client that hangs up on [DONE] before the terminating chunk has it.
+                        relay.complete = await _send(response, last, relay)
+                        await _send(response, None, relay)
+                finally:
+                    # Also when the handler is cancelled (the client left): what was relayed
+                    # until then was produced, and is settled.
                     if tap is not None:
-                        await _send(response, tap.flush(), relay)
-                    if await _send(response, None, relay):
-                        relay.complete = True
-                if tap is not None:
-                    _take_tap(relay, tap)
+                        _take_tap(relay, tap)
                 return response
     except TimeoutError as exc:
         relay.failure = "timeout"

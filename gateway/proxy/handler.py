@@ -12,7 +12,8 @@ import dataclasses
 import aiohttp
 from aiohttp import web
 
-from gateway.core.cost import ContextOverflowError, Cost, estimate, settle_cost
+from gateway.core.backend import MemoryKind
+from gateway.core.cost import ContextOverflowError, Cost, Holding, estimate, settle_cost
 from gateway.core.types import Outcome, Priority
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.policy.compile import Model, Policy, Tenant
@@ -229,7 +230,7 @@ async def _forward(
             ttft_s=ttft,
             failure=failure or relay.failure,
         )
-    if relay.client_gone:
+    if relay.client_gone and not relay.complete:
         ex.outcome = Outcome.CLIENT_CLOSED
     elif not relay.complete and ex.outcome is Outcome.OK:
         ex.outcome = (
@@ -252,7 +253,12 @@ async def _settle(
             output_tokens = cost.output_tokens if relay.complete else 0
         duration = ended - ex.started - ex.queued_s
         actual = settle_cost(
-            ex.model.profile, input_tokens, output_tokens, duration, sequences=ex.sequences
+            ex.model.profile,
+            input_tokens,
+            output_tokens,
+            duration,
+            sequences=ex.sequences,
+            holding=_holding(ex, cost, ended),
         )
         labels = (ex.tenant.name, ex.model.name)
         gw.metrics.settled(
@@ -263,6 +269,22 @@ async def _settle(
     if gw.access is not None:
         gw.access.write(_access_record(ex, ended, relay.status, actual))
     await settle(live.store, held, actual)
+
+
+def _holding(ex: _Exchange, cost: Cost, ended: float) -> Holding | None:
+    """How the backend that served the request held its KV, for GiB·s."""
+    backend = next((b for b in ex.model.backends if b.url == ex.backend), None)
+    if backend is None:
+        return None
+    relay = ex.relay
+    decode_s = None
+    if relay.streamed and relay.first_byte_at is not None:
+        decode_s = ended - relay.first_byte_at
+    return Holding(
+        growing=backend.config.memory_kind is MemoryKind.PAGED,
+        reserved_output_tokens=cost.output_tokens // max(1, ex.sequences),
+        decode_s=decode_s,
+    )
 
 
 def _refused(

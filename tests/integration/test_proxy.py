@@ -268,3 +268,28 @@ async def test_a_stream_settles_to_its_real_usage_and_refunds_the_rest(
     assert second.status == 200
     remaining = int(second.headers["x-ratelimit-remaining-tokens"])
     assert 1000 - 12 - 20 <= remaining <= 1000 - 12
+
+
+async def test_a_client_leaving_mid_stream_is_charged_for_what_it_received(
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str
+) -> None:
+    stub.hold_stream = True
+    client, metrics = await make_gateway(policy_text([stub_url]))
+    response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    await response.content.readuntil(b"\n\n")  # the first token's chunk
+    response.close()
+    labels = {"tenant": "anon", "model": "m1", "kind": "output"}
+    await until(lambda: metrics.registry.get_sample_value("kvgate_tokens_total", labels) == 1)
+    stub.release.set()
+
+
+async def test_a_client_hanging_up_right_after_done_is_a_success(
+    make_gateway: MakeGateway, stub_url: str
+) -> None:
+    client, metrics = await make_gateway(policy_text([stub_url]))
+    response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    while not (await response.content.readuntil(b"\n\n")).startswith(b"data: [DONE]"):
+        pass
+    response.close()
+    labels = {"tenant": "anon", "model": "m1", "outcome": "ok"}
+    await until(lambda: metrics.registry.get_sample_value("kvgate_requests_total", labels) == 1)

@@ -13,6 +13,7 @@ from gateway.core.cost import (
     GIB,
     ContextOverflowError,
     Cost,
+    Holding,
     ModelProfile,
     estimate,
     prompt_tokens,
@@ -169,6 +170,34 @@ def test_settle_cost_prices_real_usage_and_settlement_gives_deltas() -> None:
     assert deltas[4] == pytest.approx(-80 * 0.20 / 1e6)
     over = settle_cost(LLAMA_8B, input_tokens=107, output_tokens=150, duration_s=9.0)
     assert settlement(reserved, over, [Unit.KV_BYTES])[0] > 0
+
+
+def test_gib_seconds_follow_how_the_backend_holds_memory() -> None:
+    block = 16 * KIB128
+    # 160 prompt tokens (10 blocks) + 160 output (10 more), 4 s of which 3 s decoding
+    paged = settle_cost(
+        LLAMA_8B,
+        160,
+        160,
+        4.0,
+        holding=Holding(growing=True, reserved_output_tokens=800, decode_s=3.0),
+    )
+    # the prompt's 10 blocks for 4 s, the output's 10 growing from 0 over 3 s: 40 + 15
+    assert paged.kv_gib_seconds == pytest.approx(55 * block / GIB)
+    up_front = settle_cost(
+        LLAMA_8B, 160, 160, 4.0, holding=Holding(growing=False, reserved_output_tokens=800)
+    )
+    # prompt + all 800 reserved output tokens (60 blocks), allocated for 4 s
+    assert up_front.kv_gib_seconds == pytest.approx(60 * block * 4.0 / GIB)
+    assert paged.kv_bytes == up_front.kv_bytes == 20 * block  # the unit kv_bytes: final size
+
+
+def test_decode_time_is_apportioned_from_the_profile_when_not_seen() -> None:
+    # 8000 prompt tokens take 1 s to prefill, 40 output tokens 1 s to decode: half of 10 s
+    cost = settle_cost(LLAMA_8B, 8000, 40, 10.0, holding=Holding(True, 40))
+    prompt_bytes = 500 * 16 * KIB128
+    output_bytes = (math.ceil(8040 / 16) - 500) * 16 * KIB128
+    assert cost.kv_gib_seconds == pytest.approx((prompt_bytes * 10 + output_bytes * 5 / 2) / GIB)
 
 
 def test_settle_cost_spreads_output_over_sequences() -> None:
