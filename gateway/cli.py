@@ -124,8 +124,13 @@ async def _explain(config: Path, tenant_name: str, path: str, request: Path, bod
 
 
 def _bundled_policy() -> Path:
-    here = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
-    return DEFAULT_POLICY if DEFAULT_POLICY.exists() else here
+    """policies/default.yaml of the working directory, else of the checkout this runs from."""
+    for path in (DEFAULT_POLICY, Path(__file__).resolve().parent.parent / DEFAULT_POLICY):
+        if path.exists():
+            return path
+    raise PolicyError(
+        str(DEFAULT_POLICY), "not found: run `kvgate demo` in a kvgate checkout, or pass -c POLICY"
+    )
 
 
 def _serve(config: Path, *, demo: bool, host: str | None = None, port: int | None = None) -> int:
