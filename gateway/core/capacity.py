@@ -240,17 +240,11 @@ class BackendRuntime:
 
     def total_bytes(self) -> int | None:
         """KV bytes of the backend: the smaller of the policy's and the metrics' figure."""
-        known = [
-            v
-            for v in (
-                self.config.kv_capacity_bytes,
-                None
-                if self._capacity_tokens is None
-                else self._capacity_tokens * self.kv_bytes_per_token,
-            )
-            if v is not None
-        ]
-        return min(known) if known else None
+        configured = self.config.kv_capacity_bytes
+        if self._capacity_tokens is None:
+            return configured
+        reported = self._capacity_tokens * self.kv_bytes_per_token
+        return reported if configured is None else min(configured, reported)
 
     def kind(self) -> CapacityKind:
         if self.config.memory_kind is MemoryKind.SLOTS:
