@@ -179,7 +179,7 @@ class Admission:
             return Rejection(Outcome.UPSTREAM_ERROR, _MIN_RETRY_S, "every backend failed")
         if not self.config.enabled:
             return self._round_robin(pool, cands, ticket, now)
-        needs = tuple((b.url, self._need(b, ticket)) for b in cands)
+        needs = self._needs(cands, ticket)
         if not any(
             b.can_ever_hold(need, ticket.prompt_tokens)
             for b, (_, need) in zip(cands, needs, strict=True)
@@ -365,7 +365,9 @@ class Admission:
             else:
                 pool.retune(spec, config, now)
                 for eid, w in pool.waiting.items():  # backends may have come or gone
-                    pool.waiting[eid] = _Waiting(w.ticket, self._needs(pool, w.ticket))
+                    pool.waiting[eid] = _Waiting(
+                        w.ticket, self._needs(pool.candidates(w.ticket), w.ticket)
+                    )
             pools[spec.name] = pool
         for gone in self._pools.values():
             for entry_id in list(gone.waiting):
@@ -447,8 +449,8 @@ class Admission:
         self._leases[lease_id] = _Lease(pool.spec.name, rt.url, ticket.tenant, nbytes, now)
         return Placement(lease_id, pool.spec.name, rt.url, nbytes, queued_s)
 
-    def _needs(self, pool: _Pool, ticket: Ticket) -> tuple[tuple[str, int], ...]:
-        return tuple((rt.url, self._need(rt, ticket)) for rt in pool.candidates(ticket))
+    def _needs(self, cands: list[BackendRuntime], ticket: Ticket) -> tuple[tuple[str, int], ...]:
+        return tuple((rt.url, self._need(rt, ticket)) for rt in cands)
 
     @staticmethod
     def _best(

@@ -16,7 +16,7 @@ from gateway.core.backend import MemoryKind
 from gateway.core.cost import ContextOverflowError, Cost, Holding, estimate, settle_cost
 from gateway.core.types import Outcome, Priority
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
-from gateway.policy.compile import Model, Policy, Tenant
+from gateway.policy.compile import Backend, Model, Policy, Tenant
 from gateway.proxy import responses
 from gateway.proxy.admit import Lease, Shed, Ticket
 from gateway.proxy.body import (
@@ -48,7 +48,7 @@ class _Exchange:
     outcome: Outcome = Outcome.OK
     status: int = 0
     queued_s: float = 0.0
-    backend: str | None = None
+    backend: Backend | None = None  # the one that served it
     sequences: int = 1  # output sequences (n x prompts) the output tokens are spread over
     relay: Relay = dataclasses.field(default_factory=Relay)
 
@@ -166,7 +166,6 @@ async def _admit_and_forward(
             )
         ex.queued_s = lease.queued_s
         gw.metrics.timed(gw.metrics.queue_wait, ex.model.name, lease.queued_s)
-        ex.backend = lease.backend_url
         try:
             return await _forward(request, gw, ex, lease, body, strip_usage, headers)
         except UpstreamConnectError as exc:
@@ -191,7 +190,7 @@ async def _forward(
     strip_usage: bool,
     headers: dict[str, str],
 ) -> web.StreamResponse:
-    backend = next(b for b in ex.model.backends if b.url == lease.backend_url)
+    backend = ex.backend = next(b for b in ex.model.backends if b.url == lease.backend_url)
     out_headers = upstream_headers(
         request.headers,
         peer=request.remote,
@@ -273,7 +272,7 @@ async def _settle(
 
 def _holding(ex: _Exchange, cost: Cost, ended: float) -> Holding | None:
     """How the backend that served the request held its KV, for GiB·s."""
-    backend = next((b for b in ex.model.backends if b.url == ex.backend), None)
+    backend = ex.backend
     if backend is None:
         return None
     relay = ex.relay
@@ -312,7 +311,7 @@ def _access_record(
     record: dict[str, object] = {
         "tenant": ex.tenant.name,
         "model": ex.model.name,
-        "backend": ex.backend,
+        "backend": ex.backend.url if ex.backend else None,
         "status": status,
         "outcome": ex.outcome.value,
         "duration_s": round(ended - ex.started, 6),

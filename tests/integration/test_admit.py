@@ -226,14 +226,22 @@ async def test_backend_dying_mid_run_is_ejected_and_traffic_moves(
         await r.admitter.close()
 
 
+async def one_held_one_queued(
+    r: Rig, url: str, deadline_s: float = 600.0
+) -> tuple[Lease, asyncio.Task[Lease]]:
+    """The backend up and full with one request; a second waiting in the queue."""
+    await until(lambda: backend_view(r, url)["phase"] == "ready", "up")
+    first = await r.admitter.acquire(ticket(r.clock, 100))
+    waiting = asyncio.create_task(r.admitter.acquire(ticket(r.clock, 100, timeout=deadline_s)))
+    await until(lambda: r.admitter.waiting == 1, "queued")
+    return first, waiting
+
+
 async def test_client_cancelled_while_queued_leaves_nothing(aiohttp_server: ServerFactory) -> None:
     r = await rig(aiohttp_server, [100])
     [(url, _)] = r.stubs.items()
     try:
-        await until(lambda: backend_view(r, url)["phase"] == "ready", "up")
-        first = await r.admitter.acquire(ticket(r.clock, 100))
-        waiting = asyncio.create_task(r.admitter.acquire(ticket(r.clock, 100)))
-        await until(lambda: r.admitter.waiting == 1, "queued")
+        first, waiting = await one_held_one_queued(r, url)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
@@ -251,10 +259,7 @@ async def test_queued_request_past_its_deadline_is_shed(aiohttp_server: ServerFa
     r = await rig(aiohttp_server, [100])
     [(url, _)] = r.stubs.items()
     try:
-        await until(lambda: backend_view(r, url)["phase"] == "ready", "up")
-        first = await r.admitter.acquire(ticket(r.clock, 100))
-        waiting = asyncio.create_task(r.admitter.acquire(ticket(r.clock, 100, timeout=5.0)))
-        await until(lambda: r.admitter.waiting == 1, "queued")
+        first, waiting = await one_held_one_queued(r, url, deadline_s=5.0)
         r.clock.advance(5.0)
         with pytest.raises(Shed) as shed:
             await waiting  # the next probe pumps the queue and finds the deadline passed
@@ -268,10 +273,7 @@ async def test_release_hands_memory_to_the_queue_at_once(aiohttp_server: ServerF
     r = await rig(aiohttp_server, [100])
     [(url, _)] = r.stubs.items()
     try:
-        await until(lambda: backend_view(r, url)["phase"] == "ready", "up")
-        first = await r.admitter.acquire(ticket(r.clock, 100))
-        waiting = asyncio.create_task(r.admitter.acquire(ticket(r.clock, 100)))
-        await until(lambda: r.admitter.waiting == 1, "queued")
+        first, waiting = await one_held_one_queued(r, url)
         first.release()
         # no idle gap: the waiter holds the memory before the loop runs anything else
         assert r.admitter.waiting == 0
