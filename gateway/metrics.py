@@ -4,58 +4,94 @@ policy, ``outcome`` from ``Outcome``; never request ids or keys."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# The request path's series are plain Python numbers, exported by ``_RequestCollector`` at scrape
+# time: prometheus_client's children take a lock and loop over every bucket on each update, several
+# microseconds per request. No locks here: the gateway is one asyncio thread, and both the request
+# path and the /metrics handler run on its loop, so a scrape never sees an update half done.
+
+
+class RequestHistogram:
+    """A histogram by model: a count per bucket and a sum, made cumulative only when scraped."""
+
+    __slots__ = ("bounds", "children", "documentation", "le", "name")
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = buckets
+        # the +Inf bucket is the slot past the last bound, where bisect puts anything larger; the
+        # others are spelt as prometheus_client spells them (untyped there)
+        self.le = [*(floatToGoString(b) for b in buckets), "+Inf"]  # type: ignore[no-untyped-call]
+        self.children: dict[str, _Buckets] = {}
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["model"])
+        for model, child in self.children.items():
+            cumulative = 0
+            buckets = []
+            for le, count in zip(self.le, child.counts, strict=True):
+                cumulative += count
+                buckets.append((le, float(cumulative)))
+            family.add_metric([model], buckets, child.sum)
+        return family
+
+
+class _Buckets:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, bounds: int) -> None:
+        self.counts = [0] * (bounds + 1)
+        self.sum = 0.0
+
+
+class _Settled:
+    """What one (tenant, model) settled: the two ``kind``s of tokens and the GiB·s."""
+
+    __slots__ = ("gib_s", "input_tokens", "output_tokens")
+
+    def __init__(self) -> None:
+        self.input_tokens = 0.0
+        self.output_tokens = 0.0
+        self.gib_s = 0.0
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "kvgate_requests",
-            "Requests by how they ended.",
-            ["tenant", "model", "outcome"],
-            registry=r,
-        )
-        self.duration = Histogram(
+        self._requests: defaultdict[tuple[str, str, str], float] = defaultdict(float)
+        self._settled: defaultdict[tuple[str, str], _Settled] = defaultdict(_Settled)
+        self.duration = RequestHistogram(
             "kvgate_request_duration_seconds",
             "Time from request to the last byte of the answer, admitted requests.",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
-        self.ttft = Histogram(
+        self.ttft = RequestHistogram(
             "kvgate_upstream_first_byte_seconds",
             "Time from forwarding to the backend's response headers (time to first token).",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = RequestHistogram(
             "kvgate_queue_wait_seconds",
             "Time admitted requests waited for GPU memory.",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
-        self.tokens = Counter(
-            "kvgate_tokens",
-            "Tokens settled from real usage.",
-            ["tenant", "model", "kind"],
-            registry=r,
-        )
-        self.kv_gib_seconds = Counter(
-            "kvgate_kv_gib_seconds",
-            "GPU KV-cache memory-time settled from real usage (GiB x seconds).",
-            ["tenant", "model"],
-            registry=r,
+        r.register(
+            _RequestCollector(
+                self._requests, self._settled, (self.duration, self.ttft, self.queue_wait)
+            )
         )
         self.policy_reloads = Counter(
             "kvgate_policy_reloads", "Policy reloads by result.", ["result"], registry=r
@@ -63,28 +99,31 @@ class Metrics:
         self.policy_info = Gauge(
             "kvgate_policy_info", "1 for the live policy.", ["fingerprint"], registry=r
         )
-        self._children: dict[tuple[object, ...], Counter | Histogram] = {}
         self.store_degraded = Gauge(
             "kvgate_store_degraded",
             "1 while the shared limit store is unreachable and the fallback decides.",
             registry=r,
         )
 
-    # The request path's metrics go through these: a label lookup costs microseconds, so each
-    # labelled child is looked up once and kept (label sets are bounded by the policy).
-
     def count(self, tenant: str, model: str, outcome: str) -> None:
-        _child(self.requests, self._children, tenant, model, outcome).inc()
+        self._requests[tenant, model, outcome] += 1.0
 
     def settled(
         self, tenant: str, model: str, input_tokens: int, output_tokens: int, gib_s: float
     ) -> None:
-        _child(self.tokens, self._children, tenant, model, "input").inc(input_tokens)
-        _child(self.tokens, self._children, tenant, model, "output").inc(output_tokens)
-        _child(self.kv_gib_seconds, self._children, tenant, model).inc(gib_s)
+        settled = self._settled[tenant, model]
+        settled.input_tokens += input_tokens
+        settled.output_tokens += output_tokens
+        settled.gib_s += gib_s
 
-    def timed(self, histogram: Histogram, model: str, seconds: float) -> None:
-        _child(histogram, self._children, model).observe(seconds)
+    def timed(self, histogram: RequestHistogram, model: str, seconds: float) -> None:
+        try:
+            child = histogram.children[model]
+        except KeyError:
+            child = histogram.children[model] = _Buckets(len(histogram.bounds))
+        # bisect_left finds the first bound >= seconds: ``le`` is inclusive
+        child.counts[bisect_left(histogram.bounds, seconds)] += 1
+        child.sum += seconds
 
     def watch_admission(self, snapshot: Callable[[], Mapping[str, object]]) -> None:
         """Export the admission state (read at scrape time, nothing on the request path)."""
@@ -95,14 +134,48 @@ class Metrics:
         self.policy_info.labels(fingerprint).set(1)
 
 
-def _child(
-    metric: Counter | Histogram, cache: dict[tuple[object, ...], Counter | Histogram], *labels: str
-) -> Any:
-    key = (id(metric), *labels)
-    child = cache.get(key)
-    if child is None:
-        child = cache[key] = metric.labels(*labels)
-    return child
+class _RequestCollector(Collector):
+    """The request path's series, exported as prometheus_client's Counter and Histogram would be
+    but without ``_created`` samples: the text format carries them as one more gauge series per
+    child, which Prometheus does not read as creation times."""
+
+    def __init__(
+        self,
+        requests: Mapping[tuple[str, str, str], float],
+        settled: Mapping[tuple[str, str], _Settled],
+        histograms: tuple[RequestHistogram, ...],
+    ) -> None:
+        self._requests = requests
+        self._settled = settled
+        self._histograms = histograms
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "kvgate_requests", "Requests by how they ended.", labels=["tenant", "model", "outcome"]
+        )
+        for labels, value in self._requests.items():
+            requests.add_metric(labels, value)
+        yield requests
+        for histogram in self._histograms:
+            yield histogram.family()
+        tokens = CounterMetricFamily(
+            "kvgate_tokens", "Tokens settled from real usage.", labels=["tenant", "model", "kind"]
+        )
+        gib_s = CounterMetricFamily(
+            "kvgate_kv_gib_seconds",
+            "GPU KV-cache memory-time settled from real usage (GiB x seconds).",
+            labels=["tenant", "model"],
+        )
+        for (tenant, model), settled in self._settled.items():
+            tokens.add_metric([tenant, model, "input"], settled.input_tokens)
+            tokens.add_metric([tenant, model, "output"], settled.output_tokens)
+            gib_s.add_metric([tenant, model], settled.gib_s)
+        yield tokens
+        yield gib_s
+
+    def describe(self) -> Iterator[Metric]:
+        """The family names, so the registry refuses a second ``Metrics`` (a name clash) on it."""
+        return self.collect()
 
 
 _BACKEND_GAUGES = (

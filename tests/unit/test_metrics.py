@@ -1,0 +1,299 @@
+"""The request path's metrics, read back from the text exposition as Prometheus would scrape it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from gateway.metrics import Metrics
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _record(m: Metrics) -> None:
+    m.count("acme", "llama", "ok")
+    m.count("acme", "llama", "rate_limited")
+    m.count("acme", "llama", "ok")
+    m.count("unknown", "unknown", "unauthorized")
+    m.settled("acme", "llama", 120, 30, 0.75)
+    m.settled("beta", "qwen", 7, 0, 1e-06)
+    m.settled("acme", "llama", 5, 2, 0.125)
+    m.timed(m.duration, "llama", 0.1)
+    m.timed(m.duration, "llama", 0.10000001)
+    m.timed(m.duration, "llama", 301.0)
+    m.timed(m.duration, "qwen", 0.0)
+    m.timed(m.ttft, "llama", 0.005)
+    m.timed(m.queue_wait, "qwen", 60)
+    m.policy_reloads.labels("ok").inc()
+    m.set_policy("abc123")
+
+
+# generate_latest() after _record() when every metric was a prometheus_client Counter or
+# Histogram, its *_created series left out (see _without_created).
+OLD_EXPOSITION = """\
+# HELP kvgate_requests_total Requests by how they ended.
+# TYPE kvgate_requests_total counter
+kvgate_requests_total{model="llama",outcome="ok",tenant="acme"} 2.0
+kvgate_requests_total{model="llama",outcome="rate_limited",tenant="acme"} 1.0
+kvgate_requests_total{model="unknown",outcome="unauthorized",tenant="unknown"} 1.0
+# HELP kvgate_request_duration_seconds Time from request to the last byte of the answer, admitted requests.
+# TYPE kvgate_request_duration_seconds histogram
+kvgate_request_duration_seconds_bucket{le="0.005",model="llama"} 0.0
+kvgate_request_duration_seconds_bucket{le="0.01",model="llama"} 0.0
+kvgate_request_duration_seconds_bucket{le="0.025",model="llama"} 0.0
+kvgate_request_duration_seconds_bucket{le="0.05",model="llama"} 0.0
+kvgate_request_duration_seconds_bucket{le="0.1",model="llama"} 1.0
+kvgate_request_duration_seconds_bucket{le="0.25",model="llama"} 2.0
+kvgate_request_duration_seconds_bucket{le="0.5",model="llama"} 2.0
+kvgate_request_duration_seconds_bucket{le="1.0",model="llama"} 2.0
+kvgate_request_duration_seconds_bucket{le="2.5",model="llama"} 2.0
+kvgate_request_duration_seconds_bucket{le="5.0",model="llama"} 2.0
+kvgate_request_duration_seconds_bucket{le="10.0",model="llama"} 2.0
+kvgate_request_duration_seconds_bucket{le="30.0",model="llama"} 2.0
+kvgate_request_duration_seconds_bucket{le="60.0",model="llama"} 2.0
+kvgate_request_duration_seconds_bucket{le="120.0",model="llama"} 2.0
+kvgate_request_duration_seconds_bucket{le="300.0",model="llama"} 2.0
+kvgate_request_duration_seconds_bucket{le="+Inf",model="llama"} 3.0
+kvgate_request_duration_seconds_count{model="llama"} 3.0
+kvgate_request_duration_seconds_sum{model="llama"} 301.20000001
+kvgate_request_duration_seconds_bucket{le="0.005",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="0.01",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="0.025",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="0.05",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="0.1",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="0.25",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="0.5",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="1.0",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="2.5",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="5.0",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="10.0",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="30.0",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="60.0",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="120.0",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="300.0",model="qwen"} 1.0
+kvgate_request_duration_seconds_bucket{le="+Inf",model="qwen"} 1.0
+kvgate_request_duration_seconds_count{model="qwen"} 1.0
+kvgate_request_duration_seconds_sum{model="qwen"} 0.0
+# HELP kvgate_upstream_first_byte_seconds Time from forwarding to the backend's response headers (time to first token).
+# TYPE kvgate_upstream_first_byte_seconds histogram
+kvgate_upstream_first_byte_seconds_bucket{le="0.005",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="0.01",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="0.025",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="0.05",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="0.1",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="0.25",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="0.5",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="1.0",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="2.5",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="5.0",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="10.0",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="30.0",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="60.0",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="120.0",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="300.0",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_bucket{le="+Inf",model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_count{model="llama"} 1.0
+kvgate_upstream_first_byte_seconds_sum{model="llama"} 0.005
+# HELP kvgate_queue_wait_seconds Time admitted requests waited for GPU memory.
+# TYPE kvgate_queue_wait_seconds histogram
+kvgate_queue_wait_seconds_bucket{le="0.005",model="qwen"} 0.0
+kvgate_queue_wait_seconds_bucket{le="0.01",model="qwen"} 0.0
+kvgate_queue_wait_seconds_bucket{le="0.025",model="qwen"} 0.0
+kvgate_queue_wait_seconds_bucket{le="0.05",model="qwen"} 0.0
+kvgate_queue_wait_seconds_bucket{le="0.1",model="qwen"} 0.0
+kvgate_queue_wait_seconds_bucket{le="0.25",model="qwen"} 0.0
+kvgate_queue_wait_seconds_bucket{le="0.5",model="qwen"} 0.0
+kvgate_queue_wait_seconds_bucket{le="1.0",model="qwen"} 0.0
+kvgate_queue_wait_seconds_bucket{le="2.5",model="qwen"} 0.0
+kvgate_queue_wait_seconds_bucket{le="5.0",model="qwen"} 0.0
+kvgate_queue_wait_seconds_bucket{le="10.0",model="qwen"} 0.0
+kvgate_queue_wait_seconds_bucket{le="30.0",model="qwen"} 0.0
+kvgate_queue_wait_seconds_bucket{le="60.0",model="qwen"} 1.0
+kvgate_queue_wait_seconds_bucket{le="120.0",model="qwen"} 1.0
+kvgate_queue_wait_seconds_bucket{le="300.0",model="qwen"} 1.0
+kvgate_queue_wait_seconds_bucket{le="+Inf",model="qwen"} 1.0
+kvgate_queue_wait_seconds_count{model="qwen"} 1.0
+kvgate_queue_wait_seconds_sum{model="qwen"} 60.0
+# HELP kvgate_tokens_total Tokens settled from real usage.
+# TYPE kvgate_tokens_total counter
+kvgate_tokens_total{kind="input",model="llama",tenant="acme"} 125.0
+kvgate_tokens_total{kind="output",model="llama",tenant="acme"} 32.0
+kvgate_tokens_total{kind="input",model="qwen",tenant="beta"} 7.0
+kvgate_tokens_total{kind="output",model="qwen",tenant="beta"} 0.0
+# HELP kvgate_kv_gib_seconds_total GPU KV-cache memory-time settled from real usage (GiB x seconds).
+# TYPE kvgate_kv_gib_seconds_total counter
+kvgate_kv_gib_seconds_total{model="llama",tenant="acme"} 0.875
+kvgate_kv_gib_seconds_total{model="qwen",tenant="beta"} 1e-06
+# HELP kvgate_policy_reloads_total Policy reloads by result.
+# TYPE kvgate_policy_reloads_total counter
+kvgate_policy_reloads_total{result="ok"} 1.0
+# HELP kvgate_policy_info 1 for the live policy.
+# TYPE kvgate_policy_info gauge
+kvgate_policy_info{fingerprint="abc123"} 1.0
+# HELP kvgate_store_degraded 1 while the shared limit store is unreachable and the fallback decides.
+# TYPE kvgate_store_degraded gauge
+kvgate_store_degraded 0.0
+"""  # noqa: E501
+
+_CREATED = re.compile(r"^(# (HELP|TYPE) )?\w+_created[ {]")
+
+
+def _lines(m: Metrics) -> list[str]:
+    return generate_latest(m.registry).decode().splitlines()
+
+
+def _without_created(lines: list[str]) -> list[str]:
+    return [line for line in lines if not _CREATED.match(line)]
+
+
+def _scrape(m: Metrics) -> dict[str, dict[Labels, float]]:
+    """Sample name -> label set -> value, parsed from the text exposition."""
+    samples: dict[str, dict[Labels, float]] = {}
+    text = generate_latest(m.registry).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[labels] = sample.value
+    return samples
+
+
+def _buckets(m: Metrics, name: str, model: str) -> dict[str, float]:
+    series = _scrape(m)[f"{name}_bucket"]
+    return {dict(labels)["le"]: v for labels, v in series.items() if dict(labels)["model"] == model}
+
+
+def test_exposition_is_the_one_prometheus_client_made() -> None:
+    m = Metrics()
+    _record(m)
+    assert _without_created(_lines(m)) == OLD_EXPOSITION.splitlines()
+
+
+def test_fresh_exposition_is_the_one_prometheus_client_made() -> None:
+    headers = [line for line in OLD_EXPOSITION.splitlines() if line.startswith("# ")]
+    assert _lines(Metrics()) == [*headers, "kvgate_store_degraded 0.0"]
+
+
+def test_request_path_series_have_no_created_samples() -> None:
+    m = Metrics()
+    _record(m)
+    created = {name for name in _scrape(m) if name.endswith("_created")}
+    assert created == {"kvgate_policy_reloads_created"}
+
+
+def test_requests_are_counted_per_label_set() -> None:
+    m = Metrics()
+    _record(m)
+    m.count("beta", "qwen", "ok")
+    requests = _scrape(m)["kvgate_requests_total"]
+    assert requests == {
+        (("model", "llama"), ("outcome", "ok"), ("tenant", "acme")): 2.0,
+        (("model", "llama"), ("outcome", "rate_limited"), ("tenant", "acme")): 1.0,
+        (("model", "unknown"), ("outcome", "unauthorized"), ("tenant", "unknown")): 1.0,
+        (("model", "qwen"), ("outcome", "ok"), ("tenant", "beta")): 1.0,
+    }
+
+
+def test_settled_usage_adds_up_per_tenant_and_model() -> None:
+    m = Metrics()
+    _record(m)
+    samples = _scrape(m)
+    assert samples["kvgate_tokens_total"] == {
+        (("kind", "input"), ("model", "llama"), ("tenant", "acme")): 125.0,
+        (("kind", "output"), ("model", "llama"), ("tenant", "acme")): 32.0,
+        (("kind", "input"), ("model", "qwen"), ("tenant", "beta")): 7.0,
+        (("kind", "output"), ("model", "qwen"), ("tenant", "beta")): 0.0,
+    }
+    assert samples["kvgate_kv_gib_seconds_total"] == {
+        (("model", "llama"), ("tenant", "acme")): 0.875,
+        (("model", "qwen"), ("tenant", "beta")): 1e-06,
+    }
+
+
+def test_a_bound_is_counted_in_its_own_bucket_and_just_above_in_the_next() -> None:
+    m = Metrics()
+    m.timed(m.duration, "llama", 0.1)
+    m.timed(m.duration, "llama", 0.10000001)
+    buckets = _buckets(m, "kvgate_request_duration_seconds", "llama")
+    assert (buckets["0.05"], buckets["0.1"], buckets["0.25"], buckets["+Inf"]) == (0, 1, 2, 2)
+
+
+def test_past_the_last_bound_only_inf_counts() -> None:
+    m = Metrics()
+    m.timed(m.ttft, "llama", 300.0)
+    m.timed(m.ttft, "llama", 300.5)
+    samples = _scrape(m)
+    buckets = _buckets(m, "kvgate_upstream_first_byte_seconds", "llama")
+    assert (buckets["120.0"], buckets["300.0"], buckets["+Inf"]) == (0, 1, 2)
+    labels = (("model", "llama"),)
+    assert samples["kvgate_upstream_first_byte_seconds_count"][labels] == 2
+    assert samples["kvgate_upstream_first_byte_seconds_sum"][labels] == 600.5
+
+
+def test_histograms_keep_models_and_metrics_apart() -> None:
+    m = Metrics()
+    m.timed(m.queue_wait, "llama", 0.02)
+    m.timed(m.queue_wait, "qwen", 3.0)
+    m.timed(m.queue_wait, "qwen", 4.0)
+    samples = _scrape(m)
+    assert samples["kvgate_queue_wait_seconds_count"] == {
+        (("model", "llama"),): 1,
+        (("model", "qwen"),): 2,
+    }
+    assert samples["kvgate_queue_wait_seconds_sum"] == {
+        (("model", "llama"),): 0.02,
+        (("model", "qwen"),): 7.0,
+    }
+    assert _buckets(m, "kvgate_queue_wait_seconds", "qwen")["2.5"] == 0
+    assert _buckets(m, "kvgate_queue_wait_seconds", "qwen")["5.0"] == 2
+    assert "kvgate_request_duration_seconds_count" not in samples
+
+
+def test_a_second_metrics_on_one_registry_is_refused() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        Metrics(registry)
+
+
+def _histogram_samples(registry: CollectorRegistry, name: str) -> list[Sample]:
+    return [
+        sample
+        for family in registry.collect()
+        if family.name == name
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    ]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["llama", "qwen"]),
+            st.one_of(st.sampled_from([0.005, 1, 2.5, 300]), st.floats(min_value=-1.0)),
+        ),
+        max_size=30,
+    )
+)
+def test_histograms_match_prometheus_client_on_any_observations(
+    observations: list[tuple[str, float]],
+) -> None:
+    m = Metrics()
+    reference = CollectorRegistry()
+    old = Histogram(
+        m.duration.name,
+        m.duration.documentation,
+        ["model"],
+        buckets=m.duration.bounds,
+        registry=reference,
+    )
+    for model, seconds in observations:
+        m.timed(m.duration, model, seconds)
+        old.labels(model).observe(seconds)
+    name = m.duration.name
+    assert _histogram_samples(m.registry, name) == _histogram_samples(reference, name)
