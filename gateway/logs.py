@@ -77,6 +77,23 @@ class AccessLog:
             self.flush()
 
 
-def _wall_clock() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+class _WallClock:
+    """UTC time as ISO 8601 with milliseconds. The date and time of day are formatted once per
+    second: ``strftime`` costs more than the rest of an access-log line."""
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._text}.{int((now - second) * 1000):03d}Z"
+
+
+_wall_clock = _WallClock()

@@ -31,6 +31,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+import msgspec
+
 from gateway.core.backend import BackendConfig, BackendSignals, Health, ReserveMode
 from gateway.core.capacity import BackendRuntime, CapacityConfig, Room
 from gateway.core.outputs import OutputLengths
@@ -60,8 +62,7 @@ class AdmissionConfig:
     output_quantile: float = 0.9
 
 
-@dataclass(frozen=True, slots=True)
-class Ticket:
+class Ticket(msgspec.Struct, frozen=True, gc=False):
     """What admission needs to know about one request. ``deadline`` is monotonic seconds."""
 
     tenant: str
@@ -75,8 +76,7 @@ class Ticket:
     exclude: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
+class Placement(msgspec.Struct, frozen=True, gc=False):
     lease_id: int
     model: str
     backend_url: str
@@ -84,16 +84,14 @@ class Placement:
     queued_s: float
 
 
-@dataclass(frozen=True, slots=True)
-class Rejection:
+class Rejection(msgspec.Struct, frozen=True, gc=False):
     outcome: Outcome
     retry_after_s: float | None
     message: str
     should_retry: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class Queued:
+class Queued(msgspec.Struct, frozen=True, gc=False):
     entry_id: int
 
 

@@ -16,6 +16,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 from gateway.core.types import Unit
 
 EPSILON_S = 1e-6
@@ -43,8 +45,7 @@ class BucketSpec:
             raise ValueError(f"bucket {self.key!r}: burst must be > 0, got {self.burst}")
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(msgspec.Struct, frozen=True, gc=False):
     """The answer to an all-or-nothing take across several buckets.
 
     ``retry_after_s`` is the exact wait until the same take would pass if nothing else touched

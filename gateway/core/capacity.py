@@ -30,6 +30,8 @@ import enum
 import math
 from dataclasses import dataclass
 
+import msgspec
+
 from gateway.core.adaptive import AdaptiveLimit
 from gateway.core.backend import (
     DEFAULT_BLOCK_SIZE,
@@ -63,8 +65,7 @@ class CapacityConfig:
     eject_cooldown_s: float = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class CapacityView:
+class CapacityView(msgspec.Struct, frozen=True, gc=False):
     """A backend's capacity at one instant; units are bytes for BYTES, requests otherwise."""
 
     kind: CapacityKind
@@ -77,8 +78,7 @@ class CapacityView:
     stale: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Room:
+class Room(msgspec.Struct, frozen=True, gc=False):
     """Room for one more request on a backend at one instant: a request fits when its bytes
     are at most ``max_need``. ``free`` is bytes when ``by_bytes``, else whole requests."""
 

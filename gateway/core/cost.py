@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
+
 from gateway.core.tokens import TokenCounter
 from gateway.core.types import Unit
 
@@ -84,8 +86,7 @@ class ModelProfile:
         return math.ceil(2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes)
 
 
-@dataclass(frozen=True, slots=True)
-class Cost:
+class Cost(msgspec.Struct, frozen=True, gc=False):
     """A request's cost. ``output_tokens`` counts every sequence (n samples x prompts)."""
 
     requests: float
@@ -251,8 +252,7 @@ def estimate(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Holding:
+class Holding(msgspec.Struct, frozen=True, gc=False):
     """How the backend that served a request held its KV cache, for the GiB·s it is charged.
 
     ``growing``: a paged backend, whose sequences hold their prompt and grow a block at a time

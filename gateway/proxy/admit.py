@@ -230,6 +230,8 @@ class Admitter:
         self._reschedule()
 
     def _reschedule(self) -> None:
+        if not self._waiters and self._timer is None:
+            return  # time alone changes decisions only for queued requests, and none waits
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

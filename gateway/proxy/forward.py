@@ -105,7 +105,8 @@ async def forward(
                 is_sse = upstream.content_type == "text/event-stream"
                 if not is_sse and length is not None and length < _BUFFER_LIMIT:
                     which = "total"
-                    limit.reschedule(end_by)
+                    if not upstream.content.is_eof():  # small answers come with their headers
+                        limit.reschedule(end_by)
                     data = await upstream.read()
                     _read_usage(relay, upstream, data)
                     relay.complete = True

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from gateway.core.backend import MemoryKind
@@ -122,8 +123,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         ex.outcome = Outcome.CLIENT_CLOSED
         raise
     finally:
-        ended = gw.clock.now()
-        gw.spawn(_settle(gw, live, ex, held, cost, ended))
+        _settle(gw, live, ex, held, cost, gw.clock.now())
     return response
 
 
@@ -169,7 +169,7 @@ async def _admit_and_forward(
         try:
             return await _forward(request, gw, ex, lease, body, strip_usage, headers)
         except UpstreamConnectError as exc:
-            ticket = dataclasses.replace(ticket, exclude=ticket.exclude | {lease.backend_url})
+            ticket = msgspec.structs.replace(ticket, exclude=ticket.exclude | {lease.backend_url})
             if len(ticket.exclude) >= len(ex.model.backends):
                 ex.outcome = Outcome.UPSTREAM_ERROR
                 return responses.error(ex.outcome, str(exc), headers=headers)
@@ -238,9 +238,7 @@ async def _forward(
     return response
 
 
-async def _settle(
-    gw: Gateway, live: Live, ex: _Exchange, held: Charge, cost: Cost, ended: float
-) -> None:
+def _settle(gw: Gateway, live: Live, ex: _Exchange, held: Charge, cost: Cost, ended: float) -> None:
     relay = ex.relay
     if ex.outcome is Outcome.OK and relay.status >= 500:
         ex.outcome = Outcome.UPSTREAM_ERROR
@@ -267,7 +265,9 @@ async def _settle(
     gw.metrics.count(ex.tenant.name, ex.model.name, ex.outcome.value)
     if gw.access is not None:
         gw.access.write(_access_record(ex, ended, relay.status, actual))
-    await settle(live.store, held, actual)
+    pending = settle(live.store, held, actual)
+    if pending is not None:
+        gw.spawn(pending)
 
 
 def _holding(ex: _Exchange, cost: Cost, ended: float) -> Holding | None:
