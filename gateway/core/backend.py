@@ -84,19 +84,18 @@ class BackendConfig:
     metric_names: MetricNames = field(default_factory=MetricNames)
     health_path: str = "/health"
     api_key: str | None = field(default=None, repr=False)
+    # Derived from the fields above once, not per request (admission reads them several times).
+    memory_kind: MemoryKind = field(init=False)
+    reserve_mode: ReserveMode = field(init=False)
 
-    @property
-    def memory_kind(self) -> MemoryKind:
-        """llama.cpp serves whole slots whatever the policy says about memory."""
-        return MemoryKind.SLOTS if self.signals is Signals.LLAMACPP else self.memory
-
-    @property
-    def reserve_mode(self) -> ReserveMode:
-        if self.reserve is not None:
-            return self.reserve
-        return (
-            ReserveMode.LIKELY if self.memory_kind is MemoryKind.PAGED else ReserveMode.WORST_CASE
-        )
+    def __post_init__(self) -> None:
+        # llama.cpp serves whole slots whatever the policy says about memory.
+        kind = MemoryKind.SLOTS if self.signals is Signals.LLAMACPP else self.memory
+        mode = self.reserve
+        if mode is None:
+            mode = ReserveMode.LIKELY if kind is MemoryKind.PAGED else ReserveMode.WORST_CASE
+        object.__setattr__(self, "memory_kind", kind)
+        object.__setattr__(self, "reserve_mode", mode)
 
 
 @dataclass(frozen=True, slots=True)

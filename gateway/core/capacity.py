@@ -167,6 +167,7 @@ class BackendRuntime:
         self._slots: int | None = None
         self._slot_ctx: int | None = None
         self._block_size: int | None = None
+        self._derive()
 
     def retune(
         self, config: BackendConfig, *, kv_bytes_per_token: int, cap: CapacityConfig
@@ -184,6 +185,7 @@ class BackendRuntime:
         if config.max_concurrency is not None:
             self.adaptive.max_limit = float(config.max_concurrency)
             self.adaptive.limit = min(self.adaptive.limit, self.adaptive.max_limit)
+        self._derive()
 
     @property
     def url(self) -> str:
@@ -227,6 +229,23 @@ class BackendRuntime:
         self._slots = sig.total_slots or self._slots
         self._slot_ctx = sig.slot_ctx_tokens or self._slot_ctx
         self._block_size = sig.block_size or self._block_size
+        self._derive()
+
+    def _derive(self) -> None:
+        """What only the policy and the last scrape change, computed when they change (every
+        placement reads them)."""
+        configured = self.config.kv_capacity_bytes
+        if self._capacity_tokens is None:
+            self._total_bytes = configured
+        else:
+            reported = self._capacity_tokens * self.kv_bytes_per_token
+            self._total_bytes = reported if configured is None else min(configured, reported)
+        if self.config.memory_kind is MemoryKind.SLOTS:
+            self._kind = CapacityKind.SLOTS
+        elif self._total_bytes is None:
+            self._kind = CapacityKind.CONCURRENCY
+        else:
+            self._kind = CapacityKind.BYTES
 
     def report_oom(self, now: float) -> None:
         self.pressure.cut(now)
@@ -240,16 +259,10 @@ class BackendRuntime:
 
     def total_bytes(self) -> int | None:
         """KV bytes of the backend: the smaller of the policy's and the metrics' figure."""
-        configured = self.config.kv_capacity_bytes
-        if self._capacity_tokens is None:
-            return configured
-        reported = self._capacity_tokens * self.kv_bytes_per_token
-        return reported if configured is None else min(configured, reported)
+        return self._total_bytes
 
     def kind(self) -> CapacityKind:
-        if self.config.memory_kind is MemoryKind.SLOTS:
-            return CapacityKind.SLOTS
-        return CapacityKind.CONCURRENCY if self.total_bytes() is None else CapacityKind.BYTES
+        return self._kind
 
     def view(self, now: float) -> CapacityView:
         factor = self.lifecycle.capacity_factor(now)

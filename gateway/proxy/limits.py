@@ -74,21 +74,19 @@ def _deltas(
 
 def ratelimit_headers(held: Charge) -> dict[str, str]:
     """OpenAI's headers for requests and tokens: the tightest bucket of each unit."""
+    remaining = held.verdict.remaining
+    if not remaining:  # a verdict the store's fallback made up knows no levels
+        return {}
+    tightest: dict[Unit, int] = {}
+    for i, spec in enumerate(held.specs):
+        if spec.unit in _HEADER_UNITS:
+            j = tightest.get(spec.unit)
+            if j is None or remaining[i] < remaining[j]:
+                tightest[spec.unit] = i
     headers: dict[str, str] = {}
-    verdict = held.verdict
-    if not verdict.remaining:
-        return headers
-    for unit in _HEADER_UNITS:
-        tightest = None
-        for i, spec in enumerate(held.specs):
-            if spec.unit is unit and (
-                tightest is None or verdict.remaining[i] < verdict.remaining[tightest]
-            ):
-                tightest = i
-        if tightest is None:
-            continue
+    for unit, i in tightest.items():
         name = unit.value
-        headers[f"x-ratelimit-limit-{name}"] = f"{held.specs[tightest].burst:.0f}"
-        headers[f"x-ratelimit-remaining-{name}"] = f"{max(verdict.remaining[tightest], 0):.0f}"
-        headers[f"x-ratelimit-reset-{name}"] = reset_text(verdict.reset_s[tightest])
+        headers[f"x-ratelimit-limit-{name}"] = f"{held.specs[i].burst:.0f}"
+        headers[f"x-ratelimit-remaining-{name}"] = f"{max(remaining[i], 0):.0f}"
+        headers[f"x-ratelimit-reset-{name}"] = reset_text(held.verdict.reset_s[i])
     return headers
