@@ -1,17 +1,44 @@
 """Metric names per backend flavor, merged with the policy's overrides (``metrics.names``).
 
-Sources for the defaults (as documented by each project):
-- vLLM: ``vllm:num_requests_running``, ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``
-  (older ``vllm:gpu_cache_usage_perc``; both a share in [0, 1]), ``vllm:num_preemptions_total``,
-  ``vllm:cache_config_info`` whose labels carry ``num_gpu_blocks`` and ``block_size``.
-- SGLang (``--enable-metrics``): ``sglang:num_running_reqs``, ``sglang:num_queue_reqs``,
-  ``sglang:token_usage`` (share of the KV pool), ``sglang:max_total_num_tokens`` (KV pool size in
-  tokens), ``sglang:num_retracted_requests_total`` (its preemptions, in newer builds).
-- TGI: ``tgi_batch_current_size`` (running), ``tgi_queue_size`` (waiting),
-  ``tgi_batch_current_max_tokens`` (tokens the current batch may reach); the pool size comes
-  from ``GET /info`` ``max_batch_total_tokens``.
-- llama.cpp (``--metrics``): ``llamacpp:requests_processing``, ``llamacpp:requests_deferred``,
-  older builds ``llamacpp:kv_cache_usage_ratio``; slots from ``GET /props`` ``total_slots``.
+Sources: every default below was checked against the projects' source (not a live server):
+- vLLM (``vllm-project/vllm``, ``vllm/v1/metrics/loggers.py``, ``vllm/config/cache.py``):
+  gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting`` and
+  ``vllm:kv_cache_usage_perc`` (a share in [0, 1] despite the name), one sample per ``engine``
+  (data-parallel rank) label. ``vllm:gpu_cache_usage_perc`` is the same share under its
+  pre-0.9 name: deprecated in 0.9, hidden afterwards, removed late 2025, kept as a fallback.
+  Counter ``vllm:num_preemptions`` is exported as ``vllm:num_preemptions_total`` (V0 declared
+  it with the suffix; same exposition). ``vllm:cache_config_info`` is a gauge set to 1 whose
+  labels are the cache config's fields, one sample per engine: ``num_gpu_blocks`` and
+  ``block_size`` (the smallest block size of the KV groups on hybrid models, where blocks
+  times block size is not the capacity) and, in builds with vLLM PR #42206 (2026),
+  ``kv_cache_size_tokens`` (the engine's group-aware capacity in tokens), read first.
+- SGLang (``--enable-metrics``; ``sgl-project/sglang``,
+  ``python/sglang/srt/metrics/collector.py``, later moved to
+  ``python/sglang/srt/observability/metrics_collector.py``):
+  gauges ``sglang:num_running_reqs``, ``sglang:num_queue_reqs`` and ``sglang:token_usage`` (a
+  share in [0, 1]; in recent builds the fullest of the full-attention, SWA and Mamba pools);
+  ``sglang:max_total_num_tokens`` (the KV pool in tokens; absent from some 2025 builds) and
+  counter ``sglang:num_retracted_requests_total`` (retractions, SGLang's preemptions; newer
+  builds only: the older gauge ``sglang:num_retracted_reqs`` is a per-interval count, not a
+  total, so it is not used). Labels carry ``tp_rank``, ``pp_rank`` and ``moe_ep_rank`` (and
+  ``dp_rank`` with DP attention): the pool size and the retraction counter are written by
+  every rank, so samples differing only in those rank labels are copies, not parts. With
+  priority scheduling, request gauges add a per-priority breakdown (``priority="<n>"``) next
+  to the total (``priority=""``).
+- TGI (``huggingface/text-generation-inference``, ``backends/v3/src/backend.rs``,
+  ``backends/v3/src/queue.rs``, ``router/src/server.rs``): unlabelled gauges
+  ``tgi_batch_current_size`` (running), ``tgi_queue_size`` (waiting) and
+  ``tgi_batch_current_max_tokens`` (tokens the running batch holds, in the unit of
+  ``max_batch_total_tokens``); no preemption or usage-share metric. ``GET /info`` carries a
+  top-level ``max_batch_total_tokens`` only from older routers: since the 2024 split into
+  backends (``backends/v3``) the router builds ``Info`` without it, so the pool size of a
+  current TGI must come from the policy.
+- llama.cpp (``--metrics``; ``ggml-org/llama.cpp``, ``tools/server/server-task.cpp``,
+  ``server-context.cpp``): unlabelled gauges ``llamacpp:requests_processing`` (busy slots) and
+  ``llamacpp:requests_deferred`` (tasks waiting for a slot). ``llamacpp:kv_cache_usage_ratio``
+  (used cells / n_ctx) was removed in 2025 (PR #13660) and is read only from older builds.
+  ``GET /props``: top-level ``total_slots`` (``--parallel``) and
+  ``default_generation_settings.n_ctx`` (context tokens of one slot).
 - Every flavor: ``kvgate_gpu_fragmentation_ratio`` and ``kvgate_gpu_largest_free_block_bytes``,
   served by ``gateway.exporters.torch_memory`` and by the simulated backend.
 """
@@ -30,9 +57,15 @@ LARGEST_FREE_BLOCK = "kvgate_gpu_largest_free_block_bytes"
 class MetricMap:
     """Which sample names feed which signal; for each, the first name present wins.
 
-    ``capacity_blocks`` names either an info metric with ``num_gpu_blocks``/``block_size``
-    labels (vLLM) or a gauge whose value is a block count. ``info_path`` is fetched as JSON for
-    what the metrics do not tell (slots, pool size); ``scrape`` False means health only.
+    ``capacity_blocks`` names either an info metric with ``kv_cache_size_tokens`` or
+    ``num_gpu_blocks``/``block_size`` labels (vLLM) or a gauge whose value is a block count.
+    ``info_path`` is fetched as JSON for what the metrics do not tell (slots, pool size);
+    ``scrape`` False means health only.
+
+    Samples of one name that differ only in ``mirror_labels`` are copies written by each rank
+    of one engine (SGLang's tensor/pipeline/expert ranks): one of them counts, not their sum.
+    A sample with a non-empty value in one of ``breakdown_labels`` is a part of a total that
+    is also exported (SGLang's per-priority request counts) and is left out.
     """
 
     kv_usage: tuple[str, ...] = ()
@@ -44,6 +77,8 @@ class MetricMap:
     used_tokens: tuple[str, ...] = ()
     fragmentation: tuple[str, ...] = (FRAGMENTATION,)
     largest_free_block: tuple[str, ...] = (LARGEST_FREE_BLOCK,)
+    mirror_labels: tuple[str, ...] = ()
+    breakdown_labels: tuple[str, ...] = ()
     info_path: str | None = None
     scrape: bool = True
 
@@ -62,6 +97,8 @@ _FLAVORS: dict[Signals, MetricMap] = {
         waiting=("sglang:num_queue_reqs",),
         preemptions=("sglang:num_retracted_requests_total",),
         capacity_tokens=("sglang:max_total_num_tokens",),
+        mirror_labels=("tp_rank", "pp_rank", "moe_ep_rank"),
+        breakdown_labels=("priority",),
     ),
     Signals.TGI: MetricMap(
         running=("tgi_batch_current_size",),
@@ -97,6 +134,8 @@ def metric_map(signals: Signals, overrides: MetricNames) -> MetricMap:
         used_tokens=base.used_tokens,
         fragmentation=pick(overrides.fragmentation, base.fragmentation),
         largest_free_block=pick(overrides.largest_free_block, base.largest_free_block),
+        mirror_labels=base.mirror_labels,
+        breakdown_labels=base.breakdown_labels,
         info_path=base.info_path,
         scrape=base.scrape
         or any(

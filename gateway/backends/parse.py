@@ -3,6 +3,8 @@ and the JSON of llama.cpp ``/props`` and TGI ``/info``. Pure functions; the moni
 
 Several samples of one name (labels per engine, per model) combine as: counts and capacities
 add up, shares (usage, fragmentation) take the maximum, the largest free block the maximum.
+Before that, the flavor's per-rank copies are merged into one sample and its breakdowns of
+an exported total are dropped (``MetricMap.mirror_labels``, ``MetricMap.breakdown_labels``).
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ def parse_metrics(
 ) -> BackendSignals:
     """Signals from one scrape. ``block_size`` (from the policy) converts a plain block-count
     gauge to tokens when the metric itself does not say its block size."""
-    found = samples(text)
+    found = {
+        name: _distinct(rows, names.mirror_labels, names.breakdown_labels)
+        for name, rows in samples(text).items()
+    }
 
     def first(candidates: Iterable[str], combine: Callable[[list[float]], float]) -> float | None:
         for name in candidates:
@@ -79,24 +84,53 @@ def parse_metrics(
     )
 
 
+def _distinct(
+    rows: list[tuple[dict[str, str], float]],
+    mirror: tuple[str, ...],
+    breakdown: tuple[str, ...],
+) -> list[tuple[dict[str, str], float]]:
+    """The samples that are not copies or parts of others: breakdowns (a non-empty value in a
+    ``breakdown`` label) are dropped, and samples equal but for ``mirror`` labels merge into
+    one (the largest; the copies should agree)."""
+    if not mirror and not breakdown:
+        return rows
+    merged: dict[tuple[tuple[str, str], ...], tuple[dict[str, str], float]] = {}
+    for labels, value in rows:
+        if any(labels.get(label) for label in breakdown):
+            continue
+        key = tuple(sorted((k, v) for k, v in labels.items() if k not in mirror))
+        kept = merged.get(key)
+        if kept is None or value > kept[1]:
+            merged[key] = (labels, value)
+    return list(merged.values())
+
+
 def _capacity(
     found: dict[str, list[tuple[dict[str, str], float]]],
     names: MetricMap,
     block_size: int | None,
 ) -> tuple[int | None, int | None]:
+    """KV pool in tokens, and the block size the metric states. An info sample (vLLM's
+    ``cache_config_info``) gives ``kv_cache_size_tokens`` where the build has it (right for
+    hybrid models too), else ``num_gpu_blocks`` times its ``block_size``; any other sample's
+    value is a block count."""
     for name in names.capacity_blocks:
         rows = found.get(name) or found.get(name + "_info") or []
         total = 0
         size: int | None = None
         for labels, value in rows:
-            if "num_gpu_blocks" in labels:
-                blocks = _int(labels.get("num_gpu_blocks"))
-                size = _int(labels.get("block_size")) or size
+            if "num_gpu_blocks" in labels or "kv_cache_size_tokens" in labels:
+                row_size = _int(labels.get("block_size"))
+                size = row_size or size
+                tokens = _int(labels.get("kv_cache_size_tokens"))
+                if not tokens or tokens <= 0:
+                    blocks = _int(labels.get("num_gpu_blocks")) or 0
+                    tokens = blocks * (row_size or block_size or 16)
             else:
-                blocks = int(value)
-            total += blocks or 0
+                tokens = int(value) * (block_size or 16)
+            total += max(tokens, 0)
         if total:
-            return total * (size or block_size or 16), size
+            return total, size
     return None, None
 
 
