@@ -325,6 +325,9 @@ class BackendRuntime:
         if sig.kv_usage is not None:
             return min(1.0, max(0.0, sig.kv_usage))
         capacity = sig.capacity_tokens or self._capacity_tokens
+        if not capacity and self._total_bytes:
+            # Current TGI no longer reports its pool size: the policy's capacity stands in.
+            capacity = self._total_bytes // self.kv_bytes_per_token
         if sig.used_tokens is not None and capacity:
             return min(1.0, max(0.0, sig.used_tokens / capacity))
         return None

@@ -133,6 +133,14 @@ def test_metrics_capacity_converts_tokens_to_bytes_and_is_remembered_when_stale(
     assert rt.view(clock.now()).usable == pytest.approx(1000 * KVT)
 
 
+def test_used_tokens_without_a_reported_pool_are_a_share_of_the_policy_capacity() -> None:
+    # TGI reports the tokens its batch holds, and no longer the pool size.
+    clock = FakeClock()
+    rt = runtime(clock, kv_capacity_bytes=1000 * KVT, cap=CapacityConfig(headroom=0.0))
+    rt.apply_signals(BackendSignals(at=clock.now(), used_tokens=400), clock.now())
+    assert rt.view(clock.now()).free == pytest.approx(600 * KVT)
+
+
 def test_policy_and_metrics_capacity_take_the_smaller() -> None:
     clock = FakeClock()
     rt = runtime(clock, kv_capacity_bytes=100 * KVT)
