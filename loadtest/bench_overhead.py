@@ -6,6 +6,7 @@ two cores exist). Reports requests/s, p50/p99 latency, the proxy's CPU time per 
 /proc/<pid>/stat: user + system) and ratios against the bare proxy, as medians over --runs runs.
 
     python -m loadtest.bench_overhead --duration 10 --runs 3
+    python -m loadtest.bench_overhead --ladder    # what each feature of kvgate costs
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ _BODY = {
 
 _POLICY = """
 version: 1
-server: {{host: 127.0.0.1, port: {port}, anonymous_tenant: bench}}
+server: {{host: 127.0.0.1, port: {port}, anonymous_tenant: bench, access_log: {access_log}}}
+admission: {{enabled: {admission}}}
 models:
   bench:
     kv: {{layers: 32, kv_heads: 8, head_dim: 128}}
@@ -47,11 +49,25 @@ models:
           max_concurrency: 100000}}
 tenants:
   bench:
-    limits:
-      - {{unit: requests, rate: 1M/s}}
-      - {{unit: tokens, rate: 1G/s}}
-      - {{unit: kv_gib_seconds, rate: 1M/s}}
+    limits: {limits}
 """
+# Limits far above the load, so every request passes through all three buckets.
+_LIMITS = """
+      - {unit: requests, rate: 1M/s}
+      - {unit: tokens, rate: 1G/s}
+      - {unit: kv_gib_seconds, rate: 1M/s}"""
+
+# --ladder: kvgate with one feature after another switched off by its policy, to price each.
+_FULL = {"access_log": "true", "admission": "true", "limits": _LIMITS}
+_LADDER = (
+    ("kvgate", _FULL),
+    ("kvgate, no access log", {**_FULL, "access_log": "false"}),
+    ("kvgate, no access log, no limits", {**_FULL, "access_log": "false", "limits": "[]"}),
+    (
+        "kvgate, no access log, no limits, no admission",
+        {"access_log": "false", "admission": "false", "limits": "[]"},
+    ),
+)
 
 
 @dataclass
@@ -159,51 +175,56 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--runs", type=int, default=3, help="runs per cell; medians are printed")
     parser.add_argument("--connections", type=int, default=32, help="the fixed-concurrency load")
+    parser.add_argument(
+        "--ladder",
+        action="store_true",
+        help="price kvgate's features instead: JSON at --connections only, kvgate with the\n"
+        "access log, the limits and admission switched off one after another",
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk is needed: apt-get install wrk", file=sys.stderr)
         return 2
     py = sys.executable
-    backend, bare, gate = _free_port(), _free_port(), _free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        policy = Path(tmp) / "policy.yaml"
-        policy.write_text(_POLICY.format(port=gate, backend=backend))
-        backend_cmd = [*_pin(1), py, "-m", "loadtest.stub_backend", "--port", str(backend)]
-        bare_cmd = [
-            *_pin(0),
-            py,
-            "-m",
-            "loadtest.bare_proxy",
-            "--port",
-            str(bare),
-            "--upstream",
-            f"http://127.0.0.1:{backend}",
+    backend, bare = _free_port(), _free_port()
+    gateways = _LADDER if args.ladder else _LADDER[:1]
+    modes = (False,) if args.ladder else (False, True)
+    loads = (args.connections,) if args.ladder else (args.connections, 1)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        backend_url = f"http://127.0.0.1:{backend}"
+        stack.enter_context(
+            _process(
+                [*_pin(1), py, "-m", "loadtest.stub_backend", "--port", str(backend)],
+                f"{backend_url}/",
+            )
+        )
+        bare_cmd = [*_pin(0), py, "-m", "loadtest.bare_proxy", "--port", str(bare)]
+        bare_proc = stack.enter_context(
+            _process([*bare_cmd, "--upstream", backend_url], f"http://127.0.0.1:{bare}/")
+        )
+        path = "/v1/chat/completions"
+        targets: list[tuple[str, str, int | None]] = [
+            ("bare aiohttp proxy", f"http://127.0.0.1:{bare}{path}", bare_proc.pid)
         ]
-        gate_cmd = [*_pin(0), py, "-m", "gateway", "run", "-c", str(policy)]
+        if not args.ladder:
+            targets.insert(0, ("direct", backend_url + path, None))
+        for name, settings in gateways:
+            port = _free_port()
+            policy = Path(tmp) / f"policy-{port}.yaml"
+            policy.write_text(_POLICY.format(port=port, backend=backend, **settings))
+            gate_cmd = [*_pin(0), py, "-m", "gateway", "run", "-c", str(policy)]
+            gate_proc = stack.enter_context(_process(gate_cmd, f"http://127.0.0.1:{port}/readyz"))
+            targets.append((name, f"http://127.0.0.1:{port}{path}", gate_proc.pid))
         cells: dict[tuple[str, str, int], list[Result]] = {}
-        with (
-            _process(backend_cmd, f"http://127.0.0.1:{backend}/") as _,
-            _process(bare_cmd, f"http://127.0.0.1:{bare}/") as bare_proc,
-            _process(gate_cmd, f"http://127.0.0.1:{gate}/readyz") as gate_proc,
-        ):
-            targets = [
-                ("direct", f"http://127.0.0.1:{backend}/v1/chat/completions", None),
-                (
-                    "bare aiohttp proxy",
-                    f"http://127.0.0.1:{bare}/v1/chat/completions",
-                    bare_proc.pid,
-                ),
-                ("kvgate", f"http://127.0.0.1:{gate}/v1/chat/completions", gate_proc.pid),
-            ]
-            for run in range(args.runs):
-                for stream in (False, True):
-                    for conns in (args.connections, 1):
-                        for name, url, pid in targets:
-                            mode = "stream" if stream else "json"
-                            cells.setdefault((name, mode, conns), []).append(
-                                _measure(url, pid, conns, args.duration, stream)
-                            )
-                print(f"run {run + 1}/{args.runs} done", file=sys.stderr, flush=True)
+        for run in range(args.runs):
+            for stream in modes:
+                for conns in loads:
+                    for name, url, pid in targets:
+                        mode = "stream" if stream else "json"
+                        cells.setdefault((name, mode, conns), []).append(
+                            _measure(url, pid, conns, args.duration, stream)
+                        )
+            print(f"run {run + 1}/{args.runs} done", file=sys.stderr, flush=True)
     _print(cells, args.runs)
     return 0
 
