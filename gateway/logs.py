@@ -12,7 +12,10 @@ from typing import BinaryIO
 
 import msgspec
 
-_encode = msgspec.json.Encoder().encode
+_encoder = msgspec.json.Encoder()
+_encode = _encoder.encode
+_encode_lines = _encoder.encode_lines
+_BATCH = 1024
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,35 +38,49 @@ def configure(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
+class AccessRecord(msgspec.Struct, omit_defaults=True, gc=False):
+    """One request's line in the access log; fields left at None are not written."""
+
+    tenant: str
+    model: str
+    status: int
+    outcome: str
+    backend: str | None = None
+    duration_s: float | None = None
+    queued_s: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    error: str | None = None
+    ts: str = ""
+
+
 class AccessLog:
     """One JSON line per request, to stderr, written in batches.
 
     Going through ``logging`` costs a record object, a lock and a flushed write per request:
-    tens of microseconds, more than the rest of the gateway's own work. Lines here are encoded
-    once and written at most every ``flush_interval_s`` (or when 64 KiB are waiting), by
-    ``run`` in the background and at shutdown.
+    tens of microseconds, more than the rest of the gateway's own work. Records here are kept
+    as they are and encoded together at most every ``flush_interval_s`` (or when 1024 are
+    waiting), by ``run`` in the background and at shutdown: one encoder call per batch costs a
+    fraction of one per line on the request path.
     """
 
     def __init__(self, stream: BinaryIO | None = None, flush_interval_s: float = 0.2) -> None:
         self._stream = stream if stream is not None else sys.stderr.buffer
         self._flush_interval_s = flush_interval_s
-        self._lines: list[bytes] = []
-        self._size = 0
+        self._records: list[AccessRecord] = []
 
-    def write(self, record: dict[str, object]) -> None:
-        record["ts"] = _wall_clock()
-        line = _encode(record) + b"\n"
-        self._lines.append(line)
-        self._size += len(line)
-        if self._size >= 65536:
+    def write(self, record: AccessRecord) -> None:
+        record.ts = _wall_clock()
+        self._records.append(record)
+        if len(self._records) >= _BATCH:
             self.flush()
 
     def flush(self) -> None:
-        if not self._lines:
+        if not self._records:
             return
-        data, self._lines, self._size = b"".join(self._lines), [], 0
+        records, self._records = self._records, []
         try:
-            self._stream.write(data)
+            self._stream.write(_encode_lines(records))
             self._stream.flush()
         except OSError:
             return  # a closed or full stderr must not take requests down with it

@@ -17,6 +17,7 @@ from gateway.core.backend import MemoryKind
 from gateway.core.cost import ContextOverflowError, Cost, Holding, estimate, settle_cost
 from gateway.core.types import Outcome, Priority
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from gateway.logs import AccessRecord
 from gateway.policy.compile import Backend, Model, Policy, Tenant
 from gateway.proxy import responses
 from gateway.proxy.admit import Lease, Shed, Ticket
@@ -294,35 +295,23 @@ def _refused(
     model_name = model.name if model else "unknown"
     gw.metrics.count(tenant_name, model_name, outcome)
     if gw.access is not None:
-        gw.access.write(
-            {
-                "tenant": tenant_name,
-                "model": model_name,
-                "status": response.status,
-                "outcome": outcome,
-            }
-        )
+        gw.access.write(AccessRecord(tenant_name, model_name, response.status, outcome))
     return response
 
 
-def _access_record(
-    ex: _Exchange, ended: float, status: int, actual: Cost | None
-) -> dict[str, object]:
-    record: dict[str, object] = {
-        "tenant": ex.tenant.name,
-        "model": ex.model.name,
-        "backend": ex.backend.url if ex.backend else None,
-        "status": status,
-        "outcome": ex.outcome.value,
-        "duration_s": round(ended - ex.started, 6),
-        "queued_s": round(ex.queued_s, 6),
-    }
-    if ex.relay.error is not None:
-        record["error"] = ex.relay.error
-    if actual is not None:
-        record["input_tokens"] = actual.input_tokens
-        record["output_tokens"] = actual.output_tokens
-    return record
+def _access_record(ex: _Exchange, ended: float, status: int, actual: Cost | None) -> AccessRecord:
+    return AccessRecord(
+        ex.tenant.name,
+        ex.model.name,
+        status,
+        ex.outcome.value,
+        backend=ex.backend.url if ex.backend else None,
+        duration_s=round(ended - ex.started, 6),
+        queued_s=round(ex.queued_s, 6),
+        input_tokens=actual.input_tokens if actual is not None else None,
+        output_tokens=actual.output_tokens if actual is not None else None,
+        error=ex.relay.error,
+    )
 
 
 def _rate_refusal(held: Charge, headers: dict[str, str]) -> web.Response:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 
 import pytest
 
+from gateway.logs import AccessLog
+from gateway.state import GATEWAY
 from tests.integration.conftest import MakeGateway, policy_text, until
 from tests.integration.stub import StubBackend
 
@@ -293,3 +296,29 @@ async def test_a_client_hanging_up_right_after_done_is_a_success(
     response.close()
     labels = {"tenant": "anon", "model": "m1", "outcome": "ok"}
     await until(lambda: metrics.registry.get_sample_value("kvgate_requests_total", labels) == 1)
+
+
+async def test_access_log_names_tenants_and_outcomes_never_keys(
+    make_gateway: MakeGateway, stub_url: str
+) -> None:
+    limits = "      - {unit: requests, rate: 1/min, burst: 1}"
+    client, _ = await make_gateway(policy_text([stub_url], acme_limits=limits))
+    out = io.BytesIO()
+    client.app[GATEWAY].access = AccessLog(stream=out)
+    auth = {"Authorization": "Bearer sk-acme"}
+    assert (await client.post("/v1/chat/completions", json=CHAT, headers=auth)).status == 200
+    assert (await client.post("/v1/chat/completions", json=CHAT, headers=auth)).status == 429
+    bad = {"Authorization": "Bearer sk-wrong"}
+    assert (await client.post("/v1/chat/completions", json=CHAT, headers=bad)).status == 401
+    client.app[GATEWAY].access.flush()
+    text = out.getvalue()
+    assert b"sk-acme" not in text
+    assert b"sk-wrong" not in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [(r["tenant"], r["status"], r["outcome"]) for r in lines] == [
+        ("acme", 200, "ok"),
+        ("acme", 429, "rate_limited"),
+        ("unknown", 401, "unauthorized"),
+    ]
+    assert lines[0]["backend"] == stub_url
+    assert lines[0]["input_tokens"] > 0
