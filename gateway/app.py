@@ -125,7 +125,11 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
     gw.session = aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        connector=connector,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent",),
+        # A proxy keeps no cookies: one client's session must never ride on another's request.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
     yield
     await gw.session.close()

@@ -28,6 +28,7 @@ class StubBackend:
     hold_first_byte: bool = False  # wait for `release` before sending anything
     hold_stream: bool = False  # send the first chunk, then wait for `release`
     completion_tokens: int = 5
+    set_cookie: str | None = None  # a Set-Cookie header on every JSON answer
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -42,10 +43,13 @@ class StubBackend:
         body = await request.read()
         self.requests.append(Seen(request.method, request.path_qs, dict(request.headers), body))
         try:
-            return await self._answer(request, body)
+            response = await self._answer(request, body)
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
+        if self.set_cookie is not None and not response.prepared:
+            response.headers["Set-Cookie"] = self.set_cookie
+        return response
 
     async def _answer(self, request: web.Request, body: bytes) -> web.StreamResponse:
         if self.hold_first_byte:

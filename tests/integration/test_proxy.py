@@ -322,3 +322,17 @@ async def test_access_log_names_tenants_and_outcomes_never_keys(
     ]
     assert lines[0]["backend"] == stub_url
     assert lines[0]["input_tokens"] > 0
+
+
+async def test_cookies_a_backend_sets_go_to_its_client_and_never_to_another(
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str
+) -> None:
+    stub.set_cookie = "session=acme-secret; Path=/"
+    # by name: aiohttp's default cookie jar would ignore cookies from an IP address
+    client, _ = await make_gateway(policy_text([stub_url.replace("127.0.0.1", "localhost")]))
+    auth = {"Authorization": "Bearer sk-acme"}
+    first = await client.post("/v1/chat/completions", json=CHAT, headers=auth)
+    assert first.headers["Set-Cookie"] == "session=acme-secret; Path=/"
+    client.session.cookie_jar.clear()  # another client: only the gateway could send it now
+    await client.post("/v1/chat/completions", json=CHAT)  # the anonymous tenant
+    assert "Cookie" not in stub.requests[-1].headers
