@@ -128,6 +128,9 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         connector=connector,
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
+        # Answers must come back uncompressed: the gateway reads their usage block (a request
+        # without Accept-Encoding would accept any coding).
+        headers={"Accept-Encoding": "identity"},
         # A proxy keeps no cookies: one client's session must never ride on another's request.
         cookie_jar=aiohttp.DummyCookieJar(),
     )

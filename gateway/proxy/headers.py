@@ -1,8 +1,10 @@
 """Header hygiene between client and backend.
 
 Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy; the client's credentials never reach
-the backend (it gets its own ``api_key`` instead); ``Accept-Encoding`` is dropped upstream so the
-gateway can read the ``usage`` block of what comes back.
+the backend (it gets its own ``api_key`` instead); the client's ``Accept-Encoding`` is replaced by
+``identity`` (the upstream session's default) so the gateway can read the ``usage`` block of what
+comes back; ``Expect: 100-continue`` is dropped because the body is read whole before it is
+forwarded.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ _NOT_UPSTREAM = HOP_BY_HOP | frozenset(
         "api-key",
         "x-api-key",
         "accept-encoding",
+        "expect",
         "x-kvgate-priority",
     )
 )

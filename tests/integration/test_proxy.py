@@ -147,10 +147,16 @@ async def test_client_keys_never_reach_the_backend_and_forwarding_headers_are_se
             "X-Secret-Hop": "drop me",
             "X-Custom": "keep me",
             "Proxy-Authorization": "Basic abc",
+            "Accept-Encoding": "gzip, br",
         },
+        expect100=True,
     )
     assert response.status == 200
     seen = {k.lower(): v for k, v in stub.requests[-1].headers.items()}
+    # The body is read whole before forwarding: nothing to continue. And the answer must come
+    # back uncompressed, for the gateway to read its usage block.
+    assert "expect" not in seen
+    assert seen["accept-encoding"] == "identity"
     assert seen["authorization"] == "Bearer sk-backend"
     assert "sk-acme" not in json.dumps(seen)
     assert "x-secret-hop" not in seen
