@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 
 from gateway.core.clock import Clock
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from gateway.proxy.deadline import Deadline
 from gateway.proxy.headers import downstream_headers
 from gateway.proxy.sse import UsageTap
 
@@ -90,67 +91,68 @@ async def forward(
     end_by = loop.time() + timeouts.total_s
     started = False
     which = "first byte"
+    deadline = Deadline(min(loop.time() + timeouts.first_byte_s, end_by))
     try:
-        async with asyncio.timeout_at(min(loop.time() + timeouts.first_byte_s, end_by)) as limit:
-            upstream = await _send_request(request.method, session, url, body, headers, timeouts)
-            async with upstream:
-                relay.status = upstream.status
-                relay.first_byte_at = clock.now()
-                on_start()
-                if upstream.status >= 500:
-                    relay.failure = "5xx"
-                out_headers = downstream_headers(upstream.headers.items())
-                out_headers.update(extra_headers)
-                length = upstream.content_length
-                is_sse = upstream.content_type == "text/event-stream"
-                if not is_sse and length is not None and length < _BUFFER_LIMIT:
-                    which = "total"
-                    if not upstream.content.is_eof():  # small answers come with their headers
-                        limit.reschedule(end_by)
-                    data = await upstream.read()
-                    _read_usage(relay, upstream, data)
-                    relay.complete = True
-                    return web.Response(status=upstream.status, body=data, headers=out_headers)
-                which = "idle"
-                response = web.StreamResponse(status=upstream.status, headers=out_headers)
-                try:
-                    await response.prepare(request)
-                except ConnectionError:
-                    relay.client_gone = True
-                    return response
-                started = True
-                relay.streamed = is_sse
-                tap = UsageTap(strip_usage=strip_usage) if is_sse else None
-                try:
-                    async for data in upstream.content.iter_any():
-                        limit.reschedule(min(loop.time() + timeouts.idle_s, end_by))
-                        out = tap.feed(data) if tap is not None else data
-                        if out and not await _send(response, out, relay):
-                            break
-                    else:
-                        last = tap.flush() if tap is not None else b""
-                        # Everything reached the client once the last bytes are written; a
-                        # client that hangs up on [DONE] before the terminating chunk has it.
-                        relay.complete = await _send(response, last, relay)
-                        await _send(response, None, relay)
-                finally:
-                    # Also when the handler is cancelled (the client left): what was relayed
-                    # until then was produced, and is settled.
-                    if tap is not None:
-                        _take_tap(relay, tap)
+        upstream = await _send_request(request.method, session, url, body, headers, timeouts)
+        async with upstream:
+            relay.status = upstream.status
+            relay.first_byte_at = clock.now()
+            on_start()
+            if upstream.status >= 500:
+                relay.failure = "5xx"
+            out_headers = downstream_headers(upstream.headers.items())
+            out_headers.update(extra_headers)
+            length = upstream.content_length
+            is_sse = upstream.content_type == "text/event-stream"
+            if not is_sse and length is not None and length < _BUFFER_LIMIT:
+                which = "total"
+                deadline.move(end_by)
+                data = await upstream.read()
+                _read_usage(relay, upstream, data)
+                relay.complete = True
+                return web.Response(status=upstream.status, body=data, headers=out_headers)
+            which = "idle"
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            try:
+                await response.prepare(request)
+            except ConnectionError:
+                relay.client_gone = True
                 return response
-    except TimeoutError as exc:
+            started = True
+            relay.streamed = is_sse
+            tap = UsageTap(strip_usage=strip_usage) if is_sse else None
+            try:
+                async for data in upstream.content.iter_any():
+                    deadline.move(min(loop.time() + timeouts.idle_s, end_by))
+                    out = tap.feed(data) if tap is not None else data
+                    if out and not await _send(response, out, relay):
+                        break
+                else:
+                    last = tap.flush() if tap is not None else b""
+                    # Everything reached the client once the last bytes are written; a
+                    # client that hangs up on [DONE] before the terminating chunk has it.
+                    relay.complete = await _send(response, last, relay)
+                    await _send(response, None, relay)
+            finally:
+                # Also when the handler is cancelled (the client left): what was relayed
+                # until then was produced, and is settled.
+                if tap is not None:
+                    _take_tap(relay, tap)
+            return response
+    except asyncio.CancelledError:
+        if not deadline.timed_out():
+            raise
         relay.failure = "timeout"
+        if loop.time() >= end_by:
+            which = "total"
         seconds = {
             "first byte": timeouts.first_byte_s,
             "idle": timeouts.idle_s,
             "total": timeouts.total_s,
-        }
-        if loop.time() >= end_by:
-            which = "total"
+        }[which]
         if not started:
-            raise UpstreamTimeout(which, seconds[which]) from exc
-        await _end_stream(response, f"upstream {which} timeout after {seconds[which]:g}s")
+            raise UpstreamTimeout(which, seconds) from None
+        await _end_stream(response, f"upstream {which} timeout after {seconds:g}s")
         return response
     except aiohttp.ClientError as exc:
         relay.failure = "5xx"
@@ -159,6 +161,8 @@ async def forward(
             raise UpstreamError(f"backend answered badly: {exc}") from exc
         await _end_stream(response, f"backend stream broke: {exc}")
         return response
+    finally:
+        deadline.close()
 
 
 async def _send_request(
