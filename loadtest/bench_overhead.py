@@ -34,6 +34,13 @@ _BODY = {
     "messages": [{"role": "user", "content": "Say ok sixteen times."}],
     "max_tokens": 16,
 }
+# "stream": the stub sends the whole stream in one write; "paced": one event per write, in
+# separate TCP segments, as a server sends tokens while it decodes (per-chunk costs show).
+_BODIES: dict[str, dict[str, object]] = {
+    "json": _BODY,
+    "stream": {**_BODY, "stream": True},
+    "paced": {**_BODY, "stream": True, "user": "paced"},
+}
 
 _POLICY = """
 version: 1
@@ -158,8 +165,8 @@ def _pct(out: str, label: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def _measure(url: str, pid: int | None, connections: int, duration: int, stream: bool) -> Result:
-    body = {**_BODY, "stream": stream}
+def _measure(url: str, pid: int | None, connections: int, duration: int, mode: str) -> Result:
+    body = _BODIES[mode]
     _wrk(url, connections, 1, body)  # warm-up: connections, caches, JIT-free but lazy imports
     before = _cpu_s(pid) if pid else 0.0
     requests, result = _wrk(url, connections, duration, body)
@@ -188,7 +195,7 @@ def main() -> int:
     py = sys.executable
     backend, bare = _free_port(), _free_port()
     gateways = _LADDER if args.ladder else _LADDER[:1]
-    modes = (False,) if args.ladder else (False, True)
+    modes = ("json",) if args.ladder else tuple(_BODIES)
     loads = (args.connections,) if args.ladder else (args.connections, 1)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         backend_url = f"http://127.0.0.1:{backend}"
@@ -217,12 +224,11 @@ def main() -> int:
             targets.append((name, f"http://127.0.0.1:{port}{path}", gate_proc.pid))
         cells: dict[tuple[str, str, int], list[Result]] = {}
         for run in range(args.runs):
-            for stream in modes:
+            for mode in modes:
                 for conns in loads:
                     for name, url, pid in targets:
-                        mode = "stream" if stream else "json"
                         cells.setdefault((name, mode, conns), []).append(
-                            _measure(url, pid, conns, args.duration, stream)
+                            _measure(url, pid, conns, args.duration, mode)
                         )
             print(f"run {run + 1}/{args.runs} done", file=sys.stderr, flush=True)
     _print(cells, args.runs)

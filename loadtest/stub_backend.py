@@ -2,7 +2,9 @@
 so that in the overhead benchmark the proxy under test, not the backend, is the bottleneck.
 
 Answers any POST with a fixed chat completion; with ``"stream": true`` in the body, with
-``--chunks`` SSE chunks and ``[DONE]``. HTTP/1.1 keep-alive, Content-Length bodies only.
+``--chunks`` SSE chunks and ``[DONE]``, all in one write; when the body also names the ``user``
+``"paced"``, one event per write in successive loop turns (separate TCP segments, as a server
+sends tokens while it decodes them). HTTP/1.1 keep-alive, Content-Length bodies only.
 Run: ``python -m loadtest.stub_backend --port 9001``.
 """
 
@@ -41,7 +43,8 @@ def _plain() -> bytes:
     return head.encode() + _COMPLETION
 
 
-def _stream(chunks: int) -> bytes:
+def _stream(chunks: int) -> list[bytes]:
+    """The response head, then each event in its HTTP chunk, then the last chunk."""
     events = []
     for i in range(chunks):
         chunk = {"choices": [{"index": 0, "delta": {"content": f"t{i} "}}], "object": "chunk"}
@@ -49,17 +52,17 @@ def _stream(chunks: int) -> bytes:
     usage = {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": chunks}}
     events.append(b"data: " + json.dumps(usage).encode() + b"\n\n")
     events.append(b"data: [DONE]\n\n")
-    body = b"".join(f"{len(e):x}\r\n".encode() + e + b"\r\n" for e in events) + b"0\r\n\r\n"
     head = (
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
-    return head + body
+    return [head, *(f"{len(e):x}\r\n".encode() + e + b"\r\n" for e in events), b"0\r\n\r\n"]
 
 
 class _Backend(asyncio.Protocol):
-    def __init__(self, plain: bytes, stream: bytes) -> None:
+    def __init__(self, plain: bytes, stream: list[bytes]) -> None:
         self._plain = plain
         self._stream = stream
+        self._whole_stream = b"".join(stream)
         self._buffer = b""
         self._transport: asyncio.WriteTransport | None = None
 
@@ -83,8 +86,21 @@ class _Backend(asyncio.Protocol):
             body = self._buffer[end + 4 : end + 4 + length]
             self._buffer = self._buffer[end + 4 + length :]
             streaming = b'"stream": true' in body or b'"stream":true' in body
-            if self._transport is not None:
-                self._transport.write(self._stream if streaming else self._plain)
+            if self._transport is None:
+                return
+            if not streaming:
+                self._transport.write(self._plain)
+            elif b'"paced"' in body:
+                self._paced(0)
+            else:
+                self._transport.write(self._whole_stream)
+
+    def _paced(self, index: int) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._transport.write(self._stream[index])
+        if index + 1 < len(self._stream):
+            asyncio.get_running_loop().call_soon(self._paced, index + 1)
 
 
 async def serve(host: str, port: int, chunks: int) -> None:
