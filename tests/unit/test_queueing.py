@@ -203,6 +203,31 @@ def test_drain_rate_and_hold_time() -> None:
 
 
 @given(
+    events=st.lists(st.tuples(st.floats(0.0, 1e9), st.floats(0.0, 4.0), st.booleans()), max_size=60)
+)
+def test_drain_rate_equals_the_sum_over_its_window(
+    events: list[tuple[float, float, bool]],
+) -> None:
+    # The rate keeps a running total; it must match summing what is left in the window.
+    d = DrainRate(window_s=10.0)
+    now = 0.0
+    kept: list[tuple[float, float]] = []
+    for nbytes, gap, read in events:
+        now += gap
+        if read:
+            kept = [(at, b) for at, b in kept if at >= now - 10.0]
+            rate = d.bytes_per_s(now)
+            if not kept:
+                assert rate is None
+            else:
+                span = max(now - kept[0][0], 1.0)
+                assert rate == pytest.approx(sum(b for _, b in kept) / span, rel=1e-9, abs=1e-6)
+        else:
+            d.record(nbytes, 1.0, now)
+            kept.append((now, nbytes))
+
+
+@given(
     ops=st.lists(
         st.tuples(
             st.sampled_from(["push", "pump", "remove", "expire"]),
