@@ -28,6 +28,7 @@ backends.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
 
@@ -129,6 +130,9 @@ class _Pool:
         self.codel = CoDel(config.queue.target_delay_s, config.queue.interval_s)
         self.drain = DrainRate()
         self.waiting: dict[int, _Waiting] = {}
+        # (min_need, entry id) of the waiting entries, deleted lazily: lets a pump skip the
+        # queue when not even its smallest request fits (a pump runs on every release).
+        self._smallest: list[tuple[int, int]] = []
         self.rr = 0
         self.retune(spec, config, now)
 
@@ -152,6 +156,24 @@ class _Pool:
 
     def candidates(self, ticket: Ticket) -> list[BackendRuntime]:
         return [b for url, b in self.backends.items() if url not in ticket.exclude]
+
+    def wait(self, entry_id: int, waiting: _Waiting) -> None:
+        self.waiting[entry_id] = waiting
+        heapq.heappush(self._smallest, (waiting.min_need, entry_id))
+        if len(self._smallest) > 2 * len(self.waiting) + 64:
+            self.reindex()
+
+    def reindex(self) -> None:
+        """Rebuild the smallest-need index: after needs changed, or when deleted entries
+        pile up under one that waits long."""
+        self._smallest = [(w.min_need, eid) for eid, w in self.waiting.items()]
+        heapq.heapify(self._smallest)
+
+    def smallest_need(self) -> int | None:
+        heap = self._smallest
+        while heap and heap[0][1] not in self.waiting:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
 
 class Admission:
@@ -212,7 +234,7 @@ class Admission:
         if not pool.queue.push(entry):
             retry = self._wait_estimate(pool, ticket.priority, entry.cost, now)
             return Rejection(Outcome.SHED_QUEUE_FULL, _retry(retry), "admission queue is full")
-        pool.waiting[entry.id] = _Waiting(ticket, needs)
+        pool.wait(entry.id, _Waiting(ticket, needs))
         self._pump_pool(pool, now)
         for i, (eid, verdict) in enumerate(self._events):
             if eid == entry.id:
@@ -366,6 +388,7 @@ class Admission:
                     pool.waiting[eid] = _Waiting(
                         w.ticket, self._needs(pool.candidates(w.ticket), w.ticket)
                     )
+                pool.reindex()
             pools[spec.name] = pool
         for gone in self._pools.values():
             for entry_id in list(gone.waiting):
@@ -485,16 +508,15 @@ class Admission:
                     self._events.append((e.id, Rejection(Outcome.SHED_OVERLOAD, _retry(wait), msg)))
 
         rooms = {url: rt.room(now) for url, rt in pool.backends.items()}
-        if all(room is None for room in rooms.values()):
-            pool.codel.observe(
-                pool.queue.oldest_age(now),
-                now,
-                may_escalate=not pool.queue.has_band(Priority.SHEDDABLE),
-            )
-            return  # nothing fits anywhere: skip scanning the queue
-
         # the largest request any backend could take now: most entries fail this one comparison
-        max_room = max(room.max_need for room in rooms.values() if room is not None)
+        largest = max((room.max_need for room in rooms.values() if room is not None), default=None)
+        smallest = pool.smallest_need()
+        if largest is None or (smallest is not None and smallest > largest):
+            # Nothing fits anywhere, or not even the smallest waiting request: a scan of the
+            # queue would serve nobody.
+            self._stalled(pool, now)
+            return
+        max_room = largest
         waiting = pool.waiting
 
         def fits(e: Entry) -> bool:
@@ -525,11 +547,16 @@ class Admission:
             for e in served:
                 pool.codel.observe(now - e.enqueued_at, now)
         else:
-            pool.codel.observe(
-                pool.queue.oldest_age(now),
-                now,
-                may_escalate=not pool.queue.has_band(Priority.SHEDDABLE),
-            )
+            self._stalled(pool, now)
+
+    @staticmethod
+    def _stalled(pool: _Pool, now: float) -> None:
+        """Nobody was served: CoDel sees the oldest entry's wait."""
+        pool.codel.observe(
+            pool.queue.oldest_age(now),
+            now,
+            may_escalate=not pool.queue.has_band(Priority.SHEDDABLE),
+        )
 
     def _expiry(self, pool: _Pool, e: Entry, now: float) -> Rejection:
         waited = now - e.enqueued_at

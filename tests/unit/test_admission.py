@@ -124,6 +124,25 @@ def test_queues_when_full_and_release_places_the_waiting_one() -> None:
     assert snap["backends"][0]["reserved_bytes"] == 800 * KVT  # idempotent release
 
 
+def test_a_release_places_the_smallest_waiting_request_that_now_fits() -> None:
+    # A pump skips the queue when not even its smallest request fits; that index must follow
+    # entries in and out.
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000)), clock.now())
+    up(adm, clock, "a")
+    a = placed(adm.offer(ticket(clock, 600, tenant="x"), clock.now()))
+    b = placed(adm.offer(ticket(clock, 300, tenant="x"), clock.now()))
+    large = adm.offer(ticket(clock, 500, tenant="y"), clock.now())
+    small = adm.offer(ticket(clock, 150, tenant="z"), clock.now())
+    assert isinstance(large, Queued) and isinstance(small, Queued)
+    adm.tick(clock.now())
+    assert adm.take_events() == []
+    adm.release(b.lease_id, output_tokens=1, ttft_s=0.1, failure=None, now=clock.now())
+    assert [eid for eid, v in adm.take_events() if isinstance(v, Placement)] == [small.entry_id]
+    adm.release(a.lease_id, output_tokens=1, ttft_s=0.1, failure=None, now=clock.now())
+    assert [eid for eid, v in adm.take_events() if isinstance(v, Placement)] == [large.entry_id]
+
+
 def test_too_large_for_any_backend_is_never_retried() -> None:
     clock = FakeClock()
     adm = Admission(config(backend("a", 1000), backend("b", 500)), clock.now())
