@@ -1,5 +1,7 @@
 """Micro-benchmark of the per-request limit decision: parse the body, estimate its cost, take from
-three buckets and settle them (an acquire and an adjust), on the memory store and on Redis.
+three buckets and settle them (an acquire and an adjust), on the memory store and on Redis; and of
+admission: a placement and its release on an idle backend, and a release's queue pump while 2000
+requests wait that cannot fit.
 
 Prints microseconds per decision (median of ``--runs`` runs) and the ratio to a bare dict lookup
 measured in the same process, so figures from different machines can be compared.
@@ -20,10 +22,20 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import redis.asyncio as aioredis
 
+from gateway.core.admission import (
+    Admission,
+    AdmissionConfig,
+    ModelPool,
+    Placement,
+    Queued,
+    Ticket,
+)
+from gateway.core.backend import BackendConfig, Health, Signals
 from gateway.core.bucket import BucketSpec
-from gateway.core.clock import MonotonicClock
+from gateway.core.clock import FakeClock, MonotonicClock
 from gateway.core.cost import DTYPE_BYTES, ModelProfile, estimate
-from gateway.core.types import Unit
+from gateway.core.queueing import QueueConfig
+from gateway.core.types import Priority, Unit
 from gateway.errors import StoreError
 from gateway.proxy.body import parse_request
 from gateway.store.base import LimitStore
@@ -129,12 +141,52 @@ def decisions(store: LimitStore, body: bytes) -> Callable[[int], Awaitable[None]
     return run
 
 
+def _admission(kv_bytes: int, waiting: int) -> tuple[Admission, FakeClock]:
+    """One backend of ``kv_bytes``; with ``waiting`` > 0 it is filled and that many requests
+    too large for what is left queue behind it."""
+    clock = FakeClock()
+    backend = BackendConfig(url="http://b", signals=Signals.NONE, kv_capacity_bytes=kv_bytes)
+    queue = QueueConfig(max_wait_s=1e9, max_depth=waiting + 1, target_delay_s=1e9)
+    adm = Admission(AdmissionConfig(models=(ModelPool("m", 1024, (backend,)),), queue=queue), 0.0)
+    adm.observe_health("m", "http://b", Health.OK, clock.now())
+    while waiting and isinstance(adm.offer(_ticket(clock, 1000), clock.now()), Placement):
+        pass
+    for i in range(waiting):
+        queued = adm.offer(_ticket(clock, 50_000, tenant=f"t{i % 20}"), clock.now())
+        if not isinstance(queued, Queued):
+            raise RuntimeError(f"the benchmark's large requests should queue, got {queued}")
+    adm.take_events()
+    return adm, clock
+
+
+def _ticket(clock: FakeClock, tokens: int, tenant: str = "t") -> Ticket:
+    return Ticket(tenant, "m", Priority.STANDARD, 1.0, tokens // 2, tokens // 2, 1024, 1e9)
+
+
+def place_and_release(n: int) -> None:
+    adm, clock = _admission(1 << 40, waiting=0)
+    for _ in range(n):
+        placement = adm.offer(_ticket(clock, 1000), clock.now())
+        assert isinstance(placement, Placement)
+        adm.release(placement.lease_id, output_tokens=16, ttft_s=0.01, failure=None, now=1.0)
+
+
+def pump_while_full(n: int) -> None:
+    adm, clock = _admission(100_500 * 1024, waiting=2000)  # 500 tokens stay free
+    for _ in range(n):
+        adm.tick(clock.now())
+
+
 async def bench(args: argparse.Namespace) -> None:
     body = sample_body()
     baseline = median_us(args.runs, args.n * 10, dict_lookup)
     rows = [("bare dict lookup (baseline)", baseline)]
     rows.append(("parse body", median_us(args.runs, args.n, parse_only(body))))
     rows.append(("parse + estimate", median_us(args.runs, args.n, parse_and_estimate(body))))
+    rows.append(("admission: place + release", median_us(args.runs, args.n, place_and_release)))
+    rows.append(
+        ("admission: pump, 2000 waiting", median_us(args.runs, args.n // 10, pump_while_full))
+    )
     memory = MemoryLimitStore(MonotonicClock())
     rows.append(
         (
