@@ -123,11 +123,15 @@ async def apply_policy(app: web.Application, policy: Policy) -> None:
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+    # Idle upstream connections close before the backend closes them (uvicorn, under vLLM and
+    # SGLang, keeps them 5 s): a request sent on a connection the server is closing fails.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4, enable_cleanup_closed=True)
     gw.session = aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
-        skip_auto_headers=("User-Agent",),
+        # The client's headers only: no User-Agent of ours, no Content-Type where it sent none
+        # (a FastAPI server reads an untyped body as JSON, but refuses application/octet-stream).
+        skip_auto_headers=("User-Agent", "Content-Type"),
         # Answers must come back uncompressed: the gateway reads their usage block (a request
         # without Accept-Encoding would accept any coding).
         headers={"Accept-Encoding": "identity"},

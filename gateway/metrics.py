@@ -80,7 +80,7 @@ class Metrics:
         )
         self.ttft = RequestHistogram(
             "kvgate_upstream_first_byte_seconds",
-            "Time from forwarding to the backend's response headers (time to first token).",
+            "Time from forwarding to the first token: a stream's first event, else the headers.",
             _LATENCY_BUCKETS,
         )
         self.queue_wait = RequestHistogram(

@@ -9,6 +9,7 @@ stream ends with an SSE error event, which the OpenAI SDKs raise as an API error
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from gateway.proxy.headers import downstream_headers
 from gateway.proxy.sse import UsageTap
 
 _BUFFER_LIMIT = 8 * 1024 * 1024  # a body this long or longer is streamed, not read whole
+_TAIL_BYTES = 64 * 1024  # of a streamed JSON body, kept to read its usage block at the end
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
 
 
@@ -45,6 +47,7 @@ class _Body(msgspec.Struct):
 
 
 _body_decoder = msgspec.json.Decoder(_Body)
+_usage_decoder = msgspec.json.Decoder(_Usage)
 
 
 @dataclass(slots=True)
@@ -53,12 +56,13 @@ class Relay:
 
     status: int = 0
     first_byte_at: float | None = None  # clock time the response headers arrived
+    first_token_at: float | None = None  # first token event of a stream, else first_byte_at
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     chunks: int = 0
     complete: bool = False  # the whole answer reached the client
     client_gone: bool = False  # the client left mid-answer: not the backend's fault
-    streamed: bool = False  # an SSE stream: first_byte_at is the first output token
+    streamed: bool = False  # an SSE stream
     error: str | None = None  # what broke upstream, for the access log
     failure: str | None = None  # "5xx", "oom" or "timeout": fed back to the backend's state
 
@@ -73,7 +77,7 @@ class Relay:
 async def forward(
     request: web.Request,
     session: aiohttp.ClientSession,
-    url: str,
+    backend_url: str,
     *,
     body: bytes,
     headers: CIMultiDict[str],
@@ -84,85 +88,196 @@ async def forward(
     extra_headers: Mapping[str, str],
     on_start: Callable[[], None],
 ) -> web.StreamResponse:
-    """Proxy to ``url``; fills ``relay`` as it goes (also when it raises). ``extra_headers`` are
-    added to the client's response (the gateway's rate-limit headers); ``on_start`` is called
-    when the backend's response headers arrive."""
+    """Proxy the request to the same path on ``backend_url``; fills ``relay`` as it goes (also
+    when it raises). ``extra_headers`` are added to the client's response (the gateway's
+    rate-limit headers); ``on_start`` is called when the backend's response headers arrive."""
     loop = asyncio.get_running_loop()
     end_by = loop.time() + timeouts.total_s
-    started = False
-    which = "first byte"
     deadline = Deadline(min(loop.time() + timeouts.first_byte_s, end_by))
+    stream = _Stream(request, relay, deadline, timeouts, end_by)
     try:
-        upstream = await _send_request(request.method, session, url, body, headers, timeouts)
+        upstream = await _send_request(
+            request.method, session, backend_url + request.path_qs, body, headers, timeouts
+        )
         async with upstream:
             relay.status = upstream.status
             relay.first_byte_at = clock.now()
             on_start()
+            if upstream.status >= 400:
+                relay.completion_tokens = 0  # an error answer carries no output
             if upstream.status >= 500:
                 relay.failure = "5xx"
-            out_headers = downstream_headers(upstream.headers.items())
+            out_headers = downstream_headers(upstream.headers)
+            _point_at_gateway(out_headers, backend_url, request)
             out_headers.update(extra_headers)
             length = upstream.content_length
-            is_sse = upstream.content_type == "text/event-stream"
-            if not is_sse and length is not None and length < _BUFFER_LIMIT:
-                which = "total"
+            stream.is_sse = upstream.content_type == "text/event-stream"
+            if request.method == "HEAD":
+                if length is not None:
+                    out_headers["Content-Length"] = str(length)
+                relay.complete = True
+                relay.first_token_at = relay.first_byte_at
+                return web.Response(status=upstream.status, headers=out_headers)
+            if not stream.is_sse and length is not None and length < _BUFFER_LIMIT:
+                stream.which = "total"
                 deadline.move(end_by)
                 data = await upstream.read()
                 _read_usage(relay, upstream, data)
                 relay.complete = True
+                relay.first_token_at = relay.first_byte_at
                 return web.Response(status=upstream.status, body=data, headers=out_headers)
-            which = "idle"
-            response = web.StreamResponse(status=upstream.status, headers=out_headers)
-            try:
-                await response.prepare(request)
-            except ConnectionError:
-                relay.client_gone = True
-                return response
-            started = True
-            relay.streamed = is_sse
-            tap = UsageTap(strip_usage=strip_usage) if is_sse else None
-            try:
-                async for data in upstream.content.iter_any():
-                    deadline.move(min(loop.time() + timeouts.idle_s, end_by))
-                    out = tap.feed(data) if tap is not None else data
-                    if out and not await _send(response, out, relay):
-                        break
-                else:
-                    last = tap.flush() if tap is not None else b""
-                    # Everything reached the client once the last bytes are written; a
-                    # client that hangs up on [DONE] before the terminating chunk has it.
-                    relay.complete = await _send(response, last, relay)
-                    await _send(response, None, relay)
-            finally:
-                # Also when the handler is cancelled (the client left): what was relayed
-                # until then was produced, and is settled.
-                if tap is not None:
-                    _take_tap(relay, tap)
-            return response
+            return await stream.pass_through(upstream, out_headers, strip_usage, clock)
     except asyncio.CancelledError:
         if not deadline.timed_out():
             raise
         relay.failure = "timeout"
         if loop.time() >= end_by:
-            which = "total"
+            stream.which = "total"
         seconds = {
             "first byte": timeouts.first_byte_s,
             "idle": timeouts.idle_s,
             "total": timeouts.total_s,
-        }[which]
-        if not started:
-            raise UpstreamTimeout(which, seconds) from None
-        await _end_stream(response, f"upstream {which} timeout after {seconds:g}s")
-        return response
+        }[stream.which]
+        if stream.response is None:
+            raise UpstreamTimeout(stream.which, seconds) from None
+        return await stream.broken(f"upstream {stream.which} timeout after {seconds:g}s")
     except aiohttp.ClientError as exc:
         relay.failure = "5xx"
         relay.error = f"{type(exc).__name__}: {exc}"
-        if not started:
+        if stream.response is None:
             raise UpstreamError(f"backend answered badly: {exc}") from exc
-        await _end_stream(response, f"backend stream broke: {exc}")
-        return response
+        return await stream.broken(f"backend stream broke: {exc}")
     finally:
         deadline.close()
+
+
+class _Stream:
+    """An answer relayed as it arrives (SSE, or a body without a length or too long to hold).
+
+    The idle timeout covers the backend only: it is lifted while the gateway writes to the
+    client, so a client reading slowly is not taken for a silent backend."""
+
+    __slots__ = (
+        "_end_by",
+        "_request",
+        "_timeouts",
+        "deadline",
+        "is_sse",
+        "relay",
+        "response",
+        "which",
+    )
+
+    def __init__(
+        self,
+        request: web.Request,
+        relay: Relay,
+        deadline: Deadline,
+        timeouts: Timeouts,
+        end_by: float,
+    ) -> None:
+        self._request = request
+        self._timeouts = timeouts
+        self._end_by = end_by
+        self.relay = relay
+        self.deadline = deadline
+        self.is_sse = False
+        self.which = "first byte"  # the timeout that applies now, to name it when it fires
+        self.response: web.StreamResponse | None = None  # once prepared: headers are sent
+
+    async def pass_through(
+        self,
+        upstream: aiohttp.ClientResponse,
+        out_headers: CIMultiDict[str],
+        strip_usage: bool,
+        clock: Clock,
+    ) -> web.StreamResponse:
+        relay = self.relay
+        response = web.StreamResponse(status=upstream.status, headers=out_headers)
+        try:
+            await response.prepare(self._request)
+        except ConnectionError:
+            relay.client_gone = True
+            return response
+        self.response = response
+        relay.streamed = self.is_sse
+        tap = UsageTap(strip_usage=strip_usage) if self.is_sse else None
+        # The usage block of a JSON body ends it; the tail is enough to find it.
+        tail = _Tail() if upstream.status == 200 and not self.is_sse else None
+        loop = asyncio.get_running_loop()
+        try:
+            async for data in upstream.content.iter_any():
+                self.which = "idle"
+                out = tap.feed(data) if tap is not None else data
+                if tail is not None:
+                    tail.add(data)
+                if out and relay.first_token_at is None:
+                    relay.first_token_at = clock.now()
+                self.deadline.move(self._end_by)
+                if out and not await _send(response, out, relay):
+                    break
+                self.deadline.move(min(loop.time() + self._timeouts.idle_s, self._end_by))
+            else:
+                last = tap.flush() if tap is not None else b""
+                if tail is not None:
+                    _take_usage(relay, _usage_in(tail.bytes()))
+                # Everything reached the client once the last bytes are written; a client
+                # that hangs up on [DONE] before the terminating chunk has it.
+                relay.complete = await _send(response, last, relay)
+                await _send(response, None, relay)
+        finally:
+            # Also when the handler is cancelled (the client left): what was relayed until
+            # then was produced, and is settled.
+            if tap is not None:
+                _take_tap(relay, tap)
+        return response
+
+    async def broken(self, message: str) -> web.StreamResponse:
+        """End an answer the backend broke off: an SSE error event (the SDKs raise it), or,
+        for any other body, a cut connection, so the client cannot take it for whole."""
+        response = self.response
+        if response is None:
+            raise RuntimeError("an answer is broken off only once it started")
+        if not self.is_sse:
+            transport = self._request.transport
+            if transport is not None:
+                transport.abort()
+            return response
+        event = msgspec.json.encode({"error": {"message": message, "type": "upstream_error"}})
+        try:
+            await response.write(b"data: " + event + b"\n\n")
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            pass
+        return response
+
+
+class _Tail:
+    """The last ``_TAIL_BYTES`` of a body, whatever its length."""
+
+    __slots__ = ("_parts", "_size")
+
+    def __init__(self) -> None:
+        self._parts: deque[bytes] = deque()
+        self._size = 0
+
+    def add(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._size += len(data)
+        while self._size - len(self._parts[0]) >= _TAIL_BYTES:
+            self._size -= len(self._parts.popleft())
+
+    def bytes(self) -> bytes:
+        return b"".join(self._parts)
+
+
+def _point_at_gateway(headers: CIMultiDict[str], backend_url: str, request: web.Request) -> None:
+    """Redirects to the backend's own address point at the gateway instead: the client must not
+    learn an internal address, nor go around the limits."""
+    for name in ("Location", "Content-Location"):
+        value = headers.get(name)
+        if value is not None and value.startswith(backend_url):
+            headers[name] = f"{request.scheme}://{request.host}{value[len(backend_url) :]}"
 
 
 async def _send_request(
@@ -205,9 +320,44 @@ def _read_usage(relay: Relay, upstream: aiohttp.ClientResponse, data: bytes) -> 
         usage = _body_decoder.decode(data).usage
     except msgspec.DecodeError:
         return
+    _take_usage(relay, usage)
+
+
+def _take_usage(relay: Relay, usage: _Usage | None) -> None:
     if usage is not None:
         relay.prompt_tokens = usage.prompt_tokens
         relay.completion_tokens = usage.completion_tokens
+
+
+def _usage_in(tail: bytes) -> _Usage | None:
+    """The last ``"usage": {...}`` object in the end of a JSON body, if it is whole there."""
+    key = tail.rfind(b'"usage"')
+    start = tail.find(b"{", key) if key >= 0 else -1
+    if start < 0:
+        return None
+    depth = 0
+    quoted = escaped = False
+    for i in range(start, len(tail)):
+        char = tail[i]
+        if quoted:
+            if escaped:
+                escaped = False
+            elif char == 0x5C:  # backslash
+                escaped = True
+            elif char == 0x22:
+                quoted = False
+        elif char == 0x22:
+            quoted = True
+        elif char == 0x7B:
+            depth += 1
+        elif char == 0x7D:
+            depth -= 1
+            if depth == 0:
+                try:
+                    return _usage_decoder.decode(tail[start : i + 1])
+                except msgspec.DecodeError:
+                    return None
+    return None
 
 
 async def _send(response: web.StreamResponse, data: bytes | None, relay: Relay) -> bool:
@@ -227,12 +377,3 @@ def _take_tap(relay: Relay, tap: UsageTap) -> None:
     relay.chunks = tap.chunks
     relay.prompt_tokens = tap.prompt_tokens
     relay.completion_tokens = tap.completion_tokens
-
-
-async def _end_stream(response: web.StreamResponse, message: str) -> None:
-    event = msgspec.json.encode({"error": {"message": message, "type": "upstream_error"}})
-    try:
-        await response.write(b"data: " + event + b"\n\n")
-        await response.write_eof()
-    except (ConnectionError, aiohttp.ClientConnectionResetError):
-        return

@@ -101,7 +101,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         )
         return _refused(gw, tenant, model, refusal)
 
-    held = await charge(live.store, policy.buckets(tenant.name, model.name), cost)
+    held = await charge(
+        live.store,
+        policy.buckets(tenant.name, model.name),
+        cost,
+        orphaned=lambda charged: _refund(gw, live, charged),
+    )
     headers = ratelimit_headers(held)
     verdict = held.verdict
     if not verdict.allowed:
@@ -205,7 +210,7 @@ async def _forward(
         response = await forward(
             request,
             _session(gw),
-            backend.url + request.path_qs,
+            backend.url,
             body=body,
             headers=out_headers,
             timeouts=gw.live.policy.server.timeouts,
@@ -222,7 +227,7 @@ async def _forward(
         ex.outcome = Outcome.CLIENT_CLOSED
         raise
     finally:
-        ttft = relay.first_byte_at - sent if relay.first_byte_at is not None else None
+        ttft = relay.first_token_at - sent if relay.first_token_at is not None else None
         if ttft is not None:
             gw.metrics.timed(gw.metrics.ttft, ex.model.name, ttft)
         lease.release(
@@ -271,6 +276,13 @@ def _settle(gw: Gateway, live: Live, ex: _Exchange, held: Charge, cost: Cost, en
         gw.spawn(pending)
 
 
+def _refund(gw: Gateway, live: Live, held: Charge) -> None:
+    """Give back a charge whose request went no further (its client left meanwhile)."""
+    pending = settle(live.store, held, None)
+    if pending is not None:
+        gw.spawn(pending)
+
+
 def _holding(ex: _Exchange, cost: Cost, ended: float) -> Holding | None:
     """How the backend that served the request held its KV, for GiB·s."""
     backend = ex.backend
@@ -278,8 +290,8 @@ def _holding(ex: _Exchange, cost: Cost, ended: float) -> Holding | None:
         return None
     relay = ex.relay
     decode_s = None
-    if relay.streamed and relay.first_byte_at is not None:
-        decode_s = ended - relay.first_byte_at
+    if relay.streamed and relay.first_token_at is not None:
+        decode_s = ended - relay.first_token_at
     return Holding(
         growing=backend.config.memory_kind is MemoryKind.PAGED,
         reserved_output_tokens=cost.output_tokens // max(1, ex.sequences),

@@ -3,13 +3,13 @@
 Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy; the client's credentials never reach
 the backend (it gets its own ``api_key`` instead); the client's ``Accept-Encoding`` is replaced by
 ``identity`` (the upstream session's default) so the gateway can read the ``usage`` block of what
-comes back; ``Expect: 100-continue`` is dropped because the body is read whole before it is
-forwarded.
+comes back; ``Expect: 100-continue`` and ``Content-Encoding`` are dropped because the body is read
+whole (and decoded) before it is forwarded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -34,6 +34,7 @@ _NOT_UPSTREAM = HOP_BY_HOP | frozenset(
         "api-key",
         "x-api-key",
         "accept-encoding",
+        "content-encoding",
         "expect",
         "x-kvgate-priority",
     )
@@ -41,10 +42,9 @@ _NOT_UPSTREAM = HOP_BY_HOP | frozenset(
 _NOT_DOWNSTREAM = HOP_BY_HOP | frozenset(("content-length", "server", "date"))
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+def _connection_tokens(values: Iterable[str]) -> set[str]:
     # Headers named in Connection are hop-by-hop for this message too.
-    value = headers.get("Connection", "")
-    return {token.strip().lower() for token in value.split(",") if token.strip()}
+    return {token.strip().lower() for value in values for token in value.split(",")} - {""}
 
 
 def upstream_headers(
@@ -54,7 +54,7 @@ def upstream_headers(
     scheme: str,
     backend_auth: str | None,
 ) -> CIMultiDict[str]:
-    listed = _connection_tokens(incoming)
+    listed = _connection_tokens(incoming.getall("Connection", ()))
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
@@ -62,7 +62,7 @@ def upstream_headers(
             continue
         out.add(name, value)
     if peer:
-        prior = incoming.get("X-Forwarded-For")
+        prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     out["X-Forwarded-Proto"] = scheme
     if backend_auth:
@@ -70,9 +70,11 @@ def upstream_headers(
     return out
 
 
-def downstream_headers(upstream: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    listed = _connection_tokens(upstream.getall("Connection", ()))
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream:
-        if name.lower() not in _NOT_DOWNSTREAM:
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower not in _NOT_DOWNSTREAM and lower not in listed:
             out.add(name, value)
     return out

@@ -4,7 +4,8 @@ settle the charge against the real usage afterwards."""
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Sequence
+import asyncio
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import msgspec
@@ -29,14 +30,34 @@ class Charge(msgspec.Struct, frozen=True, gc=False):
         return self.verdict.allowed and not self.verdict.store_error and bool(self.specs)
 
 
-async def charge(store: LimitStore, specs: tuple[BucketSpec, ...], cost: Cost) -> Charge:
+async def charge(
+    store: LimitStore,
+    specs: tuple[BucketSpec, ...],
+    cost: Cost,
+    *,
+    orphaned: Callable[[Charge], None],
+) -> Charge:
+    """Take ``cost`` from every bucket of ``specs``. When the client leaves during a networked
+    store's round trip, the take may still land: ``orphaned`` gets that charge then, to undo."""
     amounts = tuple(cost.amount(spec.unit) for spec in specs)
     if not specs:
         return Charge(specs, amounts, Verdict(True, 0.0, False, None, (), ()))
-    # The in-process store is called directly: a coroutine per request is measurable overhead.
+    # The in-process store is called directly: a coroutine per request is measurable overhead,
+    # and a call that never suspends cannot be cut short.
     if isinstance(store, MemoryLimitStore):
         return Charge(specs, amounts, store.take(specs, amounts))
-    return Charge(specs, amounts, await store.acquire(specs, amounts))
+    take = asyncio.ensure_future(store.acquire(specs, amounts))
+    try:
+        verdict = await asyncio.shield(take)
+    except asyncio.CancelledError:
+
+        def landed(done: asyncio.Future[Verdict]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                orphaned(Charge(specs, amounts, done.result()))
+
+        take.add_done_callback(landed)
+        raise
+    return Charge(specs, amounts, verdict)
 
 
 def settle(

@@ -1,8 +1,9 @@
 """A tap on a relayed Server-Sent Events stream: finds the token usage, hides the usage chunk
 that the gateway asked for on the client's behalf, counts chunks where no usage comes.
 
-It works on whole events (``\\n\\n``-terminated, as LLM servers send them): a chunk boundary
+It works on whole events (ended by an empty line, whatever the line endings): a chunk boundary
 inside an event delays only that event's bytes until the rest arrives; nothing else is held back.
+Bytes are relayed unchanged, but for the hidden usage chunk.
 """
 
 from __future__ import annotations
@@ -23,9 +24,15 @@ class _Chunk(msgspec.Struct):
 
 
 _decoder = msgspec.json.Decoder(_Chunk)
-_EVENT_END = b"\n\n"
+# An event ends at an empty line; lines end in CRLF, LF or CR (the SSE spec allows all three, and
+# some servers send CRLF). Most servers send LF only, which has a faster path.
+_LF_END = b"\n\n"
+_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")  # a CRLF is one line end
+_LINE = re.compile(rb"\r\n|\n|\r")
 # Servers send `"usage": null` on every chunk once usage is asked for; only an object matters.
 _HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+# A token chunk: non-empty choices (comments, pings, [DONE] and the usage chunk have none).
+_HAS_CHOICE = re.compile(rb'"choices"\s*:\s*\[\s*\{')
 
 
 class UsageTap:
@@ -41,29 +48,37 @@ class UsageTap:
     def feed(self, data: bytes) -> bytes:
         """Bytes to send to the client now, from ``data`` and what was pending."""
         buffer = self._pending + data if self._pending else data
-        end = buffer.rfind(_EVENT_END)
+        end = _last_event_end(buffer)
         if end < 0:
             self._pending = buffer
             return b""
-        complete, self._pending = buffer[: end + 2], buffer[end + 2 :]
-        if _HAS_USAGE.search(complete) is None:
-            # The common case: plain token chunks; count them without decoding any JSON.
-            self.chunks += complete.count(_EVENT_END) - complete.count(b"[DONE]")
-            return complete
-        return b"".join(self._filter(event) for event in complete.split(_EVENT_END) if event)
+        complete, self._pending = buffer[:end], buffer[end:]
+        return self._pass(complete)
 
     def flush(self) -> bytes:
+        """What is left when the stream ends: an event without its empty line, if any."""
         rest, self._pending = self._pending, b""
-        return rest
+        return self._pass(rest) if rest else b""
 
-    def _filter(self, event: bytes) -> bytes:
+    def _pass(self, events: bytes) -> bytes:
+        if _HAS_USAGE.search(events) is None:
+            # The common case: plain token chunks; count them without decoding any JSON.
+            self.chunks += len(_HAS_CHOICE.findall(events))
+            return events
+        parts = _END.split(events)
+        ends = _END.findall(events)
+        return b"".join(
+            self._filter(event, end) for event, end in zip(parts, [*ends, b""], strict=True)
+        )
+
+    def _filter(self, event: bytes, end: bytes) -> bytes:
         data = _data_of(event)
         if data is None or data == b"[DONE]":
-            return event + _EVENT_END
+            return event + end
         try:
             chunk = _decoder.decode(data)
         except msgspec.DecodeError:
-            return event + _EVENT_END
+            return event + end
         if chunk.choices:
             self.chunks += 1
         if chunk.usage is not None:
@@ -71,11 +86,24 @@ class UsageTap:
             self.completion_tokens = chunk.usage.completion_tokens
             if self._strip_usage and not chunk.choices:
                 return b""
-        return event + _EVENT_END
+        return event + end
+
+
+def _last_event_end(buffer: bytes) -> int:
+    """Where the last complete event of ``buffer`` ends, or -1."""
+    if b"\r" not in buffer:
+        end = buffer.rfind(_LF_END)
+        return end if end < 0 else end + 2
+    last = -1
+    for match in _END.finditer(buffer):
+        # A CR that ends the buffer may be the first half of a CRLF: wait for the next byte.
+        if match.end() < len(buffer) or not buffer.endswith(b"\r"):
+            last = match.end()
+    return last
 
 
 def _data_of(event: bytes) -> bytes | None:
-    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    lines = [line[5:].lstrip() for line in _LINE.split(event) if line.startswith(b"data:")]
     if not lines:
         return None
     return lines[0] if len(lines) == 1 else b"\n".join(lines)

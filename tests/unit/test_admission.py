@@ -134,7 +134,8 @@ def test_a_release_places_the_smallest_waiting_request_that_now_fits() -> None:
     b = placed(adm.offer(ticket(clock, 300, tenant="x"), clock.now()))
     large = adm.offer(ticket(clock, 500, tenant="y"), clock.now())
     small = adm.offer(ticket(clock, 150, tenant="z"), clock.now())
-    assert isinstance(large, Queued) and isinstance(small, Queued)
+    assert isinstance(large, Queued)
+    assert isinstance(small, Queued)
     adm.tick(clock.now())
     assert adm.take_events() == []
     adm.release(b.lease_id, output_tokens=1, ttft_s=0.1, failure=None, now=clock.now())

@@ -80,7 +80,7 @@ kvgate_request_duration_seconds_bucket{le="300.0",model="qwen"} 1.0
 kvgate_request_duration_seconds_bucket{le="+Inf",model="qwen"} 1.0
 kvgate_request_duration_seconds_count{model="qwen"} 1.0
 kvgate_request_duration_seconds_sum{model="qwen"} 0.0
-# HELP kvgate_upstream_first_byte_seconds Time from forwarding to the backend's response headers (time to first token).
+# HELP kvgate_upstream_first_byte_seconds Time from forwarding to the first token: a stream's first event, else the headers.
 # TYPE kvgate_upstream_first_byte_seconds histogram
 kvgate_upstream_first_byte_seconds_bucket{le="0.005",model="llama"} 1.0
 kvgate_upstream_first_byte_seconds_bucket{le="0.01",model="llama"} 1.0
