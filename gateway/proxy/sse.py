@@ -65,11 +65,19 @@ class UsageTap:
             # The common case: plain token chunks; count them without decoding any JSON.
             self.chunks += len(_HAS_CHOICE.findall(events))
             return events
-        parts = _END.split(events)
-        ends = _END.findall(events)
-        return b"".join(
-            self._filter(event, end) for event, end in zip(parts, [*ends, b""], strict=True)
-        )
+        if b"\r" in events:
+            parts, ends = _END.split(events), [*_END.findall(events), b""]
+        else:
+            parts = events.split(_LF_END)
+            ends = [*(_LF_END for _ in parts[1:]), b""]
+        out = []
+        for event, end in zip(parts, ends, strict=True):
+            if _HAS_USAGE.search(event) is None:  # only the usage chunk is worth decoding
+                self.chunks += len(_HAS_CHOICE.findall(event))
+                out.append(event + end)
+            else:
+                out.append(self._filter(event, end))
+        return b"".join(out)
 
     def _filter(self, event: bytes, end: bytes) -> bytes:
         data = _data_of(event)
@@ -103,7 +111,8 @@ def _last_event_end(buffer: bytes) -> int:
 
 
 def _data_of(event: bytes) -> bytes | None:
-    lines = [line[5:].lstrip() for line in _LINE.split(event) if line.startswith(b"data:")]
+    split = _LINE.split(event) if b"\r" in event else event.split(b"\n")
+    lines = [line[5:].lstrip() for line in split if line.startswith(b"data:")]
     if not lines:
         return None
     return lines[0] if len(lines) == 1 else b"\n".join(lines)
