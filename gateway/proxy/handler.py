@@ -105,7 +105,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         live.store,
         policy.buckets(tenant.name, model.name),
         cost,
-        orphaned=lambda charged: _refund(gw, live, charged),
+        orphaned=lambda charged: _settle_charge(gw, live, charged, None),
     )
     headers = ratelimit_headers(held)
     verdict = held.verdict
@@ -271,14 +271,13 @@ def _settle(gw: Gateway, live: Live, ex: _Exchange, held: Charge, cost: Cost, en
     gw.metrics.count(ex.tenant.name, ex.model.name, ex.outcome.value)
     if gw.access is not None:
         gw.access.write(_access_record(ex, ended, relay.status, actual))
+    _settle_charge(gw, live, held, actual)
+
+
+def _settle_charge(gw: Gateway, live: Live, held: Charge, actual: Cost | None) -> None:
+    """Settle the buckets against ``actual`` usage; None (the request went no further, its
+    client left) refunds all but the request itself. A networked store settles meanwhile."""
     pending = settle(live.store, held, actual)
-    if pending is not None:
-        gw.spawn(pending)
-
-
-def _refund(gw: Gateway, live: Live, held: Charge) -> None:
-    """Give back a charge whose request went no further (its client left meanwhile)."""
-    pending = settle(live.store, held, None)
     if pending is not None:
         gw.spawn(pending)
 
