@@ -124,9 +124,11 @@ class _Embedding(msgspec.Struct):
     input: msgspec.Raw
 
 
-_CHAT = msgspec.json.Decoder(_Chat)
-_COMPLETION = msgspec.json.Decoder(_Completion)
-_EMBEDDING = msgspec.json.Decoder(_Embedding)
+# Not strict: like the pydantic models of vLLM and SGLang, a number may come as ``16.0`` or ``"16"``
+# and a flag as ``"true"``; a body the backend would accept is not refused here.
+_CHAT = msgspec.json.Decoder(_Chat, strict=False)
+_COMPLETION = msgspec.json.Decoder(_Completion, strict=False)
+_EMBEDDING = msgspec.json.Decoder(_Embedding, strict=False)
 _STRING = msgspec.json.Decoder(str)
 _STRINGS = msgspec.json.Decoder(list[str])
 _IDS = msgspec.json.Decoder(list[int])

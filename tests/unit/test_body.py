@@ -65,6 +65,21 @@ def test_chat_request_fields() -> None:
     assert not parsed.embedding
 
 
+@pytest.mark.parametrize(("sent", "read"), [(16, 16), (16.0, 16), ("16", 16)])
+def test_numbers_are_read_as_the_backends_pydantic_models_read_them(
+    sent: object, read: int
+) -> None:
+    body = msgspec.json.encode({"model": "m", "messages": [], "max_tokens": sent, "n": sent})
+    parsed = parse_request(body, CHAT)
+    assert (parsed.max_tokens, parsed.n) == (read, read)
+
+
+def test_a_fractional_token_count_is_refused() -> None:
+    with pytest.raises(BadRequestBody) as info:
+        parse_request(b'{"model": "m", "messages": [], "max_tokens": 16.5}', CHAT)
+    assert info.value.param == "max_tokens"
+
+
 def test_include_usage_needs_a_stream() -> None:
     body = b'{"model":"m","messages":[],"stream_options":{"include_usage":true}}'
     assert not parse_request(body, CHAT).include_usage
