@@ -86,8 +86,9 @@ def decode_request(kind: Kind, body: bytes) -> ChatRequest | CompletionRequest:
     """Decode and sanity-check a request body; WireError 400 on anything it cannot serve.
     ``n`` > 1 and batched prompts are refused (one sequence per request keeps accounting exact)."""
     try:
+        # Not strict, as vLLM's pydantic models are not: max_tokens 16.0 or "16" is 16.
         req: ChatRequest | CompletionRequest = msgspec.json.decode(
-            body, type=ChatRequest if kind == "chat" else CompletionRequest
+            body, type=ChatRequest if kind == "chat" else CompletionRequest, strict=False
         )
     except msgspec.DecodeError as exc:
         raise WireError(400, f"invalid request body: {exc}") from exc
