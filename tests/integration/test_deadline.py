@@ -40,11 +40,11 @@ async def test_moving_it_later_on_every_chunk_keeps_flowing_work_alive() -> None
     loop = asyncio.get_running_loop()
 
     async def stream(deadline: Deadline) -> None:
-        for _ in range(20):  # 20 gaps of 5 ms: four times the 25 ms it is moved by
-            await asyncio.sleep(0.005)
-            deadline.move(loop.time() + 0.025)
+        for _ in range(30):  # 30 gaps of 10 ms: three times the 100 ms it is moved by
+            await asyncio.sleep(0.01)
+            deadline.move(loop.time() + 0.1)
 
-    assert await _guarded(0.025, stream) == "done"
+    assert await _guarded(0.1, stream) == "done"
 
 
 async def test_moving_it_earlier_takes_effect_at_once() -> None:
