@@ -91,7 +91,12 @@ def build_store(policy: Policy, clock: Clock) -> LimitStore:
     local = MemoryLimitStore(clock)
     if not isinstance(spec, RedisStore):
         return local
-    return FallbackLimitStore(RedisLimitStore(spec.url, prefix=spec.prefix), local, spec.on_error)
+    return FallbackLimitStore(
+        RedisLimitStore(spec.url, prefix=spec.prefix),
+        local,
+        spec.on_error,
+        replicas=spec.replicas,
+    )
 
 
 def _counter(model: Model, source: str) -> TokenCounter | None:

@@ -66,6 +66,7 @@ class RedisStore(Base, frozen=True, kw_only=True, tag="redis", tag_field="kind")
     url: str = "redis://127.0.0.1:6379/0"
     on_error: Literal["local", "allow", "deny"] = "local"
     prefix: str = "kvgate"
+    replicas: Positive = 1  # gateways sharing the store: under on_error local, each keeps 1/N
 
 
 class KVProfile(Base, frozen=True, kw_only=True):

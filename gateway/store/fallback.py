@@ -2,10 +2,12 @@
 
 ``FallbackLimitStore`` sends every call to the primary store. When the primary raises
 ``StoreError`` it is *degraded*: calls are answered by the fallback policy (``local``: the
-in-process store decides; ``allow``: every take passes; ``deny``: every take is refused with
-``store_error`` set, which the proxy answers with 503). The primary is tried again after a back-off
-that doubles per consecutive failure (``backoff_s`` up to ``max_backoff_s``), by one call at a time
-while the others keep using the fallback; its first success ends the degraded state.
+in-process store decides, each bucket cut to this gateway's share of ``replicas`` gateways, so
+the fleet together stays near the shared limit; ``allow``: every take passes; ``deny``: every
+take is refused with ``store_error`` set, which the proxy answers with 503). The primary is tried
+again after a back-off that doubles per consecutive failure (``backoff_s`` up to
+``max_backoff_s``), by one call at a time while the others keep using the fallback; its first
+success ends the degraded state.
 
 Settlement goes to the store in use when the request settles. Around a transition a refund can
 land in the other store than the one that reserved (refunds never lift a bucket above full, so
@@ -49,7 +51,9 @@ class FallbackLimitStore:
         "_on_error",
         "_primary",
         "_probing",
+        "_replicas",
         "_retry_at",
+        "_shares",
     )
 
     def __init__(
@@ -61,11 +65,16 @@ class FallbackLimitStore:
         clock: Clock | None = None,
         backoff_s: float = 0.5,
         max_backoff_s: float = 10.0,
+        replicas: int = 1,
     ) -> None:
         if on_error not in get_args(OnError):
             raise ValueError(f"on_error must be one of {get_args(OnError)}, got {on_error!r}")
         if not 0 < backoff_s <= max_backoff_s:
             raise ValueError("need 0 < backoff_s <= max_backoff_s")
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        self._replicas = replicas
+        self._shares: dict[tuple[BucketSpec, ...], tuple[BucketSpec, ...]] = {}
         self._primary = primary
         self._local = local
         self._on_error: OnError = on_error
@@ -129,7 +138,7 @@ class FallbackLimitStore:
         if verdict is not _Down.DOWN:
             return verdict
         if self._on_error == "local":
-            return self._local.take(specs, amounts)
+            return self._local.take(self._share(specs), amounts)
         count = len(specs)
         if self._on_error == "allow":
             bursts = tuple(spec.burst for spec in specs)
@@ -140,7 +149,7 @@ class FallbackLimitStore:
     async def adjust(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
         done = await self._call(lambda: self._primary.adjust(specs, deltas))
         if done is _Down.DOWN and self._on_error == "local":
-            self._local.settle(specs, deltas)
+            self._local.settle(self._share(specs), deltas)
 
     async def peek(self, specs: Sequence[BucketSpec]) -> tuple[float, ...]:
         """Remaining from the primary; while degraded, from the local store under ``local``,
@@ -149,8 +158,23 @@ class FallbackLimitStore:
         if remaining is not _Down.DOWN:
             return remaining
         if self._on_error == "local":
-            return self._local.remaining(specs)
+            return self._local.remaining(self._share(specs))
         raise StoreError(f"limit store is down (on_error={self._on_error}); nothing to show")
+
+    def _share(self, specs: Sequence[BucketSpec]) -> tuple[BucketSpec, ...]:
+        """This gateway's share of each bucket: rate and burst over ``replicas``."""
+        key = tuple(specs)
+        if self._replicas == 1:
+            return key
+        shared = self._shares.get(key)
+        if shared is None:
+            if len(self._shares) >= 4096:  # bounded by the policy; a reload starts anew
+                self._shares.clear()
+            n = self._replicas
+            shared = self._shares[key] = tuple(
+                BucketSpec(s.key, s.unit, s.rate_per_s / n, s.burst / n) for s in key
+            )
+        return shared
 
     async def close(self) -> None:
         try:

@@ -87,6 +87,27 @@ async def test_local_mode_decides_with_the_in_process_store() -> None:
     assert local.remaining(SPECS) == (1.0,)
 
 
+async def test_local_mode_keeps_this_gateways_share_of_each_bucket() -> None:
+    # Three replicas fall back at once: each may spend a third of the shared limit.
+    clock = FakeClock()
+    primary = FlakyStore(clock)
+    specs = (BucketSpec("t:a:tokens", Unit.TOKENS, rate_per_s=30.0, burst=300.0),)
+    store = FallbackLimitStore(primary, MemoryLimitStore(clock), "local", clock=clock, replicas=3)
+    primary.down = True
+    assert (await store.acquire(specs, [100.0])).allowed
+    refused = await store.acquire(specs, [1.0])
+    assert not refused.allowed
+    assert refused.retry_after_s == pytest.approx(0.1)  # refills at 30/3 per second
+    assert await store.peek(specs) == (0.0,)
+    await store.adjust(specs, [-50.0])
+    assert await store.peek(specs) == (50.0,)
+    too_large = await store.acquire(specs, [150.0])
+    assert too_large.never  # above this gateway's share of the burst
+    primary.down = False
+    clock.advance(1.0)
+    assert (await store.acquire(specs, [300.0])).allowed  # recovered: the whole shared bucket
+
+
 async def test_allow_mode_lets_everything_through_marked() -> None:
     _, primary, _, store = build("allow")
     primary.down = True
@@ -203,3 +224,5 @@ def test_configuration_is_checked() -> None:
         FallbackLimitStore(MemoryLimitStore(clock), MemoryLimitStore(clock), "maybe")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="backoff"):
         FallbackLimitStore(MemoryLimitStore(clock), MemoryLimitStore(clock), "deny", backoff_s=0.0)
+    with pytest.raises(ValueError, match="replicas"):
+        FallbackLimitStore(MemoryLimitStore(clock), MemoryLimitStore(clock), "local", replicas=0)
