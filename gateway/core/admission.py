@@ -28,53 +28,32 @@ backends.
 
 from __future__ import annotations
 
-import heapq
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 
 from gateway.core.backend import BackendConfig, BackendSignals, Health, ReserveMode
-from gateway.core.capacity import BackendRuntime, CapacityConfig, Room
+from gateway.core.capacity import BackendRuntime, Room
 from gateway.core.outputs import OutputLengths
-from gateway.core.queueing import CoDel, DrainRate, Entry, FairQueue, QueueConfig
+from gateway.core.pool import AdmissionConfig, ModelPool, Pool, Ticket, Waiting
+from gateway.core.queueing import Entry
 from gateway.core.types import Outcome, Priority
+
+__all__ = [
+    "Admission",
+    "AdmissionConfig",
+    "ModelPool",
+    "Placement",
+    "Queued",
+    "Rejection",
+    "Ticket",
+    "Verdict",
+]
 
 _MIN_RETRY_S = 1.0
 # A backend with no queue of its own allocates a request within a step of receiving it.
 _ALLOCATION_GRACE_S = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class ModelPool:
-    name: str
-    kv_bytes_per_token: int
-    backends: tuple[BackendConfig, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class AdmissionConfig:
-    """The compiled ``admission:`` section plus every model's backends."""
-
-    models: tuple[ModelPool, ...]
-    enabled: bool = True
-    capacity: CapacityConfig = field(default_factory=CapacityConfig)
-    queue: QueueConfig = field(default_factory=QueueConfig)
-    output_quantile: float = 0.9
-
-
-class Ticket(msgspec.Struct, frozen=True, gc=False):
-    """What admission needs to know about one request. ``deadline`` is monotonic seconds."""
-
-    tenant: str
-    model: str
-    priority: Priority
-    weight: float
-    prompt_tokens: int
-    max_output_tokens: int
-    kv_bytes_per_token: int
-    deadline: float
-    exclude: frozenset[str] = frozenset()
 
 
 class Placement(msgspec.Struct, frozen=True, gc=False):
@@ -100,19 +79,6 @@ Verdict = Placement | Rejection | Queued
 
 
 @dataclass(slots=True)
-class _Waiting:
-    """A queued ticket and, per candidate backend URL, the bytes it would reserve there
-    (computed once when queued, or on reload: the pump only compares numbers)."""
-
-    ticket: Ticket
-    needs: tuple[tuple[str, int], ...]
-    min_need: int = 0
-
-    def __post_init__(self) -> None:
-        self.min_need = min((need for _, need in self.needs), default=0)
-
-
-@dataclass(slots=True)
 class _Lease:
     model: str
     url: str
@@ -122,67 +88,13 @@ class _Lease:
     started: bool = False
 
 
-class _Pool:
-    def __init__(self, spec: ModelPool, config: AdmissionConfig, now: float) -> None:
-        self.spec = spec
-        self.backends: dict[str, BackendRuntime] = {}
-        self.queue = FairQueue(config.queue)
-        self.codel = CoDel(config.queue.target_delay_s, config.queue.interval_s)
-        self.drain = DrainRate()
-        self.waiting: dict[int, _Waiting] = {}
-        # (min_need, entry id) of the waiting entries, deleted lazily: lets a pump skip the
-        # queue when not even its smallest request fits (a pump runs on every release).
-        self._smallest: list[tuple[int, int]] = []
-        self.rr = 0
-        self.retune(spec, config, now)
-
-    def retune(self, spec: ModelPool, config: AdmissionConfig, now: float) -> None:
-        """Adopt a new policy; backends whose URL persists keep their state and leases."""
-        self.spec = spec
-        kept = self.backends
-        self.backends = {}
-        for bc in spec.backends:
-            rt = kept.get(bc.url)
-            if rt is None:
-                rt = BackendRuntime(
-                    bc, kv_bytes_per_token=spec.kv_bytes_per_token, cap=config.capacity, now=now
-                )
-            else:
-                rt.retune(bc, kv_bytes_per_token=spec.kv_bytes_per_token, cap=config.capacity)
-            self.backends[bc.url] = rt
-        self.queue.config = config.queue
-        self.codel.target_s = config.queue.target_delay_s
-        self.codel.interval_s = config.queue.interval_s
-
-    def candidates(self, ticket: Ticket) -> list[BackendRuntime]:
-        return [b for url, b in self.backends.items() if url not in ticket.exclude]
-
-    def wait(self, entry_id: int, waiting: _Waiting) -> None:
-        self.waiting[entry_id] = waiting
-        heapq.heappush(self._smallest, (waiting.min_need, entry_id))
-        if len(self._smallest) > 2 * len(self.waiting) + 64:
-            self.reindex()
-
-    def reindex(self) -> None:
-        """Rebuild the smallest-need index: after needs changed, or when deleted entries
-        pile up under one that waits long."""
-        self._smallest = [(w.min_need, eid) for eid, w in self.waiting.items()]
-        heapq.heapify(self._smallest)
-
-    def smallest_need(self) -> int | None:
-        heap = self._smallest
-        while heap and heap[0][1] not in self.waiting:
-            heapq.heappop(heap)
-        return heap[0][0] if heap else None
-
-
 class Admission:
     """Admission state for every model of the policy. Not thread-safe; one event loop owns it."""
 
     def __init__(self, config: AdmissionConfig, now: float) -> None:
         self.config = config
         self.outputs = OutputLengths(quantile=config.output_quantile)
-        self._pools = {m.name: _Pool(m, config, now) for m in config.models}
+        self._pools = {m.name: Pool(m, config, now) for m in config.models}
         self._leases: dict[int, _Lease] = {}
         self._ids = itertools.count(1)
         self._events: list[tuple[int, Placement | Rejection]] = []
@@ -234,7 +146,7 @@ class Admission:
         if not pool.queue.push(entry):
             retry = self._wait_estimate(pool, ticket.priority, entry.cost, now)
             return Rejection(Outcome.SHED_QUEUE_FULL, _retry(retry), "admission queue is full")
-        pool.wait(entry.id, _Waiting(ticket, needs))
+        pool.wait(entry.id, Waiting(ticket, needs))
         self._pump_pool(pool, now)
         for i, (eid, verdict) in enumerate(self._events):
             if eid == entry.id:
@@ -377,15 +289,15 @@ class Admission:
         entries queued for a model that disappeared are rejected through the outbox."""
         self.config = config
         self.outputs.quantile = config.output_quantile
-        pools: dict[str, _Pool] = {}
+        pools: dict[str, Pool] = {}
         for spec in config.models:
             pool = self._pools.pop(spec.name, None)
             if pool is None:
-                pool = _Pool(spec, config, now)
+                pool = Pool(spec, config, now)
             else:
                 pool.retune(spec, config, now)
                 for eid, w in pool.waiting.items():  # backends may have come or gone
-                    pool.waiting[eid] = _Waiting(
+                    pool.waiting[eid] = Waiting(
                         w.ticket, self._needs(pool.candidates(w.ticket), w.ticket)
                     )
                 pool.reindex()
@@ -445,7 +357,7 @@ class Admission:
         return rt.need_bytes(_tokens(rt, ticket, self.outputs), ticket.kv_bytes_per_token)
 
     def _round_robin(
-        self, pool: _Pool, cands: list[BackendRuntime], ticket: Ticket, now: float
+        self, pool: Pool, cands: list[BackendRuntime], ticket: Ticket, now: float
     ) -> Verdict:
         serving = [b for b in cands if b.lifecycle.capacity_factor(now) > 0]
         if not serving:
@@ -458,7 +370,7 @@ class Admission:
 
     def _place(
         self,
-        pool: _Pool,
+        pool: Pool,
         rt: BackendRuntime,
         ticket: Ticket,
         nbytes: int,
@@ -488,7 +400,7 @@ class Admission:
                 best, best_score = (url, need), score
         return best
 
-    def _pump_pool(self, pool: _Pool, now: float) -> None:
+    def _pump_pool(self, pool: Pool, now: float) -> None:
         if not self.config.enabled:
             return
         if not len(pool.queue):
@@ -550,7 +462,7 @@ class Admission:
             self._stalled(pool, now)
 
     @staticmethod
-    def _stalled(pool: _Pool, now: float) -> None:
+    def _stalled(pool: Pool, now: float) -> None:
         """Nobody was served: CoDel sees the oldest entry's wait."""
         pool.codel.observe(
             pool.queue.oldest_age(now),
@@ -558,7 +470,7 @@ class Admission:
             may_escalate=not pool.queue.has_band(Priority.SHEDDABLE),
         )
 
-    def _expiry(self, pool: _Pool, e: Entry, now: float) -> Rejection:
+    def _expiry(self, pool: Pool, e: Entry, now: float) -> Rejection:
         waited = now - e.enqueued_at
         ticket = pool.waiting[e.id].ticket
         if not any(b.lifecycle.serving for b in pool.candidates(ticket)):
@@ -576,7 +488,7 @@ class Admission:
         return Rejection(Outcome.SHED_DEADLINE, _retry(wait), f"not admitted within {waited:.1f}s")
 
     def _reject_on_arrival(
-        self, pool: _Pool, ticket: Ticket, entry: Entry, cands: list[BackendRuntime], now: float
+        self, pool: Pool, ticket: Ticket, entry: Entry, cands: list[BackendRuntime], now: float
     ) -> Rejection | None:
         budget = ticket.deadline - now
         serving = [b for b in cands if b.lifecycle.serving]
@@ -598,7 +510,7 @@ class Admission:
         return None
 
     def _wait_estimate(
-        self, pool: _Pool, priority: Priority, extra: float, now: float
+        self, pool: Pool, priority: Priority, extra: float, now: float
     ) -> float | None:
         rate = pool.drain.bytes_per_s(now)
         if rate is None or rate <= 0:
@@ -609,7 +521,7 @@ class Admission:
         backlog = pool.queue.bytes_ahead(priority) + extra - free
         return max(0.0, backlog) / rate
 
-    def _drop(self, pool: _Pool, entry_id: int) -> bool:
+    def _drop(self, pool: Pool, entry_id: int) -> bool:
         pool.waiting.pop(entry_id, None)
         return pool.queue.remove(entry_id) is not None
 
