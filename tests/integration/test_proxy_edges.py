@@ -57,6 +57,20 @@ async def _health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _stream_through(
+    make_gateway: MakeGateway,
+    raw_backend: Callable[[Script], Awaitable[RawBackend]],
+    script: Script,
+) -> tuple[str, Metrics]:
+    """A streamed chat request (``max_tokens`` 900) through a gateway in front of ``script``:
+    the text the client got, and the gateway's metrics."""
+    backend = await raw_backend(script)
+    client, metrics = await make_gateway(policy_text([backend.url]))
+    body = {**CHAT, "stream": True, "max_tokens": 900}
+    text = await (await client.post("/v1/chat/completions", json=body)).text()
+    return text, metrics
+
+
 # -- a raw backend: exact bytes on the wire --------------------------------------------------------
 
 
@@ -212,10 +226,7 @@ async def test_crlf_sse_usage_chunk_asked_by_the_gateway_is_hidden_and_settled(
         writer.write(_head("200 OK", "Content-Type: text/event-stream; charset=utf-8"))
         writer.write(body + b"data: [DONE]\r\n\r\n")
 
-    backend = await raw_backend(script)
-    client, metrics = await make_gateway(policy_text([backend.url]))
-    body = {**CHAT, "stream": True, "max_tokens": 900}
-    text = await (await client.post("/v1/chat/completions", json=body)).text()
+    text, metrics = await _stream_through(make_gateway, raw_backend, script)
     assert "t2" in text
     assert '"usage"' not in text
     await until(lambda: _tokens(metrics, "output") is not None)
@@ -234,10 +245,7 @@ async def test_sse_comments_and_keepalives_are_not_counted_as_output_tokens(
         )
         writer.write(b"data: [DONE]\n\n")
 
-    backend = await raw_backend(script)
-    client, metrics = await make_gateway(policy_text([backend.url]))
-    body = {**CHAT, "stream": True, "max_tokens": 900}
-    text = await (await client.post("/v1/chat/completions", json=body)).text()
+    text, metrics = await _stream_through(make_gateway, raw_backend, script)
     assert text.endswith("data: [DONE]\n\n")
     await until(lambda: _tokens(metrics, "output") is not None)
     assert _tokens(metrics, "output") == 2
@@ -257,10 +265,7 @@ async def test_sse_framing_variants_still_hide_and_settle_the_usage(
         writer.write(b"id: 3\ndata: " + usage[:cut] + b"\ndata: " + usage[cut:] + b"\n\n")
         writer.write(b"data: [DONE]\n\n")
 
-    backend = await raw_backend(script)
-    client, metrics = await make_gateway(policy_text([backend.url]))
-    body = {**CHAT, "stream": True, "max_tokens": 900}
-    text = await (await client.post("/v1/chat/completions", json=body)).text()
+    text, metrics = await _stream_through(make_gateway, raw_backend, script)
     assert "t1" in text
     assert "usage" not in text
     await until(lambda: _tokens(metrics, "output") is not None)
