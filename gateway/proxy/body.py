@@ -223,13 +223,12 @@ def _chat(body: bytes) -> ParsedRequest:
             texts.append(bytes(raw).decode())
             char_counts.append(len(texts[-1]))
     stream = bool(req.stream)
-    options = req.stream_options
     max_tokens = req.max_completion_tokens
     return ParsedRequest(
         endpoint=Endpoint.CHAT,
         model=req.model,
         stream=stream,
-        include_usage=stream and options is not None and bool(options.include_usage),
+        include_usage=_include_usage(stream, req.stream_options),
         texts=tuple(texts),
         char_counts=tuple(char_counts),
         messages=len(req.messages),
@@ -241,17 +240,21 @@ def _chat(body: bytes) -> ParsedRequest:
     )
 
 
+def _include_usage(stream: bool, options: _StreamOptions | None) -> bool:
+    """The client streams and asked for the usage chunk itself (so it must not be hidden)."""
+    return stream and options is not None and bool(options.include_usage)
+
+
 def _completion(body: bytes) -> ParsedRequest:
     req = _decode(_COMPLETION, body)
     _check_model(req.model)
     texts, token_ids, prompts = _prompt_form(req.prompt, "prompt")
     stream = bool(req.stream)
-    options = req.stream_options
     return ParsedRequest(
         endpoint=Endpoint.COMPLETION,
         model=req.model,
         stream=stream,
-        include_usage=stream and options is not None and bool(options.include_usage),
+        include_usage=_include_usage(stream, req.stream_options),
         texts=tuple(texts),
         char_counts=tuple(map(len, texts)),
         messages=0,

@@ -55,8 +55,7 @@ class Relay:
     """What happened upstream, for settlement, the backend's health and the access log."""
 
     status: int = 0
-    first_byte_at: float | None = None  # clock time the response headers arrived
-    first_token_at: float | None = None  # first token event of a stream, else first_byte_at
+    first_token_at: float | None = None  # a stream's first event, else its response headers
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     chunks: int = 0
@@ -101,7 +100,7 @@ async def forward(
         )
         async with upstream:
             relay.status = upstream.status
-            relay.first_byte_at = clock.now()
+            headers_at = clock.now()
             on_start()
             if upstream.status >= 400:
                 relay.completion_tokens = 0  # an error answer carries no output
@@ -116,7 +115,7 @@ async def forward(
                 if length is not None:
                     out_headers["Content-Length"] = str(length)
                 relay.complete = True
-                relay.first_token_at = relay.first_byte_at
+                relay.first_token_at = headers_at
                 return web.Response(status=upstream.status, headers=out_headers)
             if not stream.is_sse and length is not None and length < _BUFFER_LIMIT:
                 stream.which = "total"
@@ -124,7 +123,7 @@ async def forward(
                 data = await upstream.read()
                 _read_usage(relay, upstream, data)
                 relay.complete = True
-                relay.first_token_at = relay.first_byte_at
+                relay.first_token_at = headers_at
                 return web.Response(status=upstream.status, body=data, headers=out_headers)
             return await stream.pass_through(upstream, out_headers, strip_usage, clock)
     except asyncio.CancelledError:
