@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.backends.admitter import Admitter
 from gateway.core.clock import Clock, MonotonicClock
 from gateway.core.tokens import (
     TokenCounter,
@@ -28,7 +29,6 @@ from gateway.metrics import Metrics
 from gateway.policy.compile import Model, Policy, store_kind
 from gateway.policy.schema import RedisStore
 from gateway.policy.watcher import PolicyWatcher
-from gateway.proxy.admit import Admitter
 from gateway.proxy.handler import proxy
 from gateway.state import GATEWAY, Gateway, Live
 from gateway.store.base import LimitStore

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib.resources
 import json
 import logging
 import signal
@@ -22,20 +23,18 @@ from gateway.policy.compile import Policy, store_kind
 from gateway.policy.watcher import read_policy
 from gateway.proxy.body import BadRequestBody, parse_request
 
-DEFAULT_POLICY = Path("policies/default.yaml")
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve with a policy file (hot-reloaded on change or SIGHUP)")
-    run.add_argument("-c", "--config", type=Path, default=DEFAULT_POLICY)
+    run.add_argument("-c", "--config", type=Path, help="default: the bundled demo policy")
     run.add_argument("--host", help="listen here instead of the policy's server.host")
     run.add_argument("--port", type=int, help="listen here instead of the policy's server.port")
     validate = sub.add_parser("validate", help="check policy files; exit 1 on the first error")
     validate.add_argument("files", type=Path, nargs="+")
     explain = sub.add_parser("explain", help="show a request's cost and the limits that apply")
-    explain.add_argument("-c", "--config", type=Path, default=DEFAULT_POLICY)
+    explain.add_argument("-c", "--config", type=Path, help="default: the bundled demo policy")
     explain.add_argument("--tenant", required=True)
     explain.add_argument("--path", default="/v1/chat/completions")
     explain.add_argument("request", type=Path, help="the request body, as JSON")
@@ -47,10 +46,12 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args.files)
         if args.command == "explain":
             body = args.request.read_bytes()
-            return asyncio.run(_explain(args.config, args.tenant, args.path, args.request, body))
+            config = args.config or _bundled_policy()
+            return asyncio.run(_explain(config, args.tenant, args.path, args.request, body))
         if args.command == "demo":
             return _serve(args.config or _bundled_policy(), demo=True)
-        return _serve(args.config, demo=False, host=args.host, port=args.port)
+        config = args.config or _bundled_policy()
+        return _serve(config, demo=False, host=args.host, port=args.port)
     except PolicyError as exc:
         print(f"kvgate: {exc}", file=sys.stderr)
         return 1
@@ -124,13 +125,15 @@ async def _explain(config: Path, tenant_name: str, path: str, request: Path, bod
 
 
 def _bundled_policy() -> Path:
-    """policies/default.yaml of the working directory, else of the checkout this runs from."""
-    for path in (DEFAULT_POLICY, Path(__file__).resolve().parent.parent / DEFAULT_POLICY):
-        if path.exists():
-            return path
-    raise PolicyError(
-        str(DEFAULT_POLICY), "not found: run `kvgate demo` in a kvgate checkout, or pass -c POLICY"
-    )
+    """The default policy: package data of an installed wheel, else the checkout's file (an
+    editable install maps ``gateway.policies`` only for imports that go through its finder)."""
+    try:
+        path = Path(str(importlib.resources.files("gateway.policies").joinpath("default.yaml")))
+    except ModuleNotFoundError:
+        path = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
+    if not path.exists():
+        raise PolicyError(str(path), "not found: the installation is incomplete; pass -c POLICY")
+    return path
 
 
 def _serve(config: Path, *, demo: bool, host: str | None = None, port: int | None = None) -> int:
@@ -191,8 +194,8 @@ async def _run(
 async def _start_simulator(policy: Policy) -> web.AppRunner:
     from urllib.parse import urlsplit
 
-    from loadtest.sim.config import SimConfig
-    from loadtest.sim.server import build_app as build_sim
+    from gateway.sim.config import SimConfig
+    from gateway.sim.server import build_app as build_sim
 
     model = next(iter(policy.models.values()))
     target = urlsplit(model.backends[0].url)

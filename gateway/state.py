@@ -15,12 +15,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway.backends.admitter import Admitter
 from gateway.core.clock import Clock
 from gateway.core.tokens import TokenCounter
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.policy.compile import Policy
-from gateway.proxy.admit import Admitter
 from gateway.store.base import LimitStore
 
 log = logging.getLogger("kvgate")

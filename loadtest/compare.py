@@ -17,11 +17,11 @@ import aiohttp
 import msgspec
 
 from loadtest import plots
+from loadtest.ceiling import ceiling_tokens_per_s
 from loadtest.generator import Extra, PlannedRequest, run_trace
 from loadtest.records import BackendSample, RequestRecord, Result, write_jsonl
 from loadtest.report import TargetSummary, render_markdown, render_table, summarise
 from loadtest.scenario import Scenario
-from loadtest.sim.ceiling import ceiling_tokens_per_s
 from loadtest.targets import TargetError, free_port, gateway, simulator
 
 TargetName = Literal["direct", "count_limited", "kvgate"]

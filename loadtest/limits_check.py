@@ -29,6 +29,7 @@ import msgspec
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.sim.config import SimConfig
 from loadtest.compare import sampler
 from loadtest.generator import Extra, PlannedRequest, plan, run_trace
 from loadtest.records import BackendSample, RequestRecord, Result, write_jsonl
@@ -43,7 +44,6 @@ from loadtest.scenario import (
     TenantSpec,
     Uniform,
 )
-from loadtest.sim.config import SimConfig
 from loadtest.targets import Process, free_port, key_hash, simulator
 
 GIB = float(1 << 30)

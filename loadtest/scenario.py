@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 import msgspec
 import yaml
 
-from loadtest.sim.config import SimConfig
+from gateway.sim.config import SimConfig
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]

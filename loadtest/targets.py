@@ -20,8 +20,8 @@ import aiohttp
 import msgspec
 import yaml
 
+from gateway.sim.config import SimConfig
 from loadtest.scenario import PolicyFragment, Scenario
-from loadtest.sim.config import SimConfig
 
 GatewayTarget = Literal["count_limited", "kvgate"]
 START_TIMEOUT_S = 60.0
@@ -157,7 +157,7 @@ async def simulator(
     listening: its load time starts when it listens)."""
     config_path = workdir / f"sim-{name}.yaml"
     config_path.write_text(yaml.safe_dump(msgspec.to_builtins(config), sort_keys=False))
-    args = [sys.executable, "-m", "loadtest.sim", "--host", "127.0.0.1", "--port", str(port)]
+    args = [sys.executable, "-m", "gateway.sim", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--config", str(config_path)]
     proc = await Process.start(f"simulator ({name})", args, workdir / f"sim-{name}.log")
     url = f"http://127.0.0.1:{port}"

@@ -1,7 +1,7 @@
 """Admission decisions: place a request on a backend of its model, queue it, or shed it. Pure.
 
-``Admission`` is a synchronous state machine driven by ``gateway.proxy.admit``; every call takes
-``now``. Calls that change capacity (``offer``, ``release``, probes, ``tick``) pump the queue, and
+``Admission`` is a synchronous state machine driven by ``gateway.backends.admitter``; every
+call takes ``now``. Calls that change capacity (``offer``, ``release``, probes, ``tick``) pump the queue, and
 what the pump decides for *other* waiting requests is collected in an outbox the driver empties
 with ``take_events`` (entry id → ``Placement`` or ``Rejection``).
 

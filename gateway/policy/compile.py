@@ -16,18 +16,31 @@ from dataclasses import dataclass, field
 import msgspec
 
 from gateway.core.admission import AdmissionConfig, ModelPool
-from gateway.core.backend import BackendConfig, MemoryKind, MetricNames, ReserveMode, Signals
+from gateway.core.backend import (
+    DEFAULT_BLOCK_SIZE,
+    BackendConfig,
+    MemoryKind,
+    MetricNames,
+    ReserveMode,
+    Signals,
+)
 from gateway.core.bucket import BucketSpec
 from gateway.core.capacity import CapacityConfig
-from gateway.core.cost import ModelProfile
+from gateway.core.cost import DTYPE_BYTES, ModelProfile
 from gateway.core.queueing import QueueConfig
 from gateway.core.types import Priority
 from gateway.errors import PolicyError
 from gateway.policy import schema, units
-from gateway.proxy.forward import Timeouts
 
-_DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0}
-_DEFAULT_BLOCK_SIZE = 16
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTimeouts:
+    """Seconds: to connect, to the first byte, between two chunks, and for the whole exchange."""
+
+    connect_s: float
+    first_byte_s: float
+    idle_s: float
+    total_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +49,7 @@ class ServerSettings:
     port: int
     max_body_bytes: int
     grace_period_s: float
-    timeouts: Timeouts
+    timeouts: UpstreamTimeouts
     fallback_model: str | None
 
 
@@ -133,7 +146,7 @@ def _server(server: schema.Server) -> ServerSettings:
         port=server.port,
         max_body_bytes=units.parse_size(server.max_body),
         grace_period_s=units.parse_duration(server.grace_period),
-        timeouts=Timeouts(
+        timeouts=UpstreamTimeouts(
             connect_s=units.parse_duration(t.connect),
             first_byte_s=units.parse_duration(t.first_byte),
             idle_s=units.parse_duration(t.idle),
@@ -144,12 +157,12 @@ def _server(server: schema.Server) -> ServerSettings:
 
 
 def _model(name: str, m: schema.Model, source: str, env: Mapping[str, str]) -> Model:
-    block_size = next((b.block_size for b in m.backends if b.block_size), _DEFAULT_BLOCK_SIZE)
+    block_size = next((b.block_size for b in m.backends if b.block_size), DEFAULT_BLOCK_SIZE)
     profile = ModelProfile(
         layers=m.kv.layers,
         kv_heads=m.kv.kv_heads,
         head_dim=m.kv.head_dim,
-        dtype_bytes=_DTYPE_BYTES[m.kv.dtype],
+        dtype_bytes=DTYPE_BYTES[m.kv.dtype],
         block_size=block_size,
         context_tokens=m.context,
         default_max_tokens=m.default_max_tokens,

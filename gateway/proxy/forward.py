@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 
 from gateway.core.clock import Clock
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from gateway.policy.compile import UpstreamTimeouts
 from gateway.proxy.deadline import Deadline
 from gateway.proxy.headers import downstream_headers
 from gateway.proxy.sse import UsageTap
@@ -27,14 +28,6 @@ from gateway.proxy.sse import UsageTap
 _BUFFER_LIMIT = 8 * 1024 * 1024  # a body this long or longer is streamed, not read whole
 _TAIL_BYTES = 64 * 1024  # of a streamed JSON body, kept to read its usage block at the end
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect_s: float
-    first_byte_s: float
-    idle_s: float
-    total_s: float
 
 
 class _Usage(msgspec.Struct):
@@ -80,7 +73,7 @@ async def forward(
     *,
     body: bytes,
     headers: CIMultiDict[str],
-    timeouts: Timeouts,
+    timeouts: UpstreamTimeouts,
     strip_usage: bool,
     relay: Relay,
     clock: Clock,
@@ -172,7 +165,7 @@ class _Stream:
         request: web.Request,
         relay: Relay,
         deadline: Deadline,
-        timeouts: Timeouts,
+        timeouts: UpstreamTimeouts,
         end_by: float,
     ) -> None:
         self._request = request
@@ -285,7 +278,7 @@ async def _send_request(
     url: str,
     body: bytes,
     headers: CIMultiDict[str],
-    timeouts: Timeouts,
+    timeouts: UpstreamTimeouts,
 ) -> aiohttp.ClientResponse:
     """The upstream request, sent once more on a fresh connection when a pooled one turned out
     to be closing before a byte of the request was written (a keep-alive race under churn)."""

@@ -13,6 +13,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from gateway.backends.admitter import Lease, Shed, Ticket
 from gateway.core.backend import MemoryKind
 from gateway.core.cost import ContextOverflowError, Cost, Holding, estimate, settle_cost
 from gateway.core.types import Outcome, Priority
@@ -20,7 +21,6 @@ from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.logs import AccessRecord
 from gateway.policy.compile import Backend, Model, Policy, Tenant
 from gateway.proxy import responses
-from gateway.proxy.admit import Lease, Shed, Ticket
 from gateway.proxy.body import (
     BadRequestBody,
     ParsedRequest,

@@ -404,7 +404,7 @@ tenants:
     )
     port = free_port()
     sim = subprocess.Popen(
-        [sys.executable, "-m", "loadtest.sim", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "gateway.sim", "--host", "127.0.0.1", "--port", str(port),
          "--kv-blocks", "256", "--time-scale", "20"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

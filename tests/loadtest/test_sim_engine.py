@@ -8,17 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loadtest.sim.allocator import ContiguousAllocator, PagedAllocator, fragmentation_ratio
-from loadtest.sim.ceiling import ceiling, ceiling_tokens_per_s
-from loadtest.sim.config import SimConfig
-from loadtest.sim.engine import (
+from gateway.sim.allocator import ContiguousAllocator, PagedAllocator, fragmentation_ratio
+from gateway.sim.config import SimConfig
+from gateway.sim.engine import (
     ContextTooLong,
     Engine,
     EngineLoading,
     StepResult,
     validate_config,
 )
-from loadtest.sim.wire import WireError, count_prompt_tokens, decode_request
+from gateway.sim.wire import WireError, count_prompt_tokens, decode_request
+from loadtest.ceiling import ceiling, ceiling_tokens_per_s
 
 
 def run_until_idle(engine: Engine, max_steps: int = 100_000) -> list[StepResult]:

@@ -20,9 +20,9 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
-from loadtest.sim.__main__ import build_parser, load_config, main
-from loadtest.sim.config import SimConfig
-from loadtest.sim.server import build_app
+from gateway.sim.__main__ import build_parser, load_config, main
+from gateway.sim.config import SimConfig
+from gateway.sim.server import build_app
 
 MODEL = "sim-model"
 FAST = SimConfig(model=MODEL, time_scale=1000.0)
@@ -328,7 +328,7 @@ async def test_cli_serves_then_stops_cleanly_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "loadtest.sim",
+        "gateway.sim",
         "--port",
         "0",
         "--time-scale",

@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from loadtest.sim.config import SimConfig
-from loadtest.sim.engine import validate_config
+from gateway.sim.config import SimConfig
+from gateway.sim.engine import validate_config
 
 
 @dataclass(frozen=True, slots=True)

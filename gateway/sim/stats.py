@@ -7,7 +7,7 @@ from typing import Literal, NamedTuple, Protocol
 
 import msgspec
 
-from loadtest.sim.allocator import fragmentation_ratio
+from gateway.sim.allocator import fragmentation_ratio
 
 
 class BlockPool(Protocol):

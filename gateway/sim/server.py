@@ -25,11 +25,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from loadtest.sim.config import SimConfig
-from loadtest.sim.engine import ContextTooLong, EngineLoading, Failure
-from loadtest.sim.metrics import build_registry, exposition
-from loadtest.sim.runtime import SeqChannel, SimRuntime
-from loadtest.sim.wire import (
+from gateway.sim.config import SimConfig
+from gateway.sim.engine import ContextTooLong, EngineLoading, Failure
+from gateway.sim.metrics import build_registry, exposition
+from gateway.sim.runtime import SeqChannel, SimRuntime
+from gateway.sim.wire import (
     ChunkEncoder,
     Kind,
     WireError,

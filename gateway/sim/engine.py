@@ -2,7 +2,7 @@
 
 Pure and deterministic for a given ``SimConfig.seed``: no I/O, no clock. The engine keeps its own
 ``now``; ``step()`` moves it to the end of the step it runs and ``advance_to()`` moves an idle
-engine forward. A driver (``loadtest.sim.runtime``) paces the steps against wall time; a test or
+engine forward. A driver (``gateway.sim.runtime``) paces the steps against wall time; a test or
 the ceiling check can run them back to back.
 
 A step is one forward pass: every running sequence gets one token. Newly admitted sequences are
@@ -19,9 +19,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from loadtest.sim.allocator import ContiguousAllocator, PagedAllocator
-from loadtest.sim.config import SimConfig
-from loadtest.sim.stats import EngineStats, StatsRecorder
+from gateway.sim.allocator import ContiguousAllocator, PagedAllocator
+from gateway.sim.config import SimConfig
+from gateway.sim.stats import EngineStats, StatsRecorder
 
 OOM_WINDOW_S = 10.0  # contiguous mode: oom_crash_after OOMs within this window crash the engine
 MIB = 1 << 20

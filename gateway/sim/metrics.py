@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from loadtest.sim.allocator import fragmentation_ratio
-from loadtest.sim.runtime import SimRuntime
+from gateway.sim.allocator import fragmentation_ratio
+from gateway.sim.runtime import SimRuntime
 
 
 class SimCollector:

@@ -1,4 +1,4 @@
-"""``python -m loadtest.sim``: run a simulated GPU backend on 127.0.0.1.
+"""``python -m gateway.sim``: run a simulated GPU backend on 127.0.0.1.
 
 Configuration: ``SimConfig`` defaults, then ``--config FILE`` (YAML with SimConfig's fields), then
 one ``--field-name VALUE`` flag per SimConfig field (``--kv-blocks 4096 --mode contiguous``).
@@ -17,14 +17,14 @@ from pathlib import Path
 import msgspec
 import uvloop
 
-from loadtest.sim.config import SimConfig
-from loadtest.sim.engine import validate_config
-from loadtest.sim.server import serve
+from gateway.sim.config import SimConfig
+from gateway.sim.engine import validate_config
+from gateway.sim.server import serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtest.sim", description="Simulated LLM GPU backend (vLLM-like)."
+        prog="python -m gateway.sim", description="Simulated LLM GPU backend (vLLM-like)."
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 
-from loadtest.sim.config import SimConfig
-from loadtest.sim.engine import Engine, Failure, FinishReason, StepResult
+from gateway.sim.config import SimConfig
+from gateway.sim.engine import Engine, Failure, FinishReason, StepResult
 
 
 class SeqChannel:
