@@ -1,9 +1,9 @@
 """Admission decisions: place a request on a backend of its model, queue it, or shed it. Pure.
 
 ``Admission`` is a synchronous state machine driven by ``gateway.backends.admitter``; every
-call takes ``now``. Calls that change capacity (``offer``, ``release``, probes, ``tick``) pump the queue, and
-what the pump decides for *other* waiting requests is collected in an outbox the driver empties
-with ``take_events`` (entry id → ``Placement`` or ``Rejection``).
+call takes ``now``. Calls that change capacity (``offer``, ``release``, probes, ``tick``) pump
+the queue, and what the pump decides for *other* waiting requests is collected in an outbox the
+driver empties with ``take_events`` (entry id → ``Placement`` or ``Rejection``).
 
 Routing: among the model's warming/ready backends (never loading or ejected ones, nor those in
 ``Ticket.exclude``), the request goes where it fits with the most free usable bytes left after
