@@ -214,7 +214,7 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    gw.metrics.store_degraded.set(1 if getattr(gw.live.store, "degraded", False) else 0)
+    gw.metrics.store_degraded.set(1 if gw.live.store.degraded else 0)
     return web.Response(
         body=generate_latest(gw.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
@@ -228,7 +228,7 @@ async def _state(request: web.Request) -> web.Response:
             "policy": {"source": policy.source, "fingerprint": policy.fingerprint},
             "store": {
                 "kind": store_kind(policy),
-                "degraded": getattr(gw.live.store, "degraded", False),
+                "degraded": gw.live.store.degraded,
             },
             "admission": gw.admitter.snapshot(),
         }

@@ -45,7 +45,7 @@ class BucketSpec:
             raise ValueError(f"bucket {self.key!r}: burst must be > 0, got {self.burst}")
 
 
-class Verdict(msgspec.Struct, frozen=True, gc=False):
+class Verdict(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """The answer to an all-or-nothing take across several buckets.
 
     ``retry_after_s`` is the exact wait until the same take would pass if nothing else touched
@@ -56,11 +56,11 @@ class Verdict(msgspec.Struct, frozen=True, gc=False):
     """
 
     allowed: bool
-    retry_after_s: float
-    never: bool
-    blocking: int | None
-    remaining: tuple[float, ...]
-    reset_s: tuple[float, ...]
+    retry_after_s: float = 0.0
+    never: bool = False
+    blocking: int | None = None
+    remaining: tuple[float, ...] = ()
+    reset_s: tuple[float, ...] = ()
     store_error: bool = False
 
 
@@ -122,9 +122,16 @@ def try_take(
     remaining = tuple(specs[i].burst - (ends[i] - now) * specs[i].rate_per_s for i in range(count))
     reset_s = tuple(end - now for end in ends)
     if allowed:
-        return Verdict(True, 0.0, False, None, remaining, reset_s), tuple(news)
-    retry_after_s = math.inf if never else worst
-    return Verdict(False, retry_after_s, never, blocking, remaining, reset_s), None
+        return Verdict(allowed=True, remaining=remaining, reset_s=reset_s), tuple(news)
+    verdict = Verdict(
+        allowed=False,
+        retry_after_s=math.inf if never else worst,
+        never=never,
+        blocking=blocking,
+        remaining=remaining,
+        reset_s=reset_s,
+    )
+    return verdict, None
 
 
 def adjust(tat: float | None, spec: BucketSpec, delta: float, now: float) -> float:

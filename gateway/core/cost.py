@@ -1,8 +1,8 @@
 """What a request costs a GPU, in every unit a bucket can count (``gateway.core.types.Unit``).
 
 ``estimate`` prices a request before it runs (the reservation: output at its ``max_tokens``);
-``settle_cost`` prices what it really used, from the response's usage block. The difference,
-per bucket unit, is what settlement refunds or charges (``settlement``).
+``actual_cost`` prices what it really used, from the response's usage block; ``settlement`` is
+the one rule for what settling a bucket then refunds or charges.
 
 Prompt tokens without a tokenizer follow one documented rule, which the simulated backend in
 ``loadtest/`` shares: each chat message costs ``ceil(chars / chars_per_token) + 4`` and a chat
@@ -113,9 +113,25 @@ class Cost(msgspec.Struct, frozen=True, gc=False):
         return float(self.output_tokens)
 
 
-def settlement(reserved: Cost, actual: Cost, units: Sequence[Unit]) -> tuple[float, ...]:
-    """Per unit, what settling changes: < 0 refunds unused reservation, > 0 charges an overrun."""
-    return tuple(actual.amount(unit) - reserved.amount(unit) for unit in units)
+def settlement(
+    units: Sequence[Unit], reserved: Sequence[float], actual: Cost | None
+) -> tuple[float, ...]:
+    """Per bucket (its unit, what it was charged), what settling changes: < 0 refunds unused
+    reservation, > 0 charges an overrun.
+
+    A request counts in the unit ``requests`` whatever became of it: it was made. With no
+    ``actual`` (the request reached no backend, or its client left before anything came back)
+    everything else is refunded.
+    """
+    deltas = []
+    for unit, charged in zip(units, reserved, strict=True):
+        if unit is Unit.REQUESTS:
+            deltas.append(0.0)
+        elif actual is None:
+            deltas.append(-charged)
+        else:
+            deltas.append(actual.amount(unit) - charged)
+    return tuple(deltas)
 
 
 class PromptShape(Protocol):
@@ -267,7 +283,7 @@ class Holding(msgspec.Struct, frozen=True, gc=False):
     decode_s: float | None = None
 
 
-def settle_cost(
+def actual_cost(
     profile: ModelProfile,
     input_tokens: int,
     output_tokens: int,

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.backends.admitter import Lease, Shed, Ticket
 from gateway.core.backend import MemoryKind
-from gateway.core.cost import ContextOverflowError, Cost, Holding, estimate, settle_cost
+from gateway.core.cost import ContextOverflowError, Cost, Holding, actual_cost, estimate
 from gateway.core.types import Outcome, Priority
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.logs import AccessRecord
@@ -255,7 +255,7 @@ def _settle(gw: Gateway, live: Live, ex: _Exchange, held: Charge, cost: Cost, en
         if output_tokens is None:
             output_tokens = cost.output_tokens if relay.complete else 0
         duration = ended - ex.started - ex.queued_s
-        actual = settle_cost(
+        actual = actual_cost(
             ex.model.profile,
             input_tokens,
             output_tokens,

@@ -1,33 +1,39 @@
 """The token-bucket step of the request path: charge a request's estimated cost to every bucket
 that applies (all or nothing), describe the result in OpenAI's ``x-ratelimit-*`` headers, and
-settle the charge against the real usage afterwards."""
+settle the charge against the real usage afterwards (``gateway.core.cost.settlement``)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
 
 from gateway.core.bucket import BucketSpec, Verdict
-from gateway.core.cost import Cost
+from gateway.core.cost import Cost, settlement
 from gateway.core.types import Unit
 from gateway.proxy.responses import reset_text
 from gateway.store.base import LimitStore
-from gateway.store.memory import MemoryLimitStore
 
 _HEADER_UNITS = (Unit.REQUESTS, Unit.TOKENS)
 
 
 class Charge(msgspec.Struct, frozen=True, gc=False):
+    """What a request was charged: per bucket its spec and amount, and the store's verdict."""
+
     specs: tuple[BucketSpec, ...]
     amounts: tuple[float, ...]
     verdict: Verdict
 
     @property
     def charged(self) -> bool:
+        """The buckets hold this request's amounts (so settlement has something to settle)."""
         return self.verdict.allowed and not self.verdict.store_error and bool(self.specs)
+
+    @property
+    def units(self) -> tuple[Unit, ...]:
+        return tuple(spec.unit for spec in self.specs)
 
 
 async def charge(
@@ -41,11 +47,10 @@ async def charge(
     store's round trip, the take may still land: ``orphaned`` gets that charge then, to undo."""
     amounts = tuple(cost.amount(spec.unit) for spec in specs)
     if not specs:
-        return Charge(specs, amounts, Verdict(True, 0.0, False, None, (), ()))
-    # The in-process store is called directly: a coroutine per request is measurable overhead,
-    # and a call that never suspends cannot be cut short.
-    if isinstance(store, MemoryLimitStore):
-        return Charge(specs, amounts, store.take(specs, amounts))
+        return Charge(specs, amounts, Verdict(allowed=True))
+    verdict = store.acquire_now(specs, amounts)
+    if verdict is not None:
+        return Charge(specs, amounts, verdict)
     take = asyncio.ensure_future(store.acquire(specs, amounts))
     try:
         verdict = await asyncio.shield(take)
@@ -66,31 +71,14 @@ def settle(
     """Refund what the estimate over-reserved, charge what it under-reserved; with no ``actual``
     (the request never reached a backend) refund everything but the request itself.
 
-    The in-process store is settled at once; for a networked one the round trip is returned,
-    for the caller to run in the background (the client need not wait for it)."""
+    A store that can settle at once does; for a networked one the round trip is returned, for
+    the caller to run in the background (the client need not wait for it)."""
     if not held.charged:
         return None
-    deltas = _deltas(held.specs, held.amounts, actual)
-    if not any(deltas):
-        return None
-    if isinstance(store, MemoryLimitStore):
-        store.settle(held.specs, deltas)
+    deltas = settlement(held.units, held.amounts, actual)
+    if not any(deltas) or store.adjust_now(held.specs, deltas):
         return None
     return store.adjust(held.specs, deltas)
-
-
-def _deltas(
-    specs: Sequence[BucketSpec], amounts: Sequence[float], actual: Cost | None
-) -> tuple[float, ...]:
-    out = []
-    for spec, reserved in zip(specs, amounts, strict=True):
-        if spec.unit is Unit.REQUESTS:
-            out.append(0.0)
-        elif actual is None:
-            out.append(-reserved)
-        else:
-            out.append(actual.amount(spec.unit) - reserved)
-    return tuple(out)
 
 
 def ratelimit_headers(held: Charge) -> dict[str, str]:

@@ -17,13 +17,32 @@ __all__ = ["LimitStore", "StoreError"]
 
 
 class LimitStore(Protocol):
-    """Async access to bucket state; every call is one round trip for a networked store.
+    """Access to bucket state. ``specs`` and the amounts or deltas are parallel sequences, in
+    each spec's unit.
 
-    ``specs`` and the amounts or deltas are parallel sequences. Amounts are in each spec's unit.
+    Each verb has a synchronous ``_now`` form that answers without suspending when the store can
+    (the in-process one always can): a coroutine per request is measurable overhead on the hot
+    path, and a call that never suspends cannot be cut short by a client leaving. Where it
+    cannot, the ``_now`` form returns ``None``/``False`` and the caller awaits the async verb,
+    one round trip for a networked store.
     """
+
+    @property
+    def degraded(self) -> bool:
+        """True while the store cannot reach its shared state and answers by its fallback
+        policy (``on_error``); always False for a store with no shared state."""
+        ...
+
+    def acquire_now(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict | None:
+        """``acquire`` without suspending, or None when only a round trip can tell."""
+        ...
 
     async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
         """Take every amount from its bucket, or none (see ``gateway.core.bucket.try_take``)."""
+        ...
+
+    def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:
+        """``adjust`` without suspending; False when only a round trip can (nothing changed)."""
         ...
 
     async def adjust(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:

@@ -92,6 +92,12 @@ class FallbackLimitStore:
         """True while the primary is considered down and the fallback policy answers."""
         return self._degraded
 
+    def acquire_now(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> None:
+        return None  # the primary is asked first, even while degraded (a probe may be due)
+
+    def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:
+        return False
+
     @property
     def failures(self) -> int:
         """Store errors seen since start (a counter, for metrics)."""
@@ -138,18 +144,21 @@ class FallbackLimitStore:
         if verdict is not _Down.DOWN:
             return verdict
         if self._on_error == "local":
-            return self._local.take(self._share(specs), amounts)
+            return self._local.acquire_now(self._share(specs), amounts)
         count = len(specs)
         if self._on_error == "allow":
             bursts = tuple(spec.burst for spec in specs)
-            return Verdict(True, 0.0, False, None, bursts, (0.0,) * count, store_error=True)
+            return Verdict(allowed=True, remaining=bursts, reset_s=(0.0,) * count, store_error=True)
         wait_s = max(self._retry_at - self._clock.now(), self._backoff_s)
-        return Verdict(False, wait_s, False, None, (0.0,) * count, (0.0,) * count, store_error=True)
+        zeros = (0.0,) * count
+        return Verdict(
+            allowed=False, retry_after_s=wait_s, remaining=zeros, reset_s=zeros, store_error=True
+        )
 
     async def adjust(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
         done = await self._call(lambda: self._primary.adjust(specs, deltas))
         if done is _Down.DOWN and self._on_error == "local":
-            self._local.settle(self._share(specs), deltas)
+            self._local.adjust_now(self._share(specs), deltas)
 
     async def peek(self, specs: Sequence[BucketSpec]) -> tuple[float, ...]:
         """Remaining from the primary; while degraded, from the local store under ``local``,
@@ -158,7 +167,7 @@ class FallbackLimitStore:
         if remaining is not _Down.DOWN:
             return remaining
         if self._on_error == "local":
-            return self._local.remaining(self._share(specs))
+            return self._local.peek_now(self._share(specs))
         raise StoreError(f"limit store is down (on_error={self._on_error}); nothing to show")
 
     def _share(self, specs: Sequence[BucketSpec]) -> tuple[BucketSpec, ...]:

@@ -31,8 +31,11 @@ class MemoryLimitStore:
         """Buckets holding state (not known to be full)."""
         return len(self._tats)
 
-    def take(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
-        """``acquire`` without the coroutine, for callers that are not async."""
+    @property
+    def degraded(self) -> bool:
+        return False
+
+    def acquire_now(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
         now = self._clock.now()
         tats = self._tats
         verdict, news = try_take([tats.get(spec.key) for spec in specs], specs, amounts, now)
@@ -41,8 +44,7 @@ class MemoryLimitStore:
                 self._store(spec.key, new, now)
         return verdict
 
-    def settle(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
-        """``adjust`` without the coroutine."""
+    def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:
         if len(specs) != len(deltas):
             raise ValueError("specs and deltas must have the same length")
         now = self._clock.now()
@@ -50,20 +52,21 @@ class MemoryLimitStore:
         for spec, delta in zip(specs, deltas, strict=True):
             if delta:
                 self._store(spec.key, adjust(tats.get(spec.key), spec, delta, now), now)
+        return True
 
-    def remaining(self, specs: Sequence[BucketSpec]) -> tuple[float, ...]:
-        """``peek`` without the coroutine."""
+    def peek_now(self, specs: Sequence[BucketSpec]) -> tuple[float, ...]:
+        """``peek`` without suspending (only this store can always answer so)."""
         now = self._clock.now()
         return tuple(level(self._tats.get(spec.key), spec, now)[0] for spec in specs)
 
     async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
-        return self.take(specs, amounts)
+        return self.acquire_now(specs, amounts)
 
     async def adjust(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
-        self.settle(specs, deltas)
+        self.adjust_now(specs, deltas)
 
     async def peek(self, specs: Sequence[BucketSpec]) -> tuple[float, ...]:
-        return self.remaining(specs)
+        return self.peek_now(specs)
 
     async def close(self) -> None:
         self._tats.clear()

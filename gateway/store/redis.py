@@ -90,9 +90,15 @@ def verdict_from_reply(reply: Sequence[_ReplyItem], count: int) -> Verdict:
     remaining = tuple(float(item) for item in reply[4 : 4 + count])
     reset_s = tuple(float(item) for item in reply[4 + count : 4 + 2 * count])
     if allowed:
-        return Verdict(True, 0.0, False, None, remaining, reset_s)
-    retry_after_s = math.inf if never else float(reply[3])
-    return Verdict(False, retry_after_s, never, blocking, remaining, reset_s)
+        return Verdict(allowed=True, remaining=remaining, reset_s=reset_s)
+    return Verdict(
+        allowed=False,
+        retry_after_s=math.inf if never else float(reply[3]),
+        never=never,
+        blocking=blocking,
+        remaining=remaining,
+        reset_s=reset_s,
+    )
 
 
 class RedisLimitStore:
@@ -134,12 +140,22 @@ class RedisLimitStore:
         """The Redis key of a bucket."""
         return bucket_key(self._prefix, spec)
 
+    @property
+    def degraded(self) -> bool:
+        return False  # it raises StoreError instead; FallbackLimitStore decides what then
+
+    def acquire_now(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> None:
+        return None
+
+    def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:
+        return False
+
     def _now(self) -> _Arg:
         return "" if self._clock is None else self._clock.now()
 
     async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
         if not specs:
-            return Verdict(True, 0.0, False, None, (), ())
+            return Verdict(allowed=True)
         args = acquire_args(specs, amounts, self._now(), self._min_ttl_ms)
         keys = [self.key(spec) for spec in specs]
         try:

@@ -783,16 +783,26 @@ class _RemoteStore:
         self.reply = asyncio.Event()
 
     async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
-        verdict = self.inner.take(specs, amounts)
+        verdict = self.inner.acquire_now(specs, amounts)
         self.applied.set()
         await self.reply.wait()
         return verdict
 
+    @property
+    def degraded(self) -> bool:
+        return False
+
+    def acquire_now(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> None:
+        return None
+
+    def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:
+        return False
+
     async def adjust(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
-        self.inner.settle(specs, deltas)
+        self.inner.adjust_now(specs, deltas)
 
     async def peek(self, specs: Sequence[BucketSpec]) -> tuple[float, ...]:
-        return self.inner.remaining(specs)
+        return self.inner.peek_now(specs)
 
     async def close(self) -> None:
         return None
@@ -819,7 +829,7 @@ async def test_a_charge_whose_client_left_during_the_store_round_trip_is_refunde
     await until(lambda: len(server.connections) < connections)
     store.reply.set()
     assert not stub.requests  # it never reached a backend: everything but the request is owed
-    await until(lambda: store.inner.remaining(specs)[0] > 900)
+    await until(lambda: store.inner.peek_now(specs)[0] > 900)
 
 
 # -- a slow client --------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import sys
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.core.cost import (
     DTYPE_BYTES,
@@ -15,9 +17,9 @@ from gateway.core.cost import (
     Cost,
     Holding,
     ModelProfile,
+    actual_cost,
     estimate,
     prompt_tokens,
-    settle_cost,
     settlement,
 )
 from gateway.core.tokens import TokenizerUnavailable, tiktoken_counter, tokenizer_json_counter
@@ -156,26 +158,56 @@ def test_embeddings_have_no_output_and_only_prefill_time() -> None:
     assert cost.kv_gib_seconds == pytest.approx(cost.kv_bytes / GIB * 3 / 8000)
 
 
-def test_settle_cost_prices_real_usage_and_settlement_gives_deltas() -> None:
+def test_actual_cost_prices_real_usage_and_settlement_gives_deltas() -> None:
     reserved = estimate(
         parse_request(chat("x" * 400, max_tokens=100), "/v1/chat/completions"), LLAMA_8B
     )
-    actual = settle_cost(LLAMA_8B, input_tokens=107, output_tokens=20, duration_s=0.5)
+    actual = actual_cost(LLAMA_8B, input_tokens=107, output_tokens=20, duration_s=0.5)
     assert actual.kv_bytes == math.ceil(127 / 16) * 16 * KIB128
     assert actual.kv_gib_seconds == pytest.approx(actual.kv_bytes / GIB * 0.5)
     assert actual.price == pytest.approx((107 * 0.10 + 20 * 0.20) / 1e6)
     units = [Unit.REQUESTS, Unit.TOKENS, Unit.OUTPUT_TOKENS, Unit.INPUT_TOKENS, Unit.PRICE]
-    deltas = settlement(reserved, actual, units)
+    deltas = settlement(units, [reserved.amount(u) for u in units], actual)
     assert deltas[:4] == (0.0, -80.0, -80.0, 0.0)
     assert deltas[4] == pytest.approx(-80 * 0.20 / 1e6)
-    over = settle_cost(LLAMA_8B, input_tokens=107, output_tokens=150, duration_s=9.0)
-    assert settlement(reserved, over, [Unit.KV_BYTES])[0] > 0
+    over = actual_cost(LLAMA_8B, input_tokens=107, output_tokens=150, duration_s=9.0)
+    assert settlement([Unit.KV_BYTES], [reserved.kv_bytes], over)[0] > 0
+
+
+def test_a_request_that_reached_no_backend_is_refunded_all_but_itself() -> None:
+    units = [Unit.REQUESTS, Unit.TOKENS, Unit.KV_GIB_SECONDS]
+    assert settlement(units, [1.0, 500.0, 0.25], None) == (0.0, -500.0, -0.25)
+
+
+@given(
+    charged=st.lists(st.floats(0, 1e9), min_size=7, max_size=7),
+    used=st.tuples(st.integers(0, 10**6), st.integers(0, 10**6), st.floats(0, 1e3)),
+    reached=st.booleans(),
+)
+def test_settlement_never_refunds_more_than_was_charged(
+    charged: list[float], used: tuple[int, int, float], reached: bool
+) -> None:
+    units = list(Unit)
+    input_tokens, output_tokens, gib_s = used
+    actual = Cost(
+        requests=1.0,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        kv_bytes=input_tokens + output_tokens,
+        kv_gib_seconds=gib_s,
+        price=0.0,
+    )
+    deltas = settlement(units, charged, actual if reached else None)
+    for unit, amount, delta in zip(units, charged, deltas, strict=True):
+        assert delta >= -amount
+        if unit is Unit.REQUESTS:
+            assert delta == 0.0
 
 
 def test_gib_seconds_follow_how_the_backend_holds_memory() -> None:
     block = 16 * KIB128
     # 160 prompt tokens (10 blocks) + 160 output (10 more), 4 s of which 3 s decoding
-    paged = settle_cost(
+    paged = actual_cost(
         LLAMA_8B,
         160,
         160,
@@ -184,7 +216,7 @@ def test_gib_seconds_follow_how_the_backend_holds_memory() -> None:
     )
     # the prompt's 10 blocks for 4 s, the output's 10 growing from 0 over 3 s: 40 + 15
     assert paged.kv_gib_seconds == pytest.approx(55 * block / GIB)
-    up_front = settle_cost(
+    up_front = actual_cost(
         LLAMA_8B, 160, 160, 4.0, holding=Holding(growing=False, reserved_output_tokens=800)
     )
     # prompt + all 800 reserved output tokens (60 blocks), allocated for 4 s
@@ -194,14 +226,14 @@ def test_gib_seconds_follow_how_the_backend_holds_memory() -> None:
 
 def test_decode_time_is_apportioned_from_the_profile_when_not_seen() -> None:
     # 8000 prompt tokens take 1 s to prefill, 40 output tokens 1 s to decode: half of 10 s
-    cost = settle_cost(LLAMA_8B, 8000, 40, 10.0, holding=Holding(True, 40))
+    cost = actual_cost(LLAMA_8B, 8000, 40, 10.0, holding=Holding(True, 40))
     prompt_bytes = 500 * 16 * KIB128
     output_bytes = (math.ceil(8040 / 16) - 500) * 16 * KIB128
     assert cost.kv_gib_seconds == pytest.approx((prompt_bytes * 10 + output_bytes * 5 / 2) / GIB)
 
 
-def test_settle_cost_spreads_output_over_sequences() -> None:
-    four = settle_cost(
+def test_actual_cost_spreads_output_over_sequences() -> None:
+    four = actual_cost(
         LLAMA_8B, input_tokens=107, output_tokens=4 * 64, duration_s=1.0, sequences=4
     )
     assert four.kv_bytes == (6 + 4 * 5) * 16 * KIB128

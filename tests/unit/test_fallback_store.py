@@ -84,7 +84,7 @@ async def test_local_mode_decides_with_the_in_process_store() -> None:
     assert second.retry_after_s == pytest.approx(1.0)
     await store.adjust(SPECS, [-1.0])
     assert await store.peek(SPECS) == (1.0,)
-    assert local.remaining(SPECS) == (1.0,)
+    assert local.peek_now(SPECS) == (1.0,)
 
 
 async def test_local_mode_keeps_this_gateways_share_of_each_bucket() -> None:
