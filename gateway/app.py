@@ -29,7 +29,7 @@ from gateway.metrics import Metrics
 from gateway.policy.compile import Model, Policy, store_kind
 from gateway.policy.schema import RedisStore
 from gateway.policy.watcher import PolicyWatcher
-from gateway.proxy.handler import proxy
+from gateway.proxy.exchange import handle
 from gateway.state import GATEWAY, Gateway, Live
 from gateway.store.base import LimitStore
 from gateway.store.fallback import FallbackLimitStore
@@ -71,7 +71,7 @@ def build_app(
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/admin/state", _state)
     app.router.add_get("/v1/models", _models)
-    app.router.add_route("*", "/{tail:.*}", proxy)
+    app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
 

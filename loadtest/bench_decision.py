@@ -22,18 +22,13 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import redis.asyncio as aioredis
 
-from gateway.core.admission import (
-    Admission,
-    AdmissionConfig,
-    ModelPool,
-    Placement,
-    Queued,
-    Ticket,
-)
-from gateway.core.backend import BackendConfig, Health, Signals
+from gateway.core.admission import Admission, Placement, Queued
+from gateway.core.backend import BackendConfig, Signals
 from gateway.core.bucket import BucketSpec
 from gateway.core.clock import FakeClock, MonotonicClock
 from gateway.core.cost import DTYPE_BYTES, ModelProfile, estimate
+from gateway.core.lifecycle import Health
+from gateway.core.pool import AdmissionConfig, ModelPool, Ticket
 from gateway.core.queueing import QueueConfig
 from gateway.core.types import Priority, Unit
 from gateway.errors import StoreError

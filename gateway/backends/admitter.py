@@ -13,26 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Literal
 
 import aiohttp
 
 from gateway.backends.monitor import BackendMonitor
-from gateway.core.admission import (
-    Admission,
-    AdmissionConfig,
-    Placement,
-    Queued,
-    Rejection,
-    Ticket,
-)
-from gateway.core.backend import BackendConfig, BackendSignals, Health
+from gateway.core.admission import Admission, Placement, Queued, Rejection
+from gateway.core.backend import BackendConfig, BackendSignals, Failure
 from gateway.core.clock import Clock
+from gateway.core.lifecycle import Health
+from gateway.core.pool import AdmissionConfig, Ticket
 from gateway.core.types import Outcome
-
-__all__ = ["Admitter", "Lease", "Shed", "Ticket"]
-
-Failure = Literal["connect", "5xx", "oom", "timeout"]
 
 
 class Shed(Exception):
@@ -72,10 +62,6 @@ class Lease:
         self.reserved_bytes = placement.reserved_bytes
         self.queued_s = placement.queued_s
 
-    @property
-    def released(self) -> bool:
-        return self._released
-
     def started(self) -> None:
         """The backend's response began: what it allocates for the request is allocated."""
         if not self._released:
@@ -86,7 +72,7 @@ class Lease:
         *,
         output_tokens: int | None = None,
         ttft_s: float | None = None,
-        failure: str | None = None,
+        failure: Failure | None = None,
     ) -> None:
         """Free the reservation; feed output length, TTFT and failures back; wake the queue."""
         if self._released:
@@ -198,7 +184,11 @@ class Admitter:
         self._core.started(lease_id)
 
     def _release(
-        self, lease_id: int, output_tokens: int | None, ttft_s: float | None, failure: str | None
+        self,
+        lease_id: int,
+        output_tokens: int | None,
+        ttft_s: float | None,
+        failure: Failure | None,
     ) -> None:
         self._core.release(
             lease_id,

@@ -23,8 +23,9 @@ from gateway.backends.parse import (
     parse_props,
     parse_tgi_info,
 )
-from gateway.core.backend import BackendConfig, BackendSignals, Health
+from gateway.core.backend import BackendConfig, BackendSignals
 from gateway.core.clock import Clock
+from gateway.core.lifecycle import Health
 
 log = logging.getLogger("kvgate.monitor")
 

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.backends.flavors import MetricMap
-from gateway.core.backend import BackendSignals, Health
+from gateway.core.backend import BackendSignals
+from gateway.core.lifecycle import Health
 
 _LOADING_MARKERS = (b"Loading model", b"loading model")
 

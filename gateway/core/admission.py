@@ -7,7 +7,7 @@ driver empties with ``take_events`` (entry id → ``Placement`` or ``Rejection``
 
 Routing: among the model's warming/ready backends (never loading or ejected ones, nor those in
 ``Ticket.exclude``), the request goes where it fits with the most free usable bytes left after
-placing it (``BackendRuntime.placement_score``).
+placing it (``Room.score``).
 
 Shed reasons, each a ``Rejection`` whose ``retry_after_s`` is an estimate, not a guess:
 - ``TOO_LARGE``: no backend could hold it even idle (``should_retry`` False);
@@ -33,23 +33,19 @@ from dataclasses import dataclass
 
 import msgspec
 
-from gateway.core.backend import BackendConfig, BackendSignals, Health, ReserveMode
-from gateway.core.capacity import BackendRuntime, Room
+from gateway.core.backend import (
+    BackendConfig,
+    BackendRuntime,
+    BackendSignals,
+    Failure,
+    ReserveMode,
+)
+from gateway.core.capacity import Room
+from gateway.core.lifecycle import Health
 from gateway.core.outputs import OutputLengths
-from gateway.core.pool import AdmissionConfig, ModelPool, Pool, Ticket, Waiting
+from gateway.core.pool import AdmissionConfig, Pool, Ticket, Waiting
 from gateway.core.queueing import Entry
 from gateway.core.types import Outcome, Priority
-
-__all__ = [
-    "Admission",
-    "AdmissionConfig",
-    "ModelPool",
-    "Placement",
-    "Queued",
-    "Rejection",
-    "Ticket",
-    "Verdict",
-]
 
 _MIN_RETRY_S = 1.0
 # A backend with no queue of its own allocates a request within a step of receiving it.
@@ -75,7 +71,8 @@ class Queued(msgspec.Struct, frozen=True, gc=False):
     entry_id: int
 
 
-Verdict = Placement | Rejection | Queued
+Decision = Placement | Rejection | Queued
+"""What ``Admission.offer`` answers."""
 
 
 @dataclass(slots=True)
@@ -102,7 +99,7 @@ class Admission:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def offer(self, ticket: Ticket, now: float) -> Verdict:
+    def offer(self, ticket: Ticket, now: float) -> Decision:
         pool = self._pools.get(ticket.model)
         if pool is None:
             return Rejection(Outcome.NOT_FOUND, None, f"unknown model {ticket.model!r}", False)
@@ -174,14 +171,11 @@ class Admission:
         *,
         output_tokens: int | None,
         ttft_s: float | None,
-        failure: str | None,
+        failure: Failure | None,
         now: float,
     ) -> None:
-        """Free a placement and learn from how it went. Unknown ids are ignored (idempotent).
-
-        ``failure``: ``"connect"``, ``"5xx"`` or ``"timeout"`` count towards ejection,
-        ``"oom"`` is memory pressure, ``None`` is a success.
-        """
+        """Free a placement and learn from how it went (``BackendRuntime.finished``); a success
+        teaches the output length. Unknown ids are ignored (idempotent)."""
         lease = self._leases.pop(lease_id, None)
         if lease is None:
             return
@@ -189,19 +183,10 @@ class Admission:
         rt = None if pool is None else pool.backends.get(lease.url)
         if pool is None or rt is None:
             return
-        rt.unplace(lease.nbytes)
-        held = now - lease.placed_at
-        pool.drain.record(lease.nbytes, held, now)
-        if failure in ("connect", "5xx", "timeout"):
-            rt.lifecycle.record_failure(now)
-            rt.adaptive.on_drop(now)
-        elif failure == "oom":
-            rt.report_oom(now)
-        else:
-            rt.lifecycle.record_success()
-            if output_tokens is not None:
-                self.outputs.observe(lease.model, lease.tenant, output_tokens)
-            rt.adaptive.on_sample(ttft_s=ttft_s, inflight=rt.inflight + 1, dropped=False, now=now)
+        pool.drain.record(lease.nbytes, now - lease.placed_at, now)
+        rt.finished(lease.nbytes, failure=failure, ttft_s=ttft_s, now=now)
+        if failure is None and output_tokens is not None:
+            self.outputs.observe(lease.model, lease.tenant, output_tokens)
         self._pump_pool(pool, now)
 
     # -- backend observations -----------------------------------------------------------------
@@ -209,7 +194,7 @@ class Admission:
     def observe_health(self, model: str, url: str, health: Health, now: float) -> None:
         rt = self._runtime(model, url)
         if rt is not None:
-            rt.lifecycle.observe_health(health, now)
+            rt.observe_health(health, now)
             self._pump_pool(self._pools[model], now)
 
     def observe_signals(self, model: str, url: str, signals: BackendSignals, now: float) -> None:
@@ -240,7 +225,7 @@ class Admission:
     def any_serving(self, now: float) -> bool:
         """Some backend of some model is warming or ready (the gateway's readiness)."""
         return any(
-            rt.lifecycle.capacity_factor(now) > 0
+            rt.capacity_factor(now) > 0
             for pool in self._pools.values()
             for rt in pool.backends.values()
         )
@@ -277,7 +262,7 @@ class Admission:
                 ):
                     times.append(later if later > now else now + q.interval_s)
             for rt in pool.backends.values():
-                change = rt.lifecycle.next_change_at(now)
+                change = rt.next_change_at(now)
                 if change is not None:
                     times.append(change)
         return min(times, default=None)
@@ -315,28 +300,7 @@ class Admission:
         """Plain data for the admin view and metrics."""
         out: dict[str, object] = {}
         for name, pool in self._pools.items():
-            backends: list[dict[str, object]] = []
-            for rt in pool.backends.values():
-                v = rt.view(now)
-                backends.append(
-                    {
-                        "url": rt.url,
-                        "phase": v.phase.value,
-                        "kind": v.kind.value,
-                        "capacity": v.total,
-                        "usable": v.usable,
-                        "free": v.free,
-                        "reserved_bytes": rt.reserved_bytes,
-                        "inflight": rt.inflight,
-                        "fragmentation": v.fragmentation,
-                        "stale": v.stale,
-                        "pressure": rt.pressure.value(now),
-                        "overcommit": rt.overcommit.value,
-                        "adaptive_limit": rt.adaptive.value,
-                        "load_estimate_s": rt.lifecycle.load_estimate_s,
-                        "failures": rt.lifecycle.failures,
-                    }
-                )
+            backends = [rt.describe(now) for rt in pool.backends.values()]
             out[name] = {
                 "backends": backends,
                 "queue_depth": len(pool.queue),
@@ -358,10 +322,10 @@ class Admission:
 
     def _round_robin(
         self, pool: Pool, cands: list[BackendRuntime], ticket: Ticket, now: float
-    ) -> Verdict:
-        serving = [b for b in cands if b.lifecycle.capacity_factor(now) > 0]
+    ) -> Decision:
+        serving = [b for b in cands if b.capacity_factor(now) > 0]
         if not serving:
-            ready = [t for b in cands if (t := b.lifecycle.predicted_ready_at(now)) is not None]
+            ready = [t for b in cands if (t := b.predicted_ready_at(now)) is not None]
             wait = min(ready) - now if ready else None
             return Rejection(Outcome.SHED_LOADING, _retry(wait), "no backend is serving")
         rt = serving[pool.rr % len(serving)]
@@ -473,11 +437,9 @@ class Admission:
     def _expiry(self, pool: Pool, e: Entry, now: float) -> Rejection:
         waited = now - e.enqueued_at
         ticket = pool.waiting[e.id].ticket
-        if not any(b.lifecycle.serving for b in pool.candidates(ticket)):
+        if not any(b.serving for b in pool.candidates(ticket)):
             ready = [
-                t
-                for b in pool.candidates(ticket)
-                if (t := b.lifecycle.predicted_ready_at(now)) is not None
+                t for b in pool.candidates(ticket) if (t := b.predicted_ready_at(now)) is not None
             ]
             until_ready = min(ready) - now if ready else waited
             msg = f"backends still loading after {waited:.1f}s"
@@ -491,9 +453,9 @@ class Admission:
         self, pool: Pool, ticket: Ticket, entry: Entry, cands: list[BackendRuntime], now: float
     ) -> Rejection | None:
         budget = ticket.deadline - now
-        serving = [b for b in cands if b.lifecycle.serving]
+        serving = [b for b in cands if b.serving]
         if not serving:
-            ready = [t for b in cands if (t := b.lifecycle.predicted_ready_at(now)) is not None]
+            ready = [t for b in cands if (t := b.predicted_ready_at(now)) is not None]
             if ready and min(ready) > ticket.deadline:
                 msg = "every backend of the model is loading past this request's deadline"
                 return Rejection(Outcome.SHED_LOADING, _retry(min(ready) - now), msg)
@@ -515,9 +477,7 @@ class Admission:
         rate = pool.drain.bytes_per_s(now)
         if rate is None or rate <= 0:
             return None
-        free = sum(
-            max(0.0, rt.view(now).free) for rt in pool.backends.values() if rt.lifecycle.serving
-        )
+        free = sum(max(0.0, rt.view(now).free) for rt in pool.backends.values() if rt.serving)
         backlog = pool.queue.bytes_ahead(priority) + extra - free
         return max(0.0, backlog) / rate
 

@@ -1,24 +1,28 @@
 """One backend as the gateway sees it: its configuration, the signals it last reported, and its
-life cycle (loading → warming → ready; ejected on failures). Pure: every method takes ``now``.
-
-Life cycle contract (``Lifecycle``):
-- ``LOADING``: health is not OK (connection refused, 503, llama.cpp "Loading model"): no capacity.
-  The time a load takes is measured and its EWMA predicts the next one (Retry-After, and "will
-  it be up before this request's deadline?").
-- ``WARMING``: capacity factor ramps linearly from ``floor`` to 1 over ``warmup_s`` (Envoy slow
-  start), then ``READY``. A backend whose very first probe is healthy was already serving before
-  the gateway looked, so it starts ``READY``: a gateway restart must not throttle a warm fleet.
-- ``EJECTED``: ``eject_failures`` consecutive failures (connect errors or 5xx reported by the
-  proxy, failed probes) remove it for ``cooldown_s``; then it warms again (or loads, if its
-  health is not OK by then).
+runtime state (``BackendRuntime``: life cycle, what this gateway holds there, pressure, the
+adaptive limit), with the questions admission asks of it. Pure: every method takes ``now``.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
+from typing import Literal
 
-from gateway.core.types import Phase
+from gateway.core.adaptive import AdaptiveLimit
+from gateway.core.capacity import (
+    CapacityConfig,
+    CapacityKind,
+    CapacityView,
+    Pressure,
+    Room,
+    round_up_tokens,
+)
+from gateway.core.lifecycle import Health, Lifecycle
+from gateway.core.overcommit import Overcommit
+
+_NEAR_FULL = 0.95
 
 
 class Signals(enum.StrEnum):
@@ -43,13 +47,8 @@ class ReserveMode(enum.StrEnum):
     WORST_CASE = "worst_case"  # prompt + max_tokens
 
 
-class Health(enum.StrEnum):
-    """What one health probe saw."""
-
-    OK = "ok"
-    LOADING = "loading"  # refused, 503, or a "Loading model" body: on its way up
-    FAILED = "failed"  # any other error or timeout: counts towards ejection
-
+Failure = Literal["connect", "5xx", "oom", "timeout"]
+"""How a request placed on a backend failed there, as the proxy reports it."""
 
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block when neither the policy nor the metrics tell
 
@@ -121,156 +120,333 @@ class BackendSignals:
     slot_ctx_tokens: int | None = None
 
 
-_LOAD_EWMA_ALPHA = 0.5
-_RAMP_STEPS = 20
-_OVERDUE_SHARE = 0.25  # an overdue load is predicted to need another quarter of its usual time
-
-
-class Lifecycle:
-    """The phase of one backend, driven by probes, proxy reports and time.
-
-    Invariants: ``capacity_factor`` is 0 in LOADING and EJECTED, in [floor, 1] while WARMING and
-    1 when READY; phases change only in ``observe_health``, ``record_failure`` and ``advance``.
-    """
-
-    __slots__ = (
-        "_cooldown_s",
-        "_eject_failures",
-        "_floor",
-        "_health_ok",
-        "_load_started",
-        "_probed",
-        "_warmup_s",
-        "ejected_until",
-        "failures",
-        "load_estimate_s",
-        "phase",
-        "since",
-    )
+class BackendRuntime:
+    """Everything the gateway tracks about one backend: life cycle, last signals, what its own
+    requests hold there (``reserved_bytes``, ``inflight``), pressure and the adaptive limit."""
 
     def __init__(
-        self, *, warmup_s: float, floor: float, eject_failures: int, cooldown_s: float, now: float
+        self, config: BackendConfig, *, kv_bytes_per_token: int, cap: CapacityConfig, now: float
     ) -> None:
-        if not 0.0 <= floor <= 1.0:
-            raise ValueError(f"warm-up floor must be in [0, 1], got {floor}")
-        self._warmup_s = warmup_s
-        self._floor = floor
-        self._eject_failures = eject_failures
-        self._cooldown_s = cooldown_s
-        self.phase = Phase.LOADING
-        self.since = now
-        self._load_started = now
-        self._probed = False
-        self._health_ok = False
-        self.failures = 0
-        self.ejected_until = 0.0
-        self.load_estimate_s: float | None = None
+        self.config = config
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.cap = cap
+        self.lifecycle = Lifecycle(
+            warmup_s=config.warmup_s,
+            floor=cap.warmup_floor,
+            eject_failures=cap.eject_failures,
+            cooldown_s=cap.eject_cooldown_s,
+            now=now,
+        )
+        self.signals: BackendSignals | None = None
+        self.reserved_bytes = 0
+        self.inflight = 0
+        self.pressure = Pressure()
+        self.overcommit = Overcommit()
+        self.adaptive = AdaptiveLimit(
+            initial=config.max_concurrency, max_limit=config.max_concurrency
+        )
+        self._reserved_at_scrape = 0
+        self._pending_at_scrape = 0
+        self._placed_since_scrape = 0
+        self._inflight_at_scrape = 0
+        self._capacity_tokens: int | None = None
+        self._slots: int | None = None
+        self._slot_ctx: int | None = None
+        self._block_size: int | None = None
+        self._derive()
 
     def retune(
-        self, *, warmup_s: float, floor: float, eject_failures: int, cooldown_s: float
+        self, config: BackendConfig, *, kv_bytes_per_token: int, cap: CapacityConfig
     ) -> None:
-        """Adopt new policy settings; the phase and what was learned stay."""
-        self._warmup_s = warmup_s
-        self._floor = floor
-        self._eject_failures = eject_failures
-        self._cooldown_s = cooldown_s
+        """Adopt a reloaded policy entry for the same URL; state and reservations stay."""
+        self.config = config
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.cap = cap
+        self.lifecycle.retune(
+            warmup_s=config.warmup_s,
+            floor=cap.warmup_floor,
+            eject_failures=cap.eject_failures,
+            cooldown_s=cap.eject_cooldown_s,
+        )
+        if config.max_concurrency is not None:
+            self.adaptive.max_limit = float(config.max_concurrency)
+            self.adaptive.limit = min(self.adaptive.limit, self.adaptive.max_limit)
+        self._derive()
 
-    def observe_health(self, health: Health, now: float) -> None:
-        first = not self._probed
-        self._probed = True
-        if health is Health.FAILED:
-            self._health_ok = False
-            self.record_failure(now)
-            return
-        self._health_ok = health is Health.OK
-        if self.phase is Phase.EJECTED:
-            return  # the cool-down runs its course; ``advance`` picks warming or loading
-        if health is Health.LOADING:
-            if self.phase is not Phase.LOADING:
-                self._enter(Phase.LOADING, now)
-                self._load_started = now
-            return
-        if self.phase is Phase.LOADING:
-            if first:
-                self._enter(Phase.READY, now)
-                return
-            self._learn_load_time(now - self._load_started)
-            self._enter_warming(now)
+    @property
+    def url(self) -> str:
+        return self.config.url
 
-    def record_failure(self, now: float) -> None:
-        self.failures += 1
-        serving = self.phase in (Phase.WARMING, Phase.READY)
-        if serving and self.failures >= self._eject_failures:
-            self._enter(Phase.EJECTED, now)
-            self.ejected_until = now + self._cooldown_s
-
-    def record_success(self) -> None:
-        self.failures = 0
-
-    def advance(self, now: float) -> None:
-        if self.phase is Phase.WARMING and now >= self.since + self._warmup_s:
-            self._enter(Phase.READY, now)
-        elif self.phase is Phase.EJECTED and now >= self.ejected_until:
-            self.failures = 0
-            if self._health_ok:
-                self._enter_warming(now)
-            else:
-                self._enter(Phase.LOADING, now)
-                self._load_started = now
-
-    def capacity_factor(self, now: float) -> float:
-        self.advance(now)
-        if self.phase is Phase.READY:
-            return 1.0
-        if self.phase is Phase.WARMING:
-            progress = min(1.0, max(0.0, (now - self.since) / self._warmup_s))
-            return self._floor + (1.0 - self._floor) * progress
-        return 0.0
+    # -- its life cycle, as admission asks about it ----------------------------------------------
 
     @property
     def serving(self) -> bool:
         """May receive traffic (warming or ready)."""
-        return self.phase in (Phase.WARMING, Phase.READY)
+        return self.lifecycle.serving
+
+    def capacity_factor(self, now: float) -> float:
+        return self.lifecycle.capacity_factor(now)
 
     def predicted_ready_at(self, now: float) -> float | None:
-        """When this backend is expected to take traffic again; ``None`` when unknown (a load
-        of unknown length: no load has been observed yet)."""
-        self.advance(now)
-        if self.serving:
-            return now
-        if self.phase is Phase.EJECTED:
-            return self.ejected_until
-        if self.load_estimate_s is None:
-            return None
-        expected_end = self._load_started + self.load_estimate_s
-        if expected_end > now:
-            return expected_end
-        return now + _OVERDUE_SHARE * self.load_estimate_s
+        return self.lifecycle.predicted_ready_at(now)
 
     def next_change_at(self, now: float) -> float | None:
-        """The next moment time alone changes this backend's capacity (for the driver's timer)."""
-        if self.phase is Phase.WARMING:
-            # the ramp is continuous; re-evaluating it in 20 steps keeps the driver's timer calm
-            return min(self.since + self._warmup_s, now + self._warmup_s / _RAMP_STEPS)
-        if self.phase is Phase.EJECTED:
-            return self.ejected_until
+        return self.lifecycle.next_change_at(now)
+
+    def observe_health(self, health: Health, now: float) -> None:
+        self.lifecycle.observe_health(health, now)
+
+    def finished(
+        self, need_bytes: int, *, failure: Failure | None, ttft_s: float | None, now: float
+    ) -> None:
+        """A request placed here ended: free its reservation and learn from how it went
+        (connect errors, 5xx and timeouts count towards ejection, an OOM is memory pressure)."""
+        self.unplace(need_bytes)
+        if failure == "oom":
+            self.report_oom(now)
+        elif failure is not None:
+            self.lifecycle.record_failure(now)
+            self.adaptive.on_drop(now)
+        else:
+            self.lifecycle.record_success()
+            self.adaptive.on_sample(
+                ttft_s=ttft_s, inflight=self.inflight + 1, dropped=False, now=now
+            )
+
+    def describe(self, now: float) -> dict[str, object]:
+        """Plain data for the admin view and metrics."""
+        v = self.view(now)
+        return {
+            "url": self.url,
+            "phase": v.phase.value,
+            "kind": v.kind.value,
+            "capacity": v.total,
+            "usable": v.usable,
+            "free": v.free,
+            "reserved_bytes": self.reserved_bytes,
+            "inflight": self.inflight,
+            "fragmentation": v.fragmentation,
+            "stale": v.stale,
+            "pressure": self.pressure.value(now),
+            "overcommit": self.overcommit.value,
+            "adaptive_limit": self.adaptive.value,
+            "load_estimate_s": self.lifecycle.load_estimate_s,
+            "failures": self.lifecycle.failures,
+        }
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size or self._block_size or DEFAULT_BLOCK_SIZE
+
+    def apply_signals(self, sig: BackendSignals, now: float, *, pending_bytes: int = 0) -> None:
+        """Take a scrape; infer pressure from its change since the previous one.
+        ``pending_bytes``: what this gateway placed here that the backend may not have
+        allocated yet when it answered the scrape."""
+        prev = self.signals
+        usage = self._usage(sig)
+        if prev is not None and now - prev.at <= self.cap.stale_after_s:
+            preempted = _rose(prev.preemptions_total, sig.preemptions_total)
+            # A paged backend with a usage gauge answers a preemption through its overcommit
+            # alone: cutting pressure too would halve the reaction to one event.
+            tuned = usage is not None and self.config.memory_kind is MemoryKind.PAGED
+            if preempted:
+                if not tuned:
+                    self.pressure.cut(now)
+                self.adaptive.on_drop(now)
+            if usage is not None and usage >= _NEAR_FULL and _rose(prev.waiting, sig.waiting):
+                self.pressure.cut(now)
+            if tuned and usage is not None:
+                planned = self.view(now).usable * self.overcommit.value
+                self.overcommit.observe(
+                    usage=usage,
+                    target=1.0 - self.cap.headroom,
+                    reserved_share=self.reserved_bytes / planned if planned > 0 else 0.0,
+                    preempted=preempted,
+                )
+        self.signals = sig
+        self._reserved_at_scrape = self.reserved_bytes
+        self._pending_at_scrape = pending_bytes
+        self._placed_since_scrape = 0
+        self._inflight_at_scrape = self.inflight
+        self._capacity_tokens = sig.capacity_tokens or self._capacity_tokens
+        self._slots = sig.total_slots or self._slots
+        self._slot_ctx = sig.slot_ctx_tokens or self._slot_ctx
+        self._block_size = sig.block_size or self._block_size
+        self._derive()
+
+    def _derive(self) -> None:
+        """What only the policy and the last scrape change, computed when they change (every
+        placement reads them)."""
+        configured = self.config.kv_capacity_bytes
+        if self._capacity_tokens is None:
+            self._total_bytes = configured
+        else:
+            reported = self._capacity_tokens * self.kv_bytes_per_token
+            self._total_bytes = reported if configured is None else min(configured, reported)
+        if self.config.memory_kind is MemoryKind.SLOTS:
+            self._kind = CapacityKind.SLOTS
+        elif self._total_bytes is None:
+            self._kind = CapacityKind.CONCURRENCY
+        else:
+            self._kind = CapacityKind.BYTES
+
+    def report_oom(self, now: float) -> None:
+        self.pressure.cut(now)
+        self.adaptive.on_drop(now)
+
+    def fresh_signals(self, now: float) -> BackendSignals | None:
+        sig = self.signals
+        if sig is None or now - sig.at > self.cap.stale_after_s:
+            return None
+        return sig
+
+    def total_bytes(self) -> int | None:
+        """KV bytes of the backend: the smaller of the policy's and the metrics' figure."""
+        return self._total_bytes
+
+    def kind(self) -> CapacityKind:
+        return self._kind
+
+    def view(self, now: float) -> CapacityView:
+        factor = self.lifecycle.capacity_factor(now)
+        sig = self.fresh_signals(now)
+        kind = self.kind()
+        phase = self.lifecycle.phase
+        if kind is CapacityKind.BYTES:
+            return self._bytes_view(now, factor, sig)
+        if kind is CapacityKind.SLOTS:
+            slots = self._slots or self.config.max_concurrency or self.adaptive.value
+            usable = _whole(slots * factor * self.pressure.value(now))
+            foreign = 0.0
+            if sig is not None and sig.running is not None:
+                foreign = max(0.0, sig.running - self._inflight_at_scrape)
+            free = usable - self.inflight - foreign
+            return CapacityView(kind, phase, slots, usable, free, None, None, sig is None)
+        limit = self.adaptive.value
+        usable = _whole(limit * factor)
+        return CapacityView(
+            kind, phase, limit, usable, usable - self.inflight, None, None, sig is None
+        )
+
+    def _bytes_view(self, now: float, factor: float, sig: BackendSignals | None) -> CapacityView:
+        total = float(self.total_bytes() or 0)
+        frag = None if sig is None else sig.fragmentation
+        largest = None if sig is None else sig.largest_free_block_bytes
+        usable = total * (1.0 - self.cap.headroom) * factor * self.pressure.value(now)
+        own = float(self.reserved_bytes)
+        usage = None if sig is None else self._usage(sig)
+        if usage is None:
+            free = usable - own
+        else:
+            # Fresh usage: reservations may exceed usable by the learned overcommit, and what
+            # was admitted since the scrape must fit in what the gauge left under usable.
+            real_total = (
+                float(self._capacity_tokens * self.kv_bytes_per_token)
+                if self._capacity_tokens
+                else total
+            )
+            foreign = max(0.0, usage * real_total - self._reserved_at_scrape)
+            admitted_since = max(0.0, own - self._reserved_at_scrape)
+            gauge_left = usable - usage * real_total - admitted_since
+            free = min(usable * self.overcommit.value - own - foreign, gauge_left)
+        if frag is not None and largest is None:
+            # Only the ratio is known: the fragmented share of what is free cannot be used.
+            # (With the largest free block known, each request is held to it instead.)
+            free = min(free, max(0.0, free) * (1.0 - frag))
+        return CapacityView(
+            CapacityKind.BYTES,
+            self.lifecycle.phase,
+            total,
+            usable,
+            free,
+            frag,
+            largest,
+            sig is None,
+        )
+
+    def _usage(self, sig: BackendSignals) -> float | None:
+        if sig.kv_usage is not None:
+            return min(1.0, max(0.0, sig.kv_usage))
+        capacity = sig.capacity_tokens or self._capacity_tokens
+        if not capacity and self._total_bytes:
+            # Current TGI no longer reports its pool size: the policy's capacity stands in.
+            capacity = self._total_bytes // self.kv_bytes_per_token
+        if sig.used_tokens is not None and capacity:
+            return min(1.0, max(0.0, sig.used_tokens / capacity))
         return None
 
-    def loading_for(self, now: float) -> float:
-        return now - self._load_started if self.phase is Phase.LOADING else 0.0
+    def need_bytes(self, tokens: int, kv_bytes_per_token: int) -> int:
+        """KV bytes a request of ``tokens`` (prompt + reserved output) takes here."""
+        return round_up_tokens(tokens, self.block_size) * kv_bytes_per_token
 
-    def _learn_load_time(self, seconds: float) -> None:
-        if self.load_estimate_s is None:
-            self.load_estimate_s = seconds
-        else:
-            self.load_estimate_s += _LOAD_EWMA_ALPHA * (seconds - self.load_estimate_s)
+    def can_ever_hold(self, need_bytes: int, prompt_tokens: int) -> bool:
+        """False when the request could not fit even on this backend idle and fully warm
+        (bytes backends), or its prompt exceeds a slot's context (llama.cpp refuses those)."""
+        kind = self.kind()
+        if kind is CapacityKind.BYTES:
+            return need_bytes <= (self.total_bytes() or 0) * (1.0 - self.cap.headroom)
+        if kind is CapacityKind.SLOTS and self._slot_ctx is not None:
+            return prompt_tokens <= self._slot_ctx
+        return True
 
-    def _enter_warming(self, now: float) -> None:
-        if self._warmup_s <= 0:
-            self._enter(Phase.READY, now)
-        else:
-            self._enter(Phase.WARMING, now)
+    def room(self, now: float) -> Room | None:
+        """What one more request may take here now; None when nothing fits at all.
 
-    def _enter(self, phase: Phase, now: float) -> None:
-        self.phase = phase
-        self.since = now
+        Every condition on a request's bytes is an upper bound (free bytes, a reported largest
+        free block, the large-request bound while fragmented), so one number says it.
+        """
+        if not self.lifecycle.serving:
+            return None
+        if self.config.max_concurrency is not None and self.inflight >= self.config.max_concurrency:
+            return None
+        v = self.view(now)
+        if v.kind is not CapacityKind.BYTES:
+            return None if v.free < 1 else Room(math.inf, v.free, by_bytes=False)
+        limit = v.free
+        if v.largest_free_bytes is not None:
+            limit = min(limit, self._largest_free(v.largest_free_bytes))
+        elif v.fragmentation is not None and v.fragmentation > self.cap.shed_above:
+            limit = min(limit, self.cap.large_request * v.usable)
+        return None if limit < 0 else Room(limit, v.free, by_bytes=True)
+
+    def too_fragmented(self, need_bytes: int, v: CapacityView) -> bool:
+        """A large request avoids a backend whose fragmentation is above ``shed_above`` when
+        only the ratio is known; with the largest free block reported, it waits until a block
+        that large is free (small ones keep flowing; ageing keeps it from starving)."""
+        return (
+            v.fragmentation is not None
+            and v.largest_free_bytes is None
+            and v.fragmentation > self.cap.shed_above
+            and need_bytes > self.cap.large_request * v.usable
+        )
+
+    def place(self, need_bytes: int) -> None:
+        self.reserved_bytes += need_bytes
+        self.inflight += 1
+        self._placed_since_scrape += need_bytes
+
+    def unplace(self, need_bytes: int) -> None:
+        self.reserved_bytes = max(0, self.reserved_bytes - need_bytes)
+        self.inflight = max(0, self.inflight - 1)
+
+    def _largest_free(self, reported: float) -> float:
+        """A reported largest free block, less what may have been carved from it since.
+
+        A contiguous server allocates when it starts a request, so a scrape reflects the
+        requests it had started by then; the rest (pending at the scrape, or placed since) may
+        still take their region out of that block. Holding each request to what is left after
+        all of them keeps two requests from being promised one region."""
+        if self.config.memory_kind is not MemoryKind.CONTIGUOUS:
+            return reported
+        return reported - self._pending_at_scrape - self._placed_since_scrape
+
+
+def _whole(x: float) -> float:
+    """Whole requests; at least one while any capacity is left at all."""
+    if x <= 0:
+        return 0.0
+    return float(max(1, math.floor(x)))
+
+
+def _rose(before: float | None, after: float | None) -> bool:
+    return before is not None and after is not None and after > before

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from gateway.core.backend import BackendConfig
-from gateway.core.capacity import BackendRuntime, CapacityConfig
+from gateway.core.backend import BackendConfig, BackendRuntime
+from gateway.core.capacity import CapacityConfig
 from gateway.core.queueing import CoDel, DrainRate, FairQueue, QueueConfig
 from gateway.core.types import Priority
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from gateway.core.admission import AdmissionConfig, ModelPool
 from gateway.core.backend import (
     DEFAULT_BLOCK_SIZE,
     BackendConfig,
@@ -27,6 +26,7 @@ from gateway.core.backend import (
 from gateway.core.bucket import BucketSpec
 from gateway.core.capacity import CapacityConfig
 from gateway.core.cost import DTYPE_BYTES, ModelProfile
+from gateway.core.pool import AdmissionConfig, ModelPool
 from gateway.core.queueing import QueueConfig
 from gateway.core.types import Priority
 from gateway.errors import PolicyError

@@ -18,29 +18,18 @@ import msgspec
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.core.backend import Failure
 from gateway.core.clock import Clock
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.policy.compile import UpstreamTimeouts
 from gateway.proxy.deadline import Deadline
 from gateway.proxy.headers import downstream_headers
 from gateway.proxy.sse import UsageTap
+from gateway.proxy.usage import Usage, usage_in_tail, usage_of_json
 
 _BUFFER_LIMIT = 8 * 1024 * 1024  # a body this long or longer is streamed, not read whole
 _TAIL_BYTES = 64 * 1024  # of a streamed JSON body, kept to read its usage block at the end
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class _Body(msgspec.Struct):
-    usage: _Usage | None = None
-
-
-_body_decoder = msgspec.json.Decoder(_Body)
-_usage_decoder = msgspec.json.Decoder(_Usage)
 
 
 @dataclass(slots=True)
@@ -56,7 +45,7 @@ class Relay:
     client_gone: bool = False  # the client left mid-answer: not the backend's fault
     streamed: bool = False  # an SSE stream
     error: str | None = None  # what broke upstream, for the access log
-    failure: str | None = None  # "5xx", "oom" or "timeout": fed back to the backend's state
+    failure: Failure | None = None  # fed back to the backend's state
 
     @property
     def output_tokens(self) -> int | None:
@@ -212,7 +201,7 @@ class _Stream:
             else:
                 last = tap.flush() if tap is not None else b""
                 if tail is not None:
-                    _take_usage(relay, _usage_in(tail.bytes()))
+                    _take_usage(relay, usage_in_tail(tail.bytes()))
                 # Everything reached the client once the last bytes are written; a client
                 # that hangs up on [DONE] before the terminating chunk has it.
                 relay.complete = await _send(response, last, relay)
@@ -306,50 +295,14 @@ def _read_usage(relay: Relay, upstream: aiohttp.ClientResponse, data: bytes) -> 
     if upstream.status >= 500:
         relay.failure = "oom" if b"out of memory" in data else "5xx"
         return
-    if upstream.status != 200 or upstream.content_type != "application/json":
-        return
-    try:
-        usage = _body_decoder.decode(data).usage
-    except msgspec.DecodeError:
-        return
-    _take_usage(relay, usage)
+    if upstream.status == 200 and upstream.content_type == "application/json":
+        _take_usage(relay, usage_of_json(data))
 
 
-def _take_usage(relay: Relay, usage: _Usage | None) -> None:
+def _take_usage(relay: Relay, usage: Usage | None) -> None:
     if usage is not None:
         relay.prompt_tokens = usage.prompt_tokens
         relay.completion_tokens = usage.completion_tokens
-
-
-def _usage_in(tail: bytes) -> _Usage | None:
-    """The last ``"usage": {...}`` object in the end of a JSON body, if it is whole there."""
-    key = tail.rfind(b'"usage"')
-    start = tail.find(b"{", key) if key >= 0 else -1
-    if start < 0:
-        return None
-    depth = 0
-    quoted = escaped = False
-    for i in range(start, len(tail)):
-        char = tail[i]
-        if quoted:
-            if escaped:
-                escaped = False
-            elif char == 0x5C:  # backslash
-                escaped = True
-            elif char == 0x22:
-                quoted = False
-        elif char == 0x22:
-            quoted = True
-        elif char == 0x7B:
-            depth += 1
-        elif char == 0x7D:
-            depth -= 1
-            if depth == 0:
-                try:
-                    return _usage_decoder.decode(tail[start : i + 1])
-                except msgspec.DecodeError:
-                    return None
-    return None
 
 
 async def _send(response: web.StreamResponse, data: bytes | None, relay: Relay) -> bool:

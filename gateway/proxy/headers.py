@@ -1,4 +1,4 @@
-"""Header hygiene between client and backend.
+"""Header hygiene between client and backend, and what the gateway reads from the client's.
 
 Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy; the client's credentials never reach
 the backend (it gets its own ``api_key`` instead); the client's ``Accept-Encoding`` is replaced by
@@ -9,9 +9,11 @@ whole (and decoded) before it is forwarded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.core.types import Priority
 
 HOP_BY_HOP = frozenset(
     (
@@ -78,3 +80,39 @@ def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
         if lower not in _NOT_DOWNSTREAM and lower not in listed:
             out.add(name, value)
     return out
+
+
+def api_key(headers: Mapping[str, str]) -> str | None:
+    """The client's key: ``Authorization: Bearer``, else ``api-key`` (Azure) or ``x-api-key``
+    (Anthropic); None when it sent none."""
+    auth = headers.get("Authorization")
+    key = None
+    if auth is not None and auth[:7].lower() == "bearer ":
+        key = auth[7:].strip()
+    return key or headers.get("api-key") or headers.get("x-api-key") or None
+
+
+def asked_priority(headers: Mapping[str, str], band: Priority) -> Priority:
+    """``x-kvgate-priority``: a request may lower its priority, or ask for one up to its
+    tenant's ``band``, never above; anything else keeps the band."""
+    asked = headers.get("x-kvgate-priority")
+    if asked is None:
+        return band
+    try:
+        wanted = Priority.parse(asked.strip())
+    except KeyError:
+        return band
+    return max(wanted, band)
+
+
+def asked_max_wait(headers: Mapping[str, str], max_wait_s: float) -> float:
+    """The policy's queue ``max_wait``, or less when the client says so
+    (``x-request-timeout``, seconds)."""
+    asked = headers.get("x-request-timeout")
+    if asked is None:
+        return max_wait_s
+    try:
+        seconds = float(asked)
+    except ValueError:
+        return max_wait_s
+    return min(max_wait_s, seconds) if seconds > 0 else max_wait_s

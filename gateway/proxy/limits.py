@@ -9,10 +9,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
+from aiohttp import web
 
 from gateway.core.bucket import BucketSpec, Verdict
 from gateway.core.cost import Cost, settlement
-from gateway.core.types import Unit
+from gateway.core.types import Outcome, Unit
+from gateway.proxy import responses
 from gateway.proxy.responses import reset_text
 from gateway.store.base import LimitStore
 
@@ -99,3 +101,31 @@ def ratelimit_headers(held: Charge) -> dict[str, str]:
         headers[f"x-ratelimit-remaining-{name}"] = f"{max(remaining[i], 0):.0f}"
         headers[f"x-ratelimit-reset-{name}"] = reset_text(held.verdict.reset_s[i])
     return headers
+
+
+def rate_refusal(held: Charge, headers: dict[str, str]) -> web.Response:
+    """The 429 for a charge a bucket refused, naming that bucket and when to retry (never, with
+    ``x-should-retry: false``, for a request larger than the bucket's burst)."""
+    verdict = held.verdict
+    index = verdict.blocking if verdict.blocking is not None else 0
+    spec = held.specs[index]
+    unit = spec.unit.value
+    if verdict.never:
+        message = (
+            f"This request needs {held.amounts[index]:.6g} {unit} but the limit {spec.key!r} "
+            f"holds at most {spec.burst:.6g}: it can never pass. Make the request smaller."
+        )
+        return responses.error(
+            Outcome.RATE_LIMITED, message, type_=unit, should_retry=False, headers=headers
+        )
+    message = (
+        f"Rate limit reached for {unit} ({spec.key!r}: {spec.rate_per_s:.6g}/s, burst "
+        f"{spec.burst:.6g}). Retry in {verdict.retry_after_s:.3f}s."
+    )
+    return responses.error(
+        Outcome.RATE_LIMITED,
+        message,
+        type_=unit,
+        retry_after_s=verdict.retry_after_s,
+        headers=headers,
+    )

@@ -12,15 +12,12 @@ import re
 
 import msgspec
 
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+from gateway.proxy.usage import Usage
 
 
 class _Chunk(msgspec.Struct):
     choices: list[msgspec.Raw] = []
-    usage: _Usage | None = None
+    usage: Usage | None = None
 
 
 _decoder = msgspec.json.Decoder(_Chunk)

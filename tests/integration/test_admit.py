@@ -14,11 +14,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.backends.admitter import Admitter, Lease, Shed, Ticket
-from gateway.core.admission import AdmissionConfig, ModelPool
+from gateway.backends.admitter import Admitter, Lease, Shed
 from gateway.core.backend import BackendConfig, MemoryKind, Signals
 from gateway.core.capacity import CapacityConfig
 from gateway.core.clock import FakeClock
+from gateway.core.pool import AdmissionConfig, ModelPool, Ticket
 from gateway.core.queueing import QueueConfig
 from gateway.core.types import Outcome, Priority
 

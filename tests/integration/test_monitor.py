@@ -13,8 +13,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.backends.monitor import BackendMonitor
-from gateway.core.backend import BackendConfig, BackendSignals, Health, Signals
+from gateway.core.backend import BackendConfig, BackendSignals, Signals
 from gateway.core.clock import FakeClock
+from gateway.core.lifecycle import Health
 
 pytestmark = pytest.mark.integration
 

@@ -7,18 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.core.admission import (
-    Admission,
-    AdmissionConfig,
-    ModelPool,
-    Placement,
-    Queued,
-    Rejection,
-    Ticket,
-)
-from gateway.core.backend import BackendConfig, BackendSignals, Health, MemoryKind
+from gateway.core.admission import Admission, Placement, Queued, Rejection
+from gateway.core.backend import BackendConfig, BackendSignals, MemoryKind
 from gateway.core.capacity import CapacityConfig
 from gateway.core.clock import FakeClock
+from gateway.core.lifecycle import Health
+from gateway.core.pool import AdmissionConfig, ModelPool, Ticket
 from gateway.core.queueing import QueueConfig
 from gateway.core.types import Outcome, Priority
 

@@ -6,15 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.core.backend import (
-    BackendConfig,
-    Health,
-    Lifecycle,
-    MemoryKind,
-    ReserveMode,
-    Signals,
-)
+from gateway.core.backend import BackendConfig, MemoryKind, ReserveMode, Signals
 from gateway.core.clock import FakeClock
+from gateway.core.lifecycle import Health, Lifecycle
 from gateway.core.types import Phase
 
 

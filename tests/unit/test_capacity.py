@@ -7,15 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.core.backend import BackendConfig, BackendSignals, Health, MemoryKind, Signals
-from gateway.core.capacity import (
-    BackendRuntime,
-    CapacityConfig,
-    CapacityKind,
-    Pressure,
-    round_up_tokens,
-)
+from gateway.core.backend import BackendConfig, BackendRuntime, BackendSignals, MemoryKind, Signals
+from gateway.core.capacity import CapacityConfig, CapacityKind, Pressure, round_up_tokens
 from gateway.core.clock import FakeClock
+from gateway.core.lifecycle import Health
 
 GIB = 1 << 30
 KVT = 131072  # bytes per token, Llama-3.1-8B bf16
@@ -53,7 +48,7 @@ def test_warmup_scales_usable() -> None:
     )
     rt.lifecycle.observe_health(Health.LOADING, clock.now())
     assert rt.view(clock.now()).usable == 0
-    assert rt.placement_score(1, clock.now()) is None
+    assert _score(rt, 1, clock.now()) is None
     rt.lifecycle.observe_health(Health.OK, clock.now())
     assert rt.view(clock.now()).usable == pytest.approx(2 * GIB)
     clock.advance(5.0)
@@ -66,8 +61,8 @@ def test_largest_free_block_bounds_a_request_and_leaves_capacity_whole() -> None
     sig = BackendSignals(at=clock.now(), fragmentation=0.75, largest_free_block_bytes=GIB)
     rt.apply_signals(sig, clock.now())
     assert rt.view(clock.now()).usable == pytest.approx(10 * GIB)
-    assert rt.placement_score(GIB, clock.now()) == pytest.approx(9 * GIB)
-    assert rt.placement_score(GIB + 1, clock.now()) is None
+    assert _score(rt, GIB, clock.now()) == pytest.approx(9 * GIB)
+    assert _score(rt, GIB + 1, clock.now()) is None
 
 
 def test_a_fragmentation_ratio_alone_makes_its_share_of_free_memory_unusable() -> None:
@@ -85,8 +80,8 @@ def test_large_requests_avoid_a_backend_above_shed_above_small_ones_pass() -> No
     rt = runtime(clock, cap=CapacityConfig(headroom=0.0, shed_above=0.5, large_request=0.1))
     rt.apply_signals(BackendSignals(at=clock.now(), fragmentation=0.6), clock.now())
     usable = rt.view(clock.now()).usable  # 4 GiB
-    assert rt.placement_score(int(0.05 * usable), clock.now()) is not None
-    assert rt.placement_score(int(0.2 * usable), clock.now()) is None
+    assert _score(rt, int(0.05 * usable), clock.now()) is not None
+    assert _score(rt, int(0.2 * usable), clock.now()) is None
 
 
 def test_usage_gauge_caps_free_and_counts_foreign_use() -> None:
@@ -213,9 +208,9 @@ def test_slots_backend_counts_whole_slots_and_foreign_requests() -> None:
     assert v.kind is CapacityKind.SLOTS
     assert v.free == 3  # one slot busy with someone else's request
     for _ in range(3):
-        assert rt.placement_score(KVT, clock.now()) is not None
+        assert _score(rt, KVT, clock.now()) is not None
         rt.place(KVT)
-    assert rt.placement_score(KVT, clock.now()) is None
+    assert _score(rt, KVT, clock.now()) is None
 
 
 def test_slot_context_bounds_prompt() -> None:
@@ -234,7 +229,7 @@ def test_no_memory_signal_uses_adaptive_concurrency_and_max_concurrency_caps() -
     assert rt.kind() is CapacityKind.CONCURRENCY
     rt.place(0)
     rt.place(0)
-    assert rt.placement_score(KVT, clock.now()) is None
+    assert _score(rt, KVT, clock.now()) is None
 
 
 @given(
@@ -251,6 +246,12 @@ def test_a_placed_request_never_exceeds_usable(
         BackendSignals(at=clock.now(), kv_usage=usage, fragmentation=frag), clock.now()
     )
     for nbytes in reserved:
-        if rt.placement_score(nbytes, clock.now()) is not None:
+        if _score(rt, nbytes, clock.now()) is not None:
             rt.place(nbytes)
         assert rt.reserved_bytes <= rt.view(clock.now()).usable + 1e-6
+
+
+def _score(rt: BackendRuntime, need_bytes: int, now: float) -> float | None:
+    """Free bytes left after placing a request of ``need_bytes`` on ``rt``; None: no fit."""
+    room = rt.room(now)
+    return None if room is None else room.score(need_bytes)

@@ -12,7 +12,8 @@ from gateway.backends.parse import (
     parse_props,
     parse_tgi_info,
 )
-from gateway.core.backend import Health, MetricNames, Signals
+from gateway.core.backend import MetricNames, Signals
+from gateway.core.lifecycle import Health
 
 VLLM = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

@@ -1,0 +1,388 @@
+"""The request path, one object per request: authenticate → read and cost the body → charge
+the buckets → admit → forward → settle.
+
+``Exchange`` reads the gateway's live state (policy, store, token counters) once, when the
+request arrives, and every step uses that snapshot: a policy reload swaps ``Gateway.live`` for
+the requests that come after, never the deadline, timeouts or buckets of one already on its way.
+Each step returns a refusal (an HTTP response) or lets the next one run; settlement runs
+whatever happened after the charge, also when the client leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from gateway.backends.admitter import Lease, Shed
+from gateway.core.backend import MemoryKind
+from gateway.core.cost import ContextOverflowError, Cost, Holding, actual_cost, estimate
+from gateway.core.pool import Ticket
+from gateway.core.types import Outcome
+from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from gateway.logs import AccessRecord
+from gateway.policy.compile import Backend, Model, Tenant
+from gateway.proxy import responses
+from gateway.proxy.body import (
+    BadRequestBody,
+    ParsedRequest,
+    endpoint_of,
+    model_of,
+    parse_request,
+    with_usage_requested,
+)
+from gateway.proxy.forward import Relay, forward
+from gateway.proxy.headers import api_key, asked_max_wait, asked_priority, upstream_headers
+from gateway.proxy.limits import Charge, charge, rate_refusal, ratelimit_headers, settle
+from gateway.state import GATEWAY, Gateway
+
+# A request on a path without cost rules (no prompt to read) costs one request and no memory.
+_PLAIN_COST = Cost(
+    requests=1, input_tokens=0, output_tokens=0, kv_bytes=0, kv_gib_seconds=0.0, price=0.0
+)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """The route for every proxied path."""
+    return await Exchange(request, request.app[GATEWAY]).run()
+
+
+class Exchange:
+    """One request's way through the gateway, and what it did (for settlement, metrics and the
+    access log). See the module docstring."""
+
+    __slots__ = (
+        "backend",
+        "body",
+        "cost",
+        "gw",
+        "held",
+        "live",
+        "model",
+        "outcome",
+        "parsed",
+        "queued_s",
+        "relay",
+        "request",
+        "started",
+        "tenant",
+    )
+
+    def __init__(self, request: web.Request, gw: Gateway) -> None:
+        self.request = request
+        self.gw = gw
+        self.live = gw.live  # the one read of the live state: see the module docstring
+        self.started = gw.clock.now()
+        self.tenant: Tenant | None = None
+        self.model: Model | None = None
+        self.body = b""
+        self.parsed: ParsedRequest | None = None
+        self.cost = _PLAIN_COST
+        self.held: Charge | None = None
+        self.outcome = Outcome.OK
+        self.queued_s = 0.0
+        self.backend: Backend | None = None  # the one that served it
+        self.relay = Relay()
+
+    async def run(self) -> web.StreamResponse:
+        refusal = self._authenticate() or await self._read() or await self._charge()
+        if refusal is not None:
+            return self._refused(refusal)
+        try:
+            return await self._admit_and_forward()
+        except asyncio.CancelledError:
+            self.outcome = Outcome.CLIENT_CLOSED
+            raise
+        finally:
+            self._settle(self.gw.clock.now())
+
+    # -- the steps, in order ------------------------------------------------------------------
+
+    def _authenticate(self) -> web.Response | None:
+        policy = self.live.policy
+        key = api_key(self.request.headers)
+        self.tenant = policy.anonymous if key is None else policy.tenant_for_key(key)
+        if self.tenant is not None:
+            return None
+        message = "Invalid or missing API key: send `Authorization: Bearer <key>` or `api-key`."
+        return responses.error(Outcome.UNAUTHORIZED, message)
+
+    async def _read(self) -> web.Response | None:
+        """The body, the model it names and its estimated cost."""
+        request = self.request
+        server = self.live.policy.server
+        try:
+            self.body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            # aiohttp stops at the max_body the gateway started with; a smaller reloaded one is
+            # checked below
+            return _too_large(server.max_body_bytes)
+        if len(self.body) > server.max_body_bytes:
+            return _too_large(server.max_body_bytes)
+        model_name: str | None = None
+        if request.method == "POST" and endpoint_of(request.path) is not None:
+            try:
+                self.parsed = parse_request(self.body, request.path)
+            except BadRequestBody as exc:
+                return responses.error(
+                    Outcome.BAD_REQUEST, exc.message, param=exc.param, should_retry=False
+                )
+            model_name = self.parsed.model
+        elif self.body:
+            model_name = model_of(self.body)
+        model_name = model_name or server.fallback_model
+        self.model = self.live.policy.models.get(model_name) if model_name is not None else None
+        if self.model is None:
+            return self._not_found(model_name)
+        if self.parsed is None:
+            return None
+        try:
+            self.cost = estimate(
+                self.parsed, self.model.profile, self.live.counters.get(self.model.name)
+            )
+        except ContextOverflowError as exc:
+            return responses.error(
+                Outcome.BAD_REQUEST,
+                str(exc),
+                code="context_length_exceeded",
+                param="messages",
+                should_retry=False,
+            )
+        return None
+
+    async def _charge(self) -> web.Response | None:
+        tenant, model = self._who()
+        held = self.held = await charge(
+            self.live.store,
+            self.live.policy.buckets(tenant.name, model.name),
+            self.cost,
+            orphaned=self._settle_charge_of,
+        )
+        verdict = held.verdict
+        if verdict.allowed:
+            return None
+        headers = ratelimit_headers(held)
+        if verdict.store_error:
+            message = "The shared limit store is unreachable and this gateway fails closed."
+            return responses.error(Outcome.STORE_ERROR, message, retry_after_s=1.0, headers=headers)
+        if not tenant.shadow:
+            return rate_refusal(held, headers)
+        self.gw.metrics.count(tenant.name, model.name, Outcome.SHADOW_LIMITED.value)
+        return None
+
+    async def _admit_and_forward(self) -> web.StreamResponse:
+        """Wait for room on a backend, then forward; a backend that cannot be reached (nothing
+        was sent) is left out and the request admitted again, until none is left."""
+        tenant, model = self._who()
+        headers = ratelimit_headers(self.held) if self.held is not None else {}
+        ticket = Ticket(
+            tenant=tenant.name,
+            model=model.name,
+            priority=asked_priority(self.request.headers, tenant.priority),
+            weight=tenant.weight,
+            prompt_tokens=self.cost.input_tokens,
+            max_output_tokens=self.cost.output_tokens,
+            kv_bytes_per_token=model.profile.kv_bytes_per_token,
+            deadline=self.started
+            + asked_max_wait(self.request.headers, self.live.policy.max_wait_s),
+        )
+        parsed = self.parsed
+        strip_usage = parsed is not None and parsed.stream and not parsed.include_usage
+        body = with_usage_requested(self.body) if strip_usage else self.body
+        while True:
+            try:
+                lease = await self.gw.admitter.acquire(ticket)
+            except Shed as shed:
+                self.outcome = shed.outcome
+                return responses.error(
+                    shed.outcome,
+                    shed.message,
+                    retry_after_s=shed.retry_after_s,
+                    should_retry=shed.should_retry,
+                    headers=headers,
+                )
+            self.queued_s = lease.queued_s
+            self.gw.metrics.timed(self.gw.metrics.queue_wait, model.name, lease.queued_s)
+            try:
+                return await self._forward(lease, body, strip_usage, headers)
+            except UpstreamConnectError as exc:
+                ticket = msgspec.structs.replace(
+                    ticket, exclude=ticket.exclude | {lease.backend_url}
+                )
+                if len(ticket.exclude) >= len(model.backends):
+                    self.outcome = Outcome.UPSTREAM_ERROR
+                    return responses.error(self.outcome, str(exc), headers=headers)
+            except UpstreamTimeout as exc:
+                self.outcome = Outcome.UPSTREAM_TIMEOUT
+                return responses.error(self.outcome, str(exc), headers=headers)
+            except UpstreamError as exc:
+                self.outcome = Outcome.UPSTREAM_ERROR
+                return responses.error(self.outcome, str(exc), headers=headers)
+
+    async def _forward(
+        self, lease: Lease, body: bytes, strip_usage: bool, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        _, model = self._who()
+        request = self.request
+        backend = self.backend = next(b for b in model.backends if b.url == lease.backend_url)
+        relay = self.relay = Relay()
+        sent = self.gw.clock.now()
+        connected = True
+        try:
+            response = await forward(
+                request,
+                self._session(),
+                backend.url,
+                body=body,
+                headers=upstream_headers(
+                    request.headers,
+                    peer=request.remote,
+                    scheme=request.scheme,
+                    backend_auth=backend.authorization,
+                ),
+                timeouts=self.live.policy.server.timeouts,
+                strip_usage=strip_usage,
+                relay=relay,
+                clock=self.gw.clock,
+                extra_headers=headers,
+                on_start=lease.started,
+            )
+        except UpstreamConnectError:
+            connected = False
+            raise
+        finally:
+            ttft = relay.first_token_at - sent if relay.first_token_at is not None else None
+            if ttft is not None:
+                self.gw.metrics.timed(self.gw.metrics.ttft, model.name, ttft)
+            lease.release(
+                output_tokens=relay.output_tokens if relay.complete else None,
+                ttft_s=ttft,
+                failure=relay.failure if connected else "connect",
+            )
+        if relay.client_gone and not relay.complete:
+            self.outcome = Outcome.CLIENT_CLOSED
+        elif not relay.complete and self.outcome is Outcome.OK:
+            timed_out = relay.failure == "timeout"
+            self.outcome = Outcome.UPSTREAM_TIMEOUT if timed_out else Outcome.UPSTREAM_ERROR
+        return response
+
+    def _settle(self, ended: float) -> None:
+        """Metrics, the access log, and the buckets settled against the real usage."""
+        tenant, model = self._who()
+        relay = self.relay
+        if self.outcome is Outcome.OK and relay.status >= 500:
+            self.outcome = Outcome.UPSTREAM_ERROR
+        actual: Cost | None = None
+        metrics = self.gw.metrics
+        if relay.status:
+            cost = self.cost
+            input_tokens = relay.prompt_tokens
+            output_tokens = relay.output_tokens
+            if output_tokens is None:
+                output_tokens = cost.output_tokens if relay.complete else 0
+            actual = actual_cost(
+                model.profile,
+                cost.input_tokens if input_tokens is None else input_tokens,
+                output_tokens,
+                ended - self.started - self.queued_s,
+                sequences=self._sequences(),
+                holding=self._holding(ended),
+            )
+            metrics.settled(
+                tenant.name,
+                model.name,
+                actual.input_tokens,
+                actual.output_tokens,
+                actual.kv_gib_seconds,
+            )
+            metrics.timed(metrics.duration, model.name, ended - self.started)
+        metrics.count(tenant.name, model.name, self.outcome.value)
+        if self.gw.access is not None:
+            self.gw.access.write(self._access_record(ended, actual))
+        if self.held is not None:
+            self._settle_charge_of(self.held, actual)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _settle_charge_of(self, held: Charge, actual: Cost | None = None) -> None:
+        """Settle the buckets against ``actual`` usage; None (the request went no further, its
+        client left) refunds all but the request itself. A networked store settles meanwhile."""
+        pending = settle(self.live.store, held, actual)
+        if pending is not None:
+            self.gw.spawn(pending)
+
+    def _who(self) -> tuple[Tenant, Model]:
+        """Tenant and model, known once ``_read`` passed."""
+        if self.tenant is None or self.model is None:
+            raise RuntimeError("a step ran before the request was authenticated and read")
+        return self.tenant, self.model
+
+    def _sequences(self) -> int:
+        """Output sequences (n x prompts) the output tokens are spread over."""
+        parsed = self.parsed
+        return 1 if parsed is None else parsed.n * parsed.prompts
+
+    def _holding(self, ended: float) -> Holding | None:
+        """How the backend that served the request held its KV, for GiB·s."""
+        backend = self.backend
+        if backend is None:
+            return None
+        relay = self.relay
+        decode_s = None
+        if relay.streamed and relay.first_token_at is not None:
+            decode_s = ended - relay.first_token_at
+        return Holding(
+            growing=backend.config.memory_kind is MemoryKind.PAGED,
+            reserved_output_tokens=self.cost.output_tokens // max(1, self._sequences()),
+            decode_s=decode_s,
+        )
+
+    def _refused(self, response: web.Response) -> web.Response:
+        """Count and log a request refused before admission."""
+        outcome = response.headers["x-kvgate-outcome"]
+        tenant = self.tenant.name if self.tenant else "unknown"
+        model = self.model.name if self.model else "unknown"
+        self.gw.metrics.count(tenant, model, outcome)
+        if self.gw.access is not None:
+            self.gw.access.write(AccessRecord(tenant, model, response.status, outcome))
+        return response
+
+    def _access_record(self, ended: float, actual: Cost | None) -> AccessRecord:
+        tenant, model = self._who()
+        return AccessRecord(
+            tenant.name,
+            model.name,
+            self.relay.status,
+            self.outcome.value,
+            backend=self.backend.url if self.backend else None,
+            duration_s=round(ended - self.started, 6),
+            queued_s=round(self.queued_s, 6),
+            input_tokens=actual.input_tokens if actual is not None else None,
+            output_tokens=actual.output_tokens if actual is not None else None,
+            error=self.relay.error,
+        )
+
+    def _not_found(self, model_name: str | None) -> web.Response:
+        if model_name is None:
+            request = self.request
+            message = (
+                f"No route for {request.method} {request.path}: send a JSON body with a `model`."
+            )
+            return responses.error(Outcome.NOT_FOUND, message, should_retry=False)
+        known = ", ".join(sorted(self.live.policy.models))
+        message = f"The model `{model_name}` does not exist here. Available: {known}."
+        return responses.error(
+            Outcome.NOT_FOUND, message, code="model_not_found", param="model", should_retry=False
+        )
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self.gw.session is None:
+            raise RuntimeError("the upstream session is opened at startup, before any request")
+        return self.gw.session
+
+
+def _too_large(limit: int) -> web.Response:
+    message = f"Request body is larger than this gateway's limit of {limit} bytes."
+    return responses.error(Outcome.TOO_LARGE, message, should_retry=False)
