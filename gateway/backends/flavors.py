@@ -45,9 +45,11 @@ Sources: every default below was checked against the projects' source (not a liv
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.core.backend import MetricNames, Signals
+from gateway.core.backend import Signals
 
 FRAGMENTATION = "kvgate_gpu_fragmentation_ratio"
 LARGEST_FREE_BLOCK = "kvgate_gpu_largest_free_block_bytes"
@@ -117,36 +119,26 @@ _FLAVORS: dict[Signals, MetricMap] = {
 }
 
 
-def metric_map(signals: Signals, overrides: MetricNames) -> MetricMap:
-    """The flavor's names with each policy override taking precedence."""
-    base = _FLAVORS[signals]
-
-    def pick(override: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
-        return (override,) if override else default
-
-    return MetricMap(
-        kv_usage=pick(overrides.kv_usage, base.kv_usage),
-        running=pick(overrides.running, base.running),
-        waiting=pick(overrides.waiting, base.waiting),
-        preemptions=pick(overrides.preemptions, base.preemptions),
-        capacity_blocks=pick(overrides.capacity_blocks, base.capacity_blocks),
-        capacity_tokens=base.capacity_tokens,
-        used_tokens=base.used_tokens,
-        fragmentation=pick(overrides.fragmentation, base.fragmentation),
-        largest_free_block=pick(overrides.largest_free_block, base.largest_free_block),
-        mirror_labels=base.mirror_labels,
-        breakdown_labels=base.breakdown_labels,
-        info_path=base.info_path,
-        scrape=base.scrape
-        or any(
-            (
-                overrides.kv_usage,
-                overrides.running,
-                overrides.waiting,
-                overrides.preemptions,
-                overrides.capacity_blocks,
-                overrides.fragmentation,
-                overrides.largest_free_block,
-            )
-        ),
+OVERRIDABLE = frozenset(
+    (
+        "kv_usage",
+        "running",
+        "waiting",
+        "preemptions",
+        "capacity_blocks",
+        "fragmentation",
+        "largest_free_block",
     )
+)
+"""The signals whose metric name a policy may set (``metrics.names``)."""
+
+
+def metric_map(signals: Signals, overrides: Iterable[tuple[str, str]] = ()) -> MetricMap:
+    """The flavor's names with each policy override (signal, metric name) taking precedence;
+    naming any metric turns scraping on, also for ``signals: none``."""
+    named: dict[str, object] = {signal: (name,) for signal, name in overrides}
+    unknown = set(named) - OVERRIDABLE
+    if unknown:
+        raise ValueError(f"no such signal to rename: {', '.join(sorted(unknown))}")
+    base = _FLAVORS[signals]
+    return dataclasses.replace(base, **named, scrape=base.scrape or bool(named))

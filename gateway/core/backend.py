@@ -54,19 +54,6 @@ DEFAULT_BLOCK_SIZE = 16  # tokens per KV block when neither the policy nor the m
 
 
 @dataclass(frozen=True, slots=True)
-class MetricNames:
-    """Per-backend overrides of metric names; ``None`` keeps the flavor's default."""
-
-    kv_usage: str | None = None
-    fragmentation: str | None = None
-    largest_free_block: str | None = None
-    running: str | None = None
-    waiting: str | None = None
-    preemptions: str | None = None
-    capacity_blocks: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class BackendConfig:
     """A compiled backend entry of the policy. Sizes in bytes, durations in seconds."""
 
@@ -80,7 +67,8 @@ class BackendConfig:
     probe_interval_s: float = 1.0
     max_concurrency: int | None = None
     metrics_path: str = "/metrics"
-    metric_names: MetricNames = field(default_factory=MetricNames)
+    # (signal, metric name) pairs the policy's ``metrics.names`` overrides
+    metric_names: tuple[tuple[str, str], ...] = ()
     health_path: str = "/health"
     api_key: str | None = field(default=None, repr=False)
     # Derived from the fields above once, not per request (admission reads them several times).

@@ -19,7 +19,6 @@ from gateway.core.backend import (
     DEFAULT_BLOCK_SIZE,
     BackendConfig,
     MemoryKind,
-    MetricNames,
     ReserveMode,
     Signals,
 )
@@ -189,7 +188,11 @@ def _model(name: str, m: schema.Model, source: str, env: Mapping[str, str]) -> M
             probe_interval_s=units.parse_duration(b.probe_interval),
             max_concurrency=b.max_concurrency,
             metrics_path=b.metrics.path,
-            metric_names=MetricNames(**msgspec.structs.asdict(b.metrics.names)),
+            metric_names=tuple(
+                (signal, name)
+                for signal, name in msgspec.structs.asdict(b.metrics.names).items()
+                if name
+            ),
             health_path=b.health_path,
             api_key=key,
         )

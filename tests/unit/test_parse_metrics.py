@@ -12,7 +12,7 @@ from gateway.backends.parse import (
     parse_props,
     parse_tgi_info,
 )
-from gateway.core.backend import MetricNames, Signals
+from gateway.core.backend import Signals
 from gateway.core.lifecycle import Health
 
 VLLM = """\
@@ -178,7 +178,7 @@ llamacpp:requests_processing 1
 
 
 def test_vllm() -> None:
-    sig = parse_metrics(VLLM, metric_map(Signals.VLLM, MetricNames()), at=5.0)
+    sig = parse_metrics(VLLM, metric_map(Signals.VLLM), at=5.0)
     assert sig.at == 5.0
     assert sig.running == 15.0
     assert sig.waiting == 4.0
@@ -191,13 +191,13 @@ def test_vllm() -> None:
 
 
 def test_vllm_older_usage_name() -> None:
-    sig = parse_metrics(VLLM_OLD, metric_map(Signals.VLLM, MetricNames()), at=0.0)
+    sig = parse_metrics(VLLM_OLD, metric_map(Signals.VLLM), at=0.0)
     assert sig.kv_usage == pytest.approx(0.25)
     assert sig.capacity_tokens is None
 
 
 def test_vllm_group_aware_capacity_per_engine() -> None:
-    sig = parse_metrics(VLLM_DP_HYBRID, metric_map(Signals.VLLM, MetricNames()), at=0.0)
+    sig = parse_metrics(VLLM_DP_HYBRID, metric_map(Signals.VLLM), at=0.0)
     assert sig.running == 10.0
     assert sig.kv_usage == pytest.approx(0.35)
     assert sig.capacity_tokens == 2 * 196608  # not 2 * 1024 * 64
@@ -205,20 +205,20 @@ def test_vllm_group_aware_capacity_per_engine() -> None:
 
 
 def test_vllm_unset_token_label_falls_back_to_blocks() -> None:
-    sig = parse_metrics(VLLM_UNSET_TOKENS, metric_map(Signals.VLLM, MetricNames()), at=0.0)
+    sig = parse_metrics(VLLM_UNSET_TOKENS, metric_map(Signals.VLLM), at=0.0)
     assert sig.capacity_tokens == 500 * 16
     assert sig.block_size == 16
 
 
 def test_sglang() -> None:
-    sig = parse_metrics(SGLANG, metric_map(Signals.SGLANG, MetricNames()), at=0.0)
+    sig = parse_metrics(SGLANG, metric_map(Signals.SGLANG), at=0.0)
     assert (sig.running, sig.waiting) == (9.0, 2.0)
     assert sig.kv_usage == pytest.approx(0.28)
     assert sig.capacity_tokens == 161721
 
 
 def test_sglang_tensor_parallel_copies_and_priority_breakdown() -> None:
-    sig = parse_metrics(SGLANG_TP2, metric_map(Signals.SGLANG, MetricNames()), at=0.0)
+    sig = parse_metrics(SGLANG_TP2, metric_map(Signals.SGLANG), at=0.0)
     assert (sig.running, sig.waiting) == (12.0, 3.0)  # totals, not total + breakdown
     assert sig.kv_usage == pytest.approx(0.57)
     assert sig.capacity_tokens == 412000  # one pool, written by both TP ranks
@@ -226,21 +226,21 @@ def test_sglang_tensor_parallel_copies_and_priority_breakdown() -> None:
 
 
 def test_sglang_data_parallel_ranks_add_up() -> None:
-    sig = parse_metrics(SGLANG_DP2, metric_map(Signals.SGLANG, MetricNames()), at=0.0)
+    sig = parse_metrics(SGLANG_DP2, metric_map(Signals.SGLANG), at=0.0)
     assert sig.running == 17.0
     assert sig.capacity_tokens == 2 * 90000
 
 
 def test_rank_labels_merge_only_for_sglang() -> None:
     text = 'm_running{tp_rank="0"} 3\nm_running{tp_rank="1"} 3\n'
-    generic = metric_map(Signals.GENERIC, MetricNames(running="m_running"))
+    generic = metric_map(Signals.GENERIC, [("running", "m_running")])
     assert parse_metrics(text, generic, at=0.0).running == 6.0
 
 
 def test_tgi() -> None:
-    sig = parse_metrics(TGI, metric_map(Signals.TGI, MetricNames()), at=0.0)
+    sig = parse_metrics(TGI, metric_map(Signals.TGI), at=0.0)
     assert (sig.running, sig.waiting, sig.used_tokens) == (5.0, 11.0, 30000.0)
-    assert metric_map(Signals.TGI, MetricNames()).info_path == "/info"
+    assert metric_map(Signals.TGI).info_path == "/info"
     assert parse_tgi_info(b"garbage") is None
 
 
@@ -263,7 +263,7 @@ def test_tgi_info_older_and_current_router() -> None:
 
 
 def test_llamacpp_and_props() -> None:
-    sig = parse_metrics(LLAMACPP, metric_map(Signals.LLAMACPP, MetricNames()), at=0.0)
+    sig = parse_metrics(LLAMACPP, metric_map(Signals.LLAMACPP), at=0.0)
     assert (sig.running, sig.waiting) == (2.0, 5.0)
     props = (
         b'{"default_generation_settings":{"params":{"n_predict":-1,"temperature":0.8},'
@@ -275,7 +275,7 @@ def test_llamacpp_and_props() -> None:
 
 
 def test_llamacpp_older_build_usage_ratio() -> None:
-    sig = parse_metrics(LLAMACPP_OLD, metric_map(Signals.LLAMACPP, MetricNames()), at=0.0)
+    sig = parse_metrics(LLAMACPP_OLD, metric_map(Signals.LLAMACPP), at=0.0)
     assert sig.kv_usage == pytest.approx(0.4375)
     assert sig.running == 1.0
     assert sig.waiting is None
@@ -283,29 +283,36 @@ def test_llamacpp_older_build_usage_ratio() -> None:
 
 def test_generic_names_from_policy_and_block_gauge() -> None:
     text = "my_usage 0.5\nmy_blocks 100\nmy_frag 0.1\n"
-    overrides = MetricNames(
-        kv_usage="my_usage", capacity_blocks="my_blocks", fragmentation="my_frag"
-    )
+    overrides = [
+        ("kv_usage", "my_usage"),
+        ("capacity_blocks", "my_blocks"),
+        ("fragmentation", "my_frag"),
+    ]
     sig = parse_metrics(text, metric_map(Signals.GENERIC, overrides), at=0.0, block_size=32)
     assert sig.kv_usage == 0.5
     assert sig.capacity_tokens == 3200
     assert sig.fragmentation == pytest.approx(0.1)
 
 
+def test_an_override_of_an_unknown_signal_is_an_error() -> None:
+    with pytest.raises(ValueError, match="kv_usage_typo"):
+        metric_map(Signals.VLLM, [("kv_usage_typo", "x")])
+
+
 def test_override_replaces_a_flavor_default() -> None:
-    m = metric_map(Signals.VLLM, MetricNames(kv_usage="custom_usage"))
+    m = metric_map(Signals.VLLM, [("kv_usage", "custom_usage")])
     assert m.kv_usage == ("custom_usage",)
     assert m.running == ("vllm:num_requests_running",)
 
 
 def test_none_flavor_does_not_scrape_unless_names_are_given() -> None:
-    assert not metric_map(Signals.NONE, MetricNames()).scrape
-    assert metric_map(Signals.NONE, MetricNames(fragmentation="f")).scrape
+    assert not metric_map(Signals.NONE).scrape
+    assert metric_map(Signals.NONE, [("fragmentation", "f")]).scrape
 
 
 def test_garbage_is_a_format_error() -> None:
     with pytest.raises(MetricsFormatError):
-        parse_metrics("this is { not prometheus", metric_map(Signals.VLLM, MetricNames()), at=0.0)
+        parse_metrics("this is { not prometheus", metric_map(Signals.VLLM), at=0.0)
 
 
 @pytest.mark.parametrize(

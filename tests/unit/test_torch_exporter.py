@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.backends.flavors import metric_map
 from gateway.backends.parse import parse_metrics
-from gateway.core.backend import MetricNames, Signals
+from gateway.core.backend import Signals
 from gateway.exporters.torch_memory import TorchMemoryCollector, analyze, stats_bytes
 
 MIB = 1 << 20
@@ -91,6 +91,6 @@ def test_collector_serves_gauges_that_kvgate_parses() -> None:
     ) == pytest.approx(0.25)
     assert registry.get_sample_value("kvgate_gpu_reserved_bytes", {"device": "0"}) == 46 * MIB
     text = generate_latest(registry).decode()
-    sig = parse_metrics(text, metric_map(Signals.GENERIC, MetricNames()), at=0.0)
+    sig = parse_metrics(text, metric_map(Signals.GENERIC), at=0.0)
     assert sig.fragmentation == pytest.approx(0.25)
     assert sig.largest_free_block_bytes == 12 * MIB
