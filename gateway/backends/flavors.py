@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.core.backend import Signals
 
@@ -136,7 +137,7 @@ OVERRIDABLE = frozenset(
 def metric_map(signals: Signals, overrides: Iterable[tuple[str, str]] = ()) -> MetricMap:
     """The flavor's names with each policy override (signal, metric name) taking precedence;
     naming any metric turns scraping on, also for ``signals: none``."""
-    named: dict[str, object] = {signal: (name,) for signal, name in overrides}
+    named: dict[str, Any] = {signal: (name,) for signal, name in overrides}
     unknown = set(named) - OVERRIDABLE
     if unknown:
         raise ValueError(f"no such signal to rename: {', '.join(sorted(unknown))}")
