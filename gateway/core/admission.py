@@ -149,7 +149,7 @@ class Admission:
             if eid == entry.id:
                 del self._events[i]
                 return verdict
-        rejection = self._reject_on_arrival(pool, ticket, entry, cands, now)
+        rejection = self._reject_on_arrival(pool, ticket, cands, now)
         if rejection is not None:
             self._drop(pool, entry.id)
             return rejection
@@ -450,7 +450,7 @@ class Admission:
         return Rejection(Outcome.SHED_DEADLINE, _retry(wait), f"not admitted within {waited:.1f}s")
 
     def _reject_on_arrival(
-        self, pool: Pool, ticket: Ticket, entry: Entry, cands: list[BackendRuntime], now: float
+        self, pool: Pool, ticket: Ticket, cands: list[BackendRuntime], now: float
     ) -> Rejection | None:
         budget = ticket.deadline - now
         serving = [b for b in cands if b.serving]
