@@ -48,6 +48,8 @@ from gateway.core.queueing import Entry
 from gateway.core.types import Outcome, Priority
 
 _MIN_RETRY_S = 1.0
+# How often the queue's predicted starts are checked against their deadlines (a scan of it).
+_REVIEW_S = 1.0
 # A backend with no queue of its own allocates a request within a step of receiving it.
 _ALLOCATION_GRACE_S = 0.1
 
@@ -119,7 +121,7 @@ class Admission:
                 "request needs more KV memory than any backend of the model has",
                 False,
             )
-        if pool.codel.sheds(ticket.priority):
+        if pool.codel.sheds(ticket.priority) and pool.all_ready(now):
             # Refuse at the door only while the queue ahead already holds a target delay of
             # work: an emptied queue would leave memory idle the moment it frees.
             retry = self._wait_estimate(pool, ticket.priority, 0.0, now)
@@ -218,8 +220,12 @@ class Admission:
         )
 
     def tick(self, now: float) -> None:
-        """Time passed: expire deadlines, apply CoDel, re-try the queue."""
+        """Time passed: expire deadlines, shed what can no longer start in time, apply CoDel,
+        re-try the queue."""
         for pool in self._pools.values():
+            if len(pool.queue) and now >= pool.review_at:
+                pool.review_at = now + _REVIEW_S
+                self._review(pool, now)
             self._pump_pool(pool, now)
 
     def any_serving(self, now: float) -> bool:
@@ -253,14 +259,16 @@ class Admission:
             check = pool.codel.next_check_at()
             if check is not None:
                 times.append(check)
+            times.append(max(pool.review_at, now))
             oldest = pool.queue.oldest()
             if oldest is not None:
                 q = pool.queue.config
                 for later in (
-                    oldest.enqueued_at + q.target_delay_s,
+                    oldest.enqueued_at + pool.codel.target_s,
                     oldest.enqueued_at + q.ageing_s,
                 ):
-                    times.append(later if later > now else now + q.interval_s)
+                    if later < float("inf"):
+                        times.append(later if later > now else now + q.interval_s)
             for rt in pool.backends.values():
                 change = rt.next_change_at(now)
                 if change is not None:
@@ -323,10 +331,9 @@ class Admission:
     def _round_robin(
         self, pool: Pool, cands: list[BackendRuntime], ticket: Ticket, now: float
     ) -> Decision:
-        serving = [b for b in cands if b.capacity_factor(now) > 0]
+        serving = [b for b in cands if b.serving(now)]
         if not serving:
-            ready = [t for b in cands if (t := b.predicted_ready_at(now)) is not None]
-            wait = min(ready) - now if ready else None
+            wait = min(b.predicted_ready_at(now) for b in cands) - now
             return Rejection(Outcome.SHED_LOADING, _retry(wait), "no backend is serving")
         rt = serving[pool.rr % len(serving)]
         pool.rr += 1
@@ -367,14 +374,17 @@ class Admission:
     def _pump_pool(self, pool: Pool, now: float) -> None:
         if not self.config.enabled:
             return
+        pool.retarget()
         if not len(pool.queue):
             pool.codel.observe(0.0, now)
             return
         for e in pool.queue.expired(now):
             self._events.append((e.id, self._expiry(pool, e, now)))
             pool.waiting.pop(e.id, None)
+        # Waiting for a loading or warming backend is not congestion: CoDel sheds nothing then.
+        standing = pool.all_ready(now)
         for priority in (Priority.SHEDDABLE, Priority.STANDARD):
-            if not pool.codel.sheds(priority):
+            if not standing or not pool.codel.sheds(priority):
                 continue
             for e in pool.queue.band_entries(priority):
                 if now - e.enqueued_at >= pool.codel.target_s:
@@ -436,49 +446,109 @@ class Admission:
 
     def _expiry(self, pool: Pool, e: Entry, now: float) -> Rejection:
         waited = now - e.enqueued_at
-        ticket = pool.waiting[e.id].ticket
-        if not any(b.serving for b in pool.candidates(ticket)):
-            ready = [
-                t for b in pool.candidates(ticket) if (t := b.predicted_ready_at(now)) is not None
-            ]
-            until_ready = min(ready) - now if ready else waited
+        cands = pool.candidates(pool.waiting[e.id].ticket)
+        wait = self._start_in(pool, cands, e.priority, e.cost, now)
+        if not any(b.serving(now) for b in cands):
             msg = f"backends still loading after {waited:.1f}s"
-            return Rejection(Outcome.SHED_LOADING, _retry(until_ready), msg)
-        wait = self._wait_estimate(pool, e.priority, e.cost, now)
+            return Rejection(Outcome.SHED_LOADING, _retry(wait), msg)
         if wait is None:
             wait = pool.drain.hold_s
         return Rejection(Outcome.SHED_DEADLINE, _retry(wait), f"not admitted within {waited:.1f}s")
+
+    def _review(self, pool: Pool, now: float) -> None:
+        """Shed, with the predicted wait as Retry-After, every queued request whose predicted
+        start has moved past its deadline. What is ahead of an entry: every byte queued in a
+        band served before its own, and what its band queued before it. A load that runs past
+        its prediction proves the prediction wrong: its waiters then leave only at their
+        deadline."""
+        if not any(b.serving(now) or not b.load_overdue(now) for b in pool.backends.values()):
+            return  # every load runs past its prediction: nothing to go by but the deadline
+        band_bytes = dict.fromkeys(Priority, 0.0)
+        for e in pool.queue:
+            band_bytes[e.priority] += e.cost
+        seen = dict.fromkeys(Priority, 0.0)
+        late: list[tuple[Entry, float]] = []
+        for e in pool.queue:
+            seen[e.priority] += e.cost
+            ahead = seen[e.priority] + sum(b for p, b in band_bytes.items() if p < e.priority)
+            cands = pool.candidates(pool.waiting[e.id].ticket)
+            wait = self._start_in(pool, cands, e.priority, e.cost, now, ahead=ahead)
+            if wait is not None and now + wait > e.deadline:
+                late.append((e, wait))
+        for e, wait in late:
+            loading = not any(b.serving(now) for b in pool.candidates(pool.waiting[e.id].ticket))
+            outcome = Outcome.SHED_LOADING if loading else Outcome.SHED_DEADLINE
+            msg = f"predicted to start in {wait:.1f}s, after this request's deadline"
+            self._drop(pool, e.id)
+            self._events.append((e.id, Rejection(outcome, _retry(wait), msg)))
 
     def _reject_on_arrival(
         self, pool: Pool, ticket: Ticket, cands: list[BackendRuntime], now: float
     ) -> Rejection | None:
         budget = ticket.deadline - now
-        serving = [b for b in cands if b.serving]
+        serving = [b for b in cands if b.serving(now)]
+        wait = self._start_in(pool, cands, ticket.priority, 0.0, now)
         if not serving:
-            ready = [t for b in cands if (t := b.predicted_ready_at(now)) is not None]
-            if ready and min(ready) > ticket.deadline:
-                msg = "every backend of the model is loading past this request's deadline"
-                return Rejection(Outcome.SHED_LOADING, _retry(min(ready) - now), msg)
+            if wait is not None and wait > budget:
+                msg = (
+                    f"the model's backends are loading: predicted to start in {wait:.1f}s, "
+                    f"after this request's deadline ({budget:.1f}s)"
+                )
+                return Rejection(Outcome.SHED_LOADING, _retry(wait), msg)
             return None
         fragmented = [b for b in serving if b.too_fragmented(self._need(b, ticket), b.view(now))]
         if len(fragmented) == len(serving):
             hold = pool.drain.hold_s
             msg = "backends too fragmented for a request this large"
             return Rejection(Outcome.SHED_FRAGMENTATION, _retry(hold), msg)
-        wait = self._wait_estimate(pool, ticket.priority, 0.0, now)
         if wait is not None and wait > budget:
             msg = f"expected wait {wait:.1f}s exceeds the deadline ({budget:.1f}s)"
             return Rejection(Outcome.SHED_DEADLINE, _retry(wait), msg)
         return None
 
-    def _wait_estimate(
-        self, pool: Pool, priority: Priority, extra: float, now: float
+    def _start_in(
+        self,
+        pool: Pool,
+        cands: list[BackendRuntime],
+        priority: Priority,
+        extra: float,
+        now: float,
+        *,
+        ahead: float | None = None,
     ) -> float | None:
+        """Seconds until a request of ``priority`` is predicted to start: when a backend can
+        serve (now, or the predicted end of its load or ejection), plus the drain of the bytes
+        ahead of it (``ahead``, else every byte of its band and better, plus ``extra``) beyond
+        what is free then. None when neither tells (no backend up and none predicted)."""
+        if not cands:
+            return None
+        ready_at = min(b.predicted_ready_at(now) for b in cands)
+        queue = self._wait_estimate(pool, priority, extra, now, ahead=ahead, at=ready_at)
+        return max(0.0, ready_at - now) + (queue or 0.0)
+
+    def _wait_estimate(
+        self,
+        pool: Pool,
+        priority: Priority,
+        extra: float,
+        now: float,
+        *,
+        ahead: float | None = None,
+        at: float | None = None,
+    ) -> float | None:
+        """Seconds for the bytes ahead (by default every byte queued in ``priority``'s band and
+        better, plus ``extra``) beyond what is free to drain at the measured rate; from ``at``
+        (a backend's predicted return) what is free is what it will have then."""
         rate = pool.drain.bytes_per_s(now)
         if rate is None or rate <= 0:
             return None
-        free = sum(max(0.0, rt.view(now).free) for rt in pool.backends.values() if rt.serving)
-        backlog = pool.queue.bytes_ahead(priority) + extra - free
+        if at is not None and at > now:
+            free = sum(rt.free_when_up_bytes() for rt in pool.backends.values())
+        else:
+            free = sum(
+                max(0.0, rt.view(now).free) for rt in pool.backends.values() if rt.serving(now)
+            )
+        backlog = (pool.queue.bytes_ahead(priority) + extra if ahead is None else ahead) - free
         return max(0.0, backlog) / rate
 
     def _drop(self, pool: Pool, entry_id: int) -> bool:

@@ -21,6 +21,7 @@ from gateway.core.capacity import (
 )
 from gateway.core.lifecycle import Health, Lifecycle
 from gateway.core.overcommit import Overcommit
+from gateway.core.types import Phase
 
 _NEAR_FULL = 0.95
 
@@ -50,6 +51,12 @@ class ReserveMode(enum.StrEnum):
 Failure = Literal["connect", "5xx", "oom", "timeout"]
 """How a request placed on a backend failed there, as the proxy reports it."""
 
+DEFAULT_LOAD_S = 60.0
+"""A first load's predicted length when the policy names none: vLLM, SGLang and TGI load
+weights, profile the KV cache and capture graphs for about a minute."""
+TYPICAL_LOAD_S: dict[Signals, float] = {Signals.LLAMACPP: 10.0}
+"""Flavors that load faster: llama.cpp maps a GGUF file and is up in seconds."""
+
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block when neither the policy nor the metrics tell
 
 
@@ -64,6 +71,7 @@ class BackendConfig:
     reserve: ReserveMode | None = None  # None: paged → likely, otherwise worst_case
     block_size: int | None = None
     warmup_s: float = 60.0
+    expected_load_s: float | None = None  # None: the flavor's typical first load
     probe_interval_s: float = 1.0
     max_concurrency: int | None = None
     metrics_path: str = "/metrics"
@@ -74,6 +82,7 @@ class BackendConfig:
     # Derived from the fields above once, not per request (admission reads them several times).
     memory_kind: MemoryKind = field(init=False)
     reserve_mode: ReserveMode = field(init=False)
+    first_load_s: float = field(init=False)
 
     def __post_init__(self) -> None:
         # llama.cpp serves whole slots whatever the policy says about memory.
@@ -83,6 +92,10 @@ class BackendConfig:
             mode = ReserveMode.LIKELY if kind is MemoryKind.PAGED else ReserveMode.WORST_CASE
         object.__setattr__(self, "memory_kind", kind)
         object.__setattr__(self, "reserve_mode", mode)
+        load = self.expected_load_s
+        if load is None:
+            load = TYPICAL_LOAD_S.get(self.signals, DEFAULT_LOAD_S)
+        object.__setattr__(self, "first_load_s", load)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +136,7 @@ class BackendRuntime:
             floor=cap.warmup_floor,
             eject_failures=cap.eject_failures,
             cooldown_s=cap.eject_cooldown_s,
+            expected_load_s=config.first_load_s,
             now=now,
         )
         self.signals: BackendSignals | None = None
@@ -155,6 +169,7 @@ class BackendRuntime:
             floor=cap.warmup_floor,
             eject_failures=cap.eject_failures,
             cooldown_s=cap.eject_cooldown_s,
+            expected_load_s=config.first_load_s,
         )
         if config.max_concurrency is not None:
             self.adaptive.max_limit = float(config.max_concurrency)
@@ -167,19 +182,35 @@ class BackendRuntime:
 
     # -- its life cycle, as admission asks about it ----------------------------------------------
 
-    @property
-    def serving(self) -> bool:
-        """May receive traffic (warming or ready)."""
-        return self.lifecycle.serving
+    def serving(self, now: float) -> bool:
+        """May receive traffic now (warming or ready)."""
+        return self.lifecycle.serving(now)
+
+    def ready(self, now: float) -> bool:
+        """Fully up: neither loading, warming nor ejected."""
+        return self.serving(now) and self.lifecycle.phase is Phase.READY
 
     def capacity_factor(self, now: float) -> float:
         return self.lifecycle.capacity_factor(now)
 
-    def predicted_ready_at(self, now: float) -> float | None:
+    def predicted_ready_at(self, now: float) -> float:
         return self.lifecycle.predicted_ready_at(now)
+
+    def load_overdue(self, now: float) -> bool:
+        """Loading for longer than its load was predicted to take."""
+        return self.lifecycle.load_overdue(now)
 
     def next_change_at(self, now: float) -> float | None:
         return self.lifecycle.next_change_at(now)
+
+    def free_when_up_bytes(self) -> float:
+        """KV bytes this backend will have free the moment it serves again (at its warm-up
+        floor); 0 where its capacity is not counted in bytes."""
+        if self._kind is not CapacityKind.BYTES:
+            return 0.0
+        factor = self.cap.warmup_floor if self.config.warmup_s > 0 else 1.0
+        usable = float(self._total_bytes or 0) * (1.0 - self.cap.headroom) * factor
+        return max(0.0, usable - self.reserved_bytes)
 
     def observe_health(self, health: Health, now: float) -> None:
         self.lifecycle.observe_health(health, now)
@@ -188,9 +219,12 @@ class BackendRuntime:
         self, need_bytes: int, *, failure: Failure | None, ttft_s: float | None, now: float
     ) -> None:
         """A request placed here ended: free its reservation and learn from how it went
-        (connect errors, 5xx and timeouts count towards ejection, an OOM is memory pressure)."""
+        (nothing listening: it is down until a probe finds it up; 5xx and timeouts count
+        towards ejection; an OOM is memory pressure)."""
         self.unplace(need_bytes)
-        if failure == "oom":
+        if failure == "connect":
+            self.lifecycle.went_down(now)
+        elif failure == "oom":
             self.report_oom(now)
         elif failure is not None:
             self.lifecycle.record_failure(now)
@@ -218,7 +252,8 @@ class BackendRuntime:
             "pressure": self.pressure.value(now),
             "overcommit": self.overcommit.value,
             "adaptive_limit": self.adaptive.value,
-            "load_estimate_s": self.lifecycle.load_estimate_s,
+            "load_estimate_s": self.lifecycle.predicted_load_s,
+            "last_load_error_s": self.lifecycle.last_load_error_s,
             "failures": self.lifecycle.failures,
         }
 
@@ -383,7 +418,7 @@ class BackendRuntime:
         Every condition on a request's bytes is an upper bound (free bytes, a reported largest
         free block, the large-request bound while fragmented), so one number says it.
         """
-        if not self.lifecycle.serving:
+        if not self.lifecycle.serving(now):
             return None
         if self.config.max_concurrency is not None and self.inflight >= self.config.max_concurrency:
             return None

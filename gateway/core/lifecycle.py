@@ -1,14 +1,18 @@
 """The life cycle of one backend: loading → warming → ready, ejected on failures. Pure.
 
-- ``LOADING``: health is not OK (connection refused, 503, llama.cpp "Loading model"): no capacity.
-  The time a load takes is measured and its EWMA predicts the next one (Retry-After, and "will
-  it be up before this request's deadline?").
+- ``LOADING``: health is not OK (connection refused, 503, llama.cpp "Loading model"), or the
+  proxy found nothing listening: no capacity. The first load is predicted from the policy's
+  ``expected_load``; each load the probes see from start to end is measured, and their EWMA
+  predicts the next (Retry-After, and "will it be up before this request's deadline?"). The
+  last prediction's error is kept for the admin view.
 - ``WARMING``: capacity factor ramps linearly from ``floor`` to 1 over ``warmup_s`` (Envoy slow
   start), then ``READY``. A backend whose very first probe is healthy was already serving before
   the gateway looked, so it starts ``READY``: a gateway restart must not throttle a warm fleet.
-- ``EJECTED``: ``eject_failures`` consecutive failures (connect errors or 5xx reported by the
-  proxy, failed probes) remove it for ``cooldown_s``; then it warms again (or loads, if its
-  health is not OK by then).
+- ``EJECTED``: ``eject_failures`` consecutive failures of a backend that answers (5xx, timeouts
+  reported by the proxy, failed probes) remove it for ``cooldown_s``; then it warms again (or
+  loads, if its health is not OK by then). A backend that goes down meanwhile (refused, or 503
+  loading) and answers again is a new process: it loads and warms at once, without waiting out
+  the cool-down.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ class Lifecycle:
     """The phase of one backend, driven by probes, proxy reports and time.
 
     Invariants: ``capacity_factor`` is 0 in LOADING and EJECTED, in [floor, 1] while WARMING and
-    1 when READY; phases change only in ``observe_health``, ``record_failure`` and ``advance``.
+    1 when READY; phases change only in ``observe_health``, ``went_down``, ``record_failure``
+    and ``advance``.
     """
 
     __slots__ = (
@@ -43,18 +48,29 @@ class Lifecycle:
         "_eject_failures",
         "_floor",
         "_health_ok",
+        "_load_seen",
         "_load_started",
+        "_predicted_load_s",
         "_probed",
         "_warmup_s",
         "ejected_until",
+        "expected_load_s",
         "failures",
+        "last_load_error_s",
         "load_estimate_s",
         "phase",
         "since",
     )
 
     def __init__(
-        self, *, warmup_s: float, floor: float, eject_failures: int, cooldown_s: float, now: float
+        self,
+        *,
+        warmup_s: float,
+        floor: float,
+        eject_failures: int,
+        cooldown_s: float,
+        expected_load_s: float,
+        now: float,
     ) -> None:
         if not 0.0 <= floor <= 1.0:
             raise ValueError(f"warm-up floor must be in [0, 1], got {floor}")
@@ -62,23 +78,34 @@ class Lifecycle:
         self._floor = floor
         self._eject_failures = eject_failures
         self._cooldown_s = cooldown_s
+        self.expected_load_s = expected_load_s
         self.phase = Phase.LOADING
         self.since = now
         self._load_started = now
+        self._load_seen = False  # the probes saw this load begin (or the backend not up yet)
+        self._predicted_load_s = expected_load_s
         self._probed = False
         self._health_ok = False
         self.failures = 0
         self.ejected_until = 0.0
-        self.load_estimate_s: float | None = None
+        self.load_estimate_s: float | None = None  # learned from observed loads
+        self.last_load_error_s: float | None = None  # predicted minus real, of the last load
 
     def retune(
-        self, *, warmup_s: float, floor: float, eject_failures: int, cooldown_s: float
+        self,
+        *,
+        warmup_s: float,
+        floor: float,
+        eject_failures: int,
+        cooldown_s: float,
+        expected_load_s: float,
     ) -> None:
         """Adopt new policy settings; the phase and what was learned stay."""
         self._warmup_s = warmup_s
         self._floor = floor
         self._eject_failures = eject_failures
         self._cooldown_s = cooldown_s
+        self.expected_load_s = expected_load_s
 
     def observe_health(self, health: Health, now: float) -> None:
         first = not self._probed
@@ -88,19 +115,27 @@ class Lifecycle:
             self.record_failure(now)
             return
         self._health_ok = health is Health.OK
-        if self.phase is Phase.EJECTED:
-            return  # the cool-down runs its course; ``advance`` picks warming or loading
         if health is Health.LOADING:
+            self._load_seen = True
             if self.phase is not Phase.LOADING:
-                self._enter(Phase.LOADING, now)
-                self._load_started = now
+                self._start_loading(now)
             return
+        if self.phase is Phase.EJECTED:
+            return  # it answers but failed: the cool-down runs its course (``advance``)
         if self.phase is Phase.LOADING:
             if first:
                 self._enter(Phase.READY, now)
                 return
-            self._learn_load_time(now - self._load_started)
+            if self._load_seen:
+                self._learn_load_time(now - self._load_started)
             self._enter_warming(now)
+
+    def went_down(self, now: float) -> None:
+        """The proxy found nothing listening (connection refused): the process is gone or
+        restarting, so no request goes there until a probe finds it up again."""
+        self._health_ok = False
+        if self.phase is not Phase.LOADING:
+            self._start_loading(now)
 
     def record_failure(self, now: float) -> None:
         self.failures += 1
@@ -120,8 +155,7 @@ class Lifecycle:
             if self._health_ok:
                 self._enter_warming(now)
             else:
-                self._enter(Phase.LOADING, now)
-                self._load_started = now
+                self._start_loading(now)
 
     def capacity_factor(self, now: float) -> float:
         self.advance(now)
@@ -132,25 +166,31 @@ class Lifecycle:
             return self._floor + (1.0 - self._floor) * progress
         return 0.0
 
-    @property
-    def serving(self) -> bool:
-        """May receive traffic (warming or ready)."""
+    def serving(self, now: float) -> bool:
+        """May receive traffic now (warming or ready)."""
+        self.advance(now)
         return self.phase in (Phase.WARMING, Phase.READY)
 
-    def predicted_ready_at(self, now: float) -> float | None:
-        """When this backend is expected to take traffic again; ``None`` when unknown (a load
-        of unknown length: no load has been observed yet)."""
-        self.advance(now)
-        if self.serving:
+    def predicted_ready_at(self, now: float) -> float:
+        """When this backend is expected to take traffic again: now if it does, the end of an
+        ejection, or the predicted end of its load (an overdue load is expected to need a
+        quarter of its usual time more)."""
+        if self.serving(now):
             return now
         if self.phase is Phase.EJECTED:
             return self.ejected_until
-        if self.load_estimate_s is None:
-            return None
-        expected_end = self._load_started + self.load_estimate_s
+        expected_end = self._load_started + self.predicted_load_s
         if expected_end > now:
             return expected_end
-        return now + _OVERDUE_SHARE * self.load_estimate_s
+        return now + _OVERDUE_SHARE * self.predicted_load_s
+
+    def load_overdue(self, now: float) -> bool:
+        return self.phase is Phase.LOADING and now > self._load_started + self.predicted_load_s
+
+    @property
+    def predicted_load_s(self) -> float:
+        """How long a load is expected to take: learned, else the policy's expectation."""
+        return self.expected_load_s if self.load_estimate_s is None else self.load_estimate_s
 
     def next_change_at(self, now: float) -> float | None:
         """The next moment time alone changes this backend's capacity (for the driver's timer)."""
@@ -161,7 +201,14 @@ class Lifecycle:
             return self.ejected_until
         return None
 
+    def _start_loading(self, now: float) -> None:
+        self._enter(Phase.LOADING, now)
+        self._load_started = now
+        self._load_seen = False
+        self._predicted_load_s = self.predicted_load_s
+
     def _learn_load_time(self, seconds: float) -> None:
+        self.last_load_error_s = self._predicted_load_s - seconds
         if self.load_estimate_s is None:
             self.load_estimate_s = seconds
         else:

@@ -8,6 +8,7 @@ the queue, with each ticket's need per candidate backend computed once.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 
 import msgspec
@@ -71,8 +72,9 @@ class Pool:
         self.spec = spec
         self.backends: dict[str, BackendRuntime] = {}
         self.queue = FairQueue(config.queue)
-        self.codel = CoDel(config.queue.target_delay_s, config.queue.interval_s)
+        self.codel = CoDel(math.inf, config.queue.interval_s)
         self.drain = DrainRate()
+        self.review_at = now  # next check of the queue's predicted starts against deadlines
         self.waiting: dict[int, Waiting] = {}
         # (min_need, entry id) of the waiting entries, deleted lazily: lets a pump skip the
         # queue when not even its smallest request fits (a pump runs on every release).
@@ -95,8 +97,29 @@ class Pool:
                 rt.retune(bc, kv_bytes_per_token=spec.kv_bytes_per_token, cap=config.capacity)
             self.backends[bc.url] = rt
         self.queue.config = config.queue
-        self.codel.target_s = config.queue.target_delay_s
-        self.codel.interval_s = config.queue.interval_s
+        self.retarget()
+
+    def retarget(self) -> None:
+        """CoDel's target and interval: the policy's, or with ``target_delay: auto`` the time
+        a request of this model holds its memory (measured), so a standing queue is one that
+        stays longer than one service time (none until a request has finished), and then it
+        sheds only the sheddable band: standard and critical requests leave the queue only by
+        their deadline. An explicit target is the operator's latency goal for standard too."""
+        q = self.queue.config
+        if q.target_delay_s is not None:
+            self.codel.target_s, self.codel.interval_s = q.target_delay_s, q.interval_s
+            self.codel.max_level = 2
+            return
+        self.codel.max_level = 1
+        hold = self.drain.hold_s
+        target = hold if hold is not None and hold > 0 else math.inf
+        self.codel.target_s = target
+        self.codel.interval_s = max(q.interval_s, target) if target < math.inf else q.interval_s
+
+    def all_ready(self, now: float) -> bool:
+        """Every backend is fully up: queueing now is congestion, not waiting for capacity
+        that is on its way."""
+        return all(rt.ready(now) for rt in self.backends.values())
 
     def candidates(self, ticket: Ticket) -> list[BackendRuntime]:
         return [b for url, b in self.backends.items() if url not in ticket.exclude]

@@ -27,11 +27,12 @@ from gateway.core.types import Priority
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
-    """Durations in seconds. ``age_bound_s`` defaults to a quarter of ``max_wait_s``."""
+    """Durations in seconds. ``age_bound_s`` defaults to a quarter of ``max_wait_s``;
+    ``target_delay_s`` None derives CoDel's target from measured service times."""
 
     max_wait_s: float = 30.0
     max_depth: int = 1000
-    target_delay_s: float = 1.0
+    target_delay_s: float | None = None
     interval_s: float = 0.1
     age_bound_s: float | None = None
 
@@ -246,15 +247,17 @@ class CoDel:
     """Queue delay above ``target_s`` for ``interval_s`` raises the shedding level.
 
     Level 1 sheds the sheddable band; level 2 (reached after a further interval above target
-    once no sheddable entry is left to shed) sheds standard. Critical is never shed for delay.
-    One delay sample below target returns to level 0, as CoDel leaves its dropping state.
+    once no sheddable entry is left to shed, and only where ``max_level`` allows it) sheds
+    standard. Critical is never shed for delay. One delay sample below target returns to level
+    0, as CoDel leaves its dropping state.
     """
 
-    __slots__ = ("_above_since", "interval_s", "level", "target_s")
+    __slots__ = ("_above_since", "interval_s", "level", "max_level", "target_s")
 
-    def __init__(self, target_s: float, interval_s: float) -> None:
+    def __init__(self, target_s: float, interval_s: float, max_level: int = 2) -> None:
         self.target_s = target_s
         self.interval_s = interval_s
+        self.max_level = max_level
         self.level = 0
         self._above_since: float | None = None
 
@@ -266,7 +269,7 @@ class CoDel:
         if self._above_since is None:
             self._above_since = now
         elif now - self._above_since >= self.interval_s and (self.level == 0 or may_escalate):
-            self.level = min(2, self.level + 1)
+            self.level = min(self.max_level, self.level + 1)
             self._above_since = now
 
     def sheds(self, priority: Priority) -> bool:

@@ -185,6 +185,9 @@ def _model(name: str, m: schema.Model, source: str, env: Mapping[str, str]) -> M
             reserve=ReserveMode(b.reserve) if b.reserve else None,
             block_size=b.block_size,
             warmup_s=units.parse_duration(b.warmup),
+            expected_load_s=None
+            if b.expected_load is None
+            else units.parse_duration(b.expected_load),
             probe_interval_s=units.parse_duration(b.probe_interval),
             max_concurrency=b.max_concurrency,
             metrics_path=b.metrics.path,
@@ -224,7 +227,9 @@ def _admission(a: schema.Admission, models: Mapping[str, Model]) -> AdmissionCon
         queue=QueueConfig(
             max_wait_s=units.parse_duration(a.queue.max_wait),
             max_depth=a.queue.max_depth,
-            target_delay_s=units.parse_duration(a.queue.target_delay),
+            target_delay_s=None
+            if a.queue.target_delay == "auto"
+            else units.parse_duration(a.queue.target_delay),
             interval_s=units.parse_duration(a.queue.interval),
         ),
         output_quantile=units.parse_share(a.output_quantile),

@@ -120,6 +120,9 @@ class Backend(Base, frozen=True, kw_only=True):
     )
     block_size: Positive | None = None
     warmup: Duration = "60s"
+    # how long a first load is expected to take, until one has been seen; default by signals:
+    # 10s for llamacpp, 60s for the others
+    expected_load: Duration | None = None
     probe_interval: Duration = "1s"
     max_concurrency: Positive | None = None
     metrics: Metrics = msgspec.field(default_factory=Metrics)
@@ -132,6 +135,8 @@ class Backend(Base, frozen=True, kw_only=True):
         if self.kv_capacity is not None:
             _check(self, "kv_capacity", units.parse_size)
         _check(self, "warmup", units.parse_duration)
+        if self.expected_load is not None:
+            _check(self, "expected_load", units.parse_duration)
         if _check(self, "probe_interval", units.parse_duration) <= 0:
             raise ValueError("`probe_interval`: must be > 0")
         if self.api_key is not None and not self.api_key.startswith("env:"):
@@ -193,11 +198,13 @@ class Tenant(Base, frozen=True, kw_only=True):
 class Queue(Base, frozen=True, kw_only=True):
     max_wait: Duration = "30s"
     max_depth: Positive = 1000
-    target_delay: Duration = "1s"
+    # CoDel's standing-queue target; auto: the measured time a request holds its memory
+    target_delay: Duration = "auto"
     interval: Duration = "100ms"
 
     def __post_init__(self) -> None:
-        for name in ("max_wait", "target_delay", "interval"):
+        names = ("max_wait", "interval") if self.target_delay == "auto" else None
+        for name in names or ("max_wait", "target_delay", "interval"):
             _check(self, name, units.parse_duration)
 
 

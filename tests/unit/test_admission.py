@@ -213,15 +213,35 @@ def test_loading_past_the_deadline_is_shed_with_the_predicted_end() -> None:
     assert placed(p).backend_url == "a"
 
 
-def test_loading_of_unknown_length_queues_and_sheds_at_the_deadline() -> None:
+def test_a_first_load_is_predicted_from_the_policy() -> None:
     clock = FakeClock()
-    adm = Admission(config(backend("a")), clock.now())
+    adm = Admission(config(backend("a", expected_load_s=20.0)), clock.now())
     adm.observe_health(M, "a", Health.LOADING, clock.now())
-    q = adm.offer(ticket(clock, timeout=5.0), clock.now())
+    # a deadline before the predicted end of loading: refused at once, told when it ends
+    shed = rejected(adm.offer(ticket(clock, timeout=5.0), clock.now()), Outcome.SHED_LOADING)
+    assert shed.retry_after_s == pytest.approx(20.0)
+    # one after it waits, and is served as soon as the backend is up
+    q = adm.offer(ticket(clock, timeout=30.0), clock.now())
     assert isinstance(q, Queued)
-    clock.advance(5.0)
+    clock.advance(18.0)
     adm.tick(clock.now())
-    [(_, r)] = adm.take_events()
+    assert adm.take_events() == []  # waiting for a loading backend is not shed
+    adm.observe_health(M, "a", Health.OK, clock.now())
+    [(eid, p)] = adm.take_events()
+    assert eid == q.entry_id
+    placed(p)
+
+
+def test_a_load_running_past_the_deadline_sheds_with_the_predicted_rest() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", expected_load_s=20.0)), clock.now())
+    adm.observe_health(M, "a", Health.LOADING, clock.now())
+    q = adm.offer(ticket(clock, timeout=25.0), clock.now())
+    assert isinstance(q, Queued)
+    clock.advance(25.0)  # overdue: predicted to need another quarter of 20 s
+    adm.tick(clock.now())
+    [(eid, r)] = adm.take_events()
+    assert eid == q.entry_id
     assert rejected(r, Outcome.SHED_LOADING).retry_after_s == pytest.approx(5.0)
 
 
@@ -259,7 +279,7 @@ def test_codel_sheds_sheddable_first_and_never_critical() -> None:
     rejected(r, Outcome.SHED_OVERLOAD)
 
 
-def test_connect_failures_eject_and_traffic_moves() -> None:
+def test_errors_eject_and_traffic_moves() -> None:
     clock = FakeClock()
     cap = CapacityConfig(headroom=0.0, eject_failures=2, eject_cooldown_s=10.0)
     adm = Admission(config(backend("a", 2000), backend("b", 1000), cap=cap), clock.now())
@@ -267,8 +287,21 @@ def test_connect_failures_eject_and_traffic_moves() -> None:
     for _ in range(2):
         p = placed(adm.offer(ticket(clock), clock.now()))
         assert p.backend_url == "a"
-        adm.release(p.lease_id, output_tokens=None, ttft_s=None, failure="connect", now=clock.now())
+        adm.release(p.lease_id, output_tokens=None, ttft_s=None, failure="5xx", now=clock.now())
     assert placed(adm.offer(ticket(clock), clock.now())).backend_url == "b"
+
+
+def test_nothing_listening_takes_a_backend_out_until_it_answers_again() -> None:
+    clock = FakeClock()
+    a = backend("a", 2000, warmup_s=0.0)
+    adm = Admission(config(a, backend("b", 1000)), clock.now())
+    up(adm, clock, "a", "b")
+    p = placed(adm.offer(ticket(clock), clock.now()))
+    assert p.backend_url == "a"
+    adm.release(p.lease_id, output_tokens=None, ttft_s=None, failure="connect", now=clock.now())
+    assert placed(adm.offer(ticket(clock), clock.now())).backend_url == "b"  # one refusal
+    adm.observe_health(M, "a", Health.OK, clock.now())  # back: up again, not ejected
+    assert placed(adm.offer(ticket(clock), clock.now())).backend_url == "a"
 
 
 def test_likely_reservation_uses_observed_outputs_on_paged_backends() -> None:
@@ -398,3 +431,141 @@ def test_requests_the_backend_may_not_have_allocated_at_a_scrape_still_count() -
     sig = BackendSignals(at=clock.now(), waiting=0, largest_free_block_bytes=300 * KVT)
     adm.observe_signals(M, "a", sig, clock.now())
     assert any(isinstance(v, Placement) for _, v in adm.take_events())
+
+
+def _simulate_steady_overload(
+    adm: Admission, clock: FakeClock, until: float, hold_s: float, probe_at: float
+) -> tuple[Rejection, float]:
+    """Two requests per second of 100 tokens on a backend of 1,000 (ten in flight, each
+    held ``hold_s``), one tenant, deadlines far off: a queue that grows at one per second.
+    At ``probe_at`` two more arrive together: one whose deadline is too close (its shed and
+    Retry-After are returned) and one that waits; returns also how long that one waited."""
+    t0 = clock.now()
+    until += t0
+    probe_at += t0
+    releases: list[tuple[float, int]] = []
+    probe: tuple[Rejection, int] | None = None
+    probe_wait: float | None = None
+    step = 0.1
+    next_arrival = t0
+
+    def admitted(eid: int | None, p: Placement) -> None:
+        nonlocal probe_wait
+        releases.append((clock.now() + hold_s, p.lease_id))
+        if probe is not None and eid == probe[1]:
+            probe_wait = clock.now() - probe_at
+
+    while clock.now() < until and probe_wait is None:
+        now = clock.now()
+        for due, lease in [r for r in releases if r[0] <= now]:
+            releases.remove((due, lease))
+            adm.release(lease, output_tokens=50, ttft_s=0.1, failure=None, now=now)
+        while next_arrival <= now:
+            next_arrival += 0.5
+            decision = adm.offer(ticket(clock, timeout=1000.0), now)
+            if isinstance(decision, Placement):
+                admitted(None, decision)
+            else:
+                assert isinstance(decision, Queued), decision
+        if probe is None and now >= probe_at:
+            shed = rejected(adm.offer(ticket(clock, timeout=5.0), now), Outcome.SHED_DEADLINE)
+            queued = adm.offer(ticket(clock, timeout=1000.0), now)
+            assert isinstance(queued, Queued)
+            probe = (shed, queued.entry_id)
+        adm.tick(now)
+        for eid, verdict in adm.take_events():
+            assert isinstance(verdict, Placement), verdict  # nobody here may be shed
+            admitted(eid, verdict)
+        clock.advance(step)
+    assert probe is not None
+    assert probe_wait is not None
+    return probe[0], probe_wait
+
+
+def test_a_request_shed_for_its_deadline_is_told_the_wait_it_would_have_had() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000)), clock.now())
+    up(adm, clock, "a")
+    shed, real_wait = _simulate_steady_overload(adm, clock, until=200.0, hold_s=10.0, probe_at=40.0)
+    assert real_wait > 10.0  # a real queue, not a transient
+    assert shed.retry_after_s == pytest.approx(real_wait, rel=0.2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    load_s=st.floats(1.0, 120.0),
+    expected_s=st.floats(1.0, 120.0),
+    timeouts=st.lists(st.floats(0.5, 200.0), min_size=1, max_size=8),
+)
+def test_nobody_is_shed_while_a_loading_backend_is_predicted_up_within_its_deadline(
+    load_s: float, expected_s: float, timeouts: list[float]
+) -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 10_000, expected_load_s=expected_s)), clock.now())
+    adm.observe_health(M, "a", Health.LOADING, clock.now())
+    outcome: dict[int, Placement | Rejection] = {}
+    deadlines: dict[int, float] = {}
+    for timeout in timeouts:
+        decision = adm.offer(ticket(clock, timeout=timeout), clock.now())
+        if isinstance(decision, Rejection):
+            # refused at once only when the predicted end of loading is past its deadline
+            assert rejected(decision, Outcome.SHED_LOADING).retry_after_s == pytest.approx(
+                max(1.0, expected_s)
+            )
+            assert expected_s > timeout
+        else:
+            assert isinstance(decision, Queued)
+            deadlines[decision.entry_id] = clock.now() + timeout
+    load_s += clock.now()
+    while clock.now() < load_s:
+        clock.advance(min(0.5, load_s - clock.now()))
+        adm.tick(clock.now())
+        outcome.update(adm.take_events())
+    adm.observe_health(M, "a", Health.OK, clock.now())
+    outcome.update(adm.take_events())
+    for eid, deadline in deadlines.items():
+        result = outcome[eid]
+        if isinstance(result, Rejection):
+            # shed only once its deadline (or the predicted end of the load) was past it
+            assert result.outcome is Outcome.SHED_LOADING
+            assert deadline < load_s + 1e-9
+        else:
+            assert deadline >= load_s - 1e-9  # served when the backend came up
+
+
+def test_auto_codel_sheds_only_the_sheddable_band_and_never_while_warming() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 100, warmup_s=0.0)), clock.now())
+    up(adm, clock, "a")
+    first = placed(adm.offer(ticket(clock, 100), clock.now()))
+    clock.advance(2.0)
+    adm.release(first.lease_id, output_tokens=50, ttft_s=0.1, failure=None, now=clock.now())
+    # a request holds its memory about 2 s here: that is CoDel's target now
+    placed(adm.offer(ticket(clock, 100), clock.now()))
+    low = adm.offer(ticket(clock, 100, priority=Priority.SHEDDABLE, timeout=100), clock.now())
+    std = adm.offer(ticket(clock, 100, timeout=100), clock.now())
+    assert isinstance(low, Queued)
+    assert isinstance(std, Queued)
+    shed: dict[int, Rejection] = {}
+    for _ in range(40):
+        clock.advance(0.5)
+        adm.tick(clock.now())
+        shed.update((eid, v) for eid, v in adm.take_events() if isinstance(v, Rejection))
+    assert rejected(shed[low.entry_id], Outcome.SHED_OVERLOAD)
+    assert std.entry_id not in shed  # standard leaves the queue only by its deadline
+
+
+def test_codel_sheds_nothing_while_a_backend_warms() -> None:
+    clock = FakeClock()
+    q = QueueConfig(target_delay_s=1.0, interval_s=0.5, max_wait_s=100.0)
+    adm = Admission(config(backend("a", 1000, warmup_s=60.0), queue=q), clock.now())
+    adm.observe_health(M, "a", Health.LOADING, clock.now())
+    clock.advance(1.0)
+    adm.observe_health(M, "a", Health.OK, clock.now())  # warming: a tenth of 1,000 tokens
+    placed(adm.offer(ticket(clock, 100), clock.now()))
+    low = adm.offer(ticket(clock, 100, priority=Priority.SHEDDABLE, timeout=100), clock.now())
+    assert isinstance(low, Queued)
+    for _ in range(10):
+        clock.advance(0.5)
+        adm.tick(clock.now())
+        assert not [v for _, v in adm.take_events() if isinstance(v, Rejection)]

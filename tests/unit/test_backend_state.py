@@ -14,7 +14,12 @@ from gateway.core.types import Phase
 
 def make(clock: FakeClock, *, warmup_s: float = 10.0, floor: float = 0.1) -> Lifecycle:
     return Lifecycle(
-        warmup_s=warmup_s, floor=floor, eject_failures=3, cooldown_s=5.0, now=clock.now()
+        warmup_s=warmup_s,
+        floor=floor,
+        eject_failures=3,
+        cooldown_s=5.0,
+        expected_load_s=45.0,
+        now=clock.now(),
     )
 
 
@@ -46,10 +51,12 @@ def test_load_time_is_learned_and_predicts_the_next_load() -> None:
     clock = FakeClock()
     lc = make(clock)
     lc.observe_health(Health.LOADING, clock.now())
-    assert lc.predicted_ready_at(clock.now()) is None  # never seen a load finish
+    # never seen a load finish: the policy's expectation predicts the first
+    assert lc.predicted_ready_at(clock.now()) == pytest.approx(clock.now() + 45.0)
     clock.advance(30.0)
     lc.observe_health(Health.OK, clock.now())
     assert lc.load_estimate_s == pytest.approx(30.0)
+    assert lc.last_load_error_s == pytest.approx(15.0)  # predicted 45 s, took 30 s
     clock.advance(100.0)
     lc.observe_health(Health.LOADING, clock.now())  # restarted
     start = clock.now()
@@ -89,6 +96,47 @@ def test_ejected_backend_that_is_down_after_cooldown_goes_loading() -> None:
     clock.advance(6.0)
     lc.advance(clock.now())
     assert lc.phase is Phase.LOADING
+
+
+def test_a_backend_that_restarted_while_ejected_warms_without_the_cooldown() -> None:
+    clock = FakeClock()
+    lc = make(clock)
+    lc.observe_health(Health.OK, clock.now())
+    for _ in range(3):
+        lc.record_failure(clock.now())  # its streams broke: it crashed
+    assert lc.phase is Phase.EJECTED
+    lc.observe_health(Health.LOADING, clock.now())  # refused: a new process is starting
+    assert lc.phase is Phase.LOADING
+    clock.advance(0.5)
+    lc.observe_health(Health.OK, clock.now())
+    assert lc.phase is Phase.WARMING  # long before the 5 s cool-down would have ended
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.1)
+
+
+def test_a_backend_that_answers_but_fails_serves_its_cooldown() -> None:
+    clock = FakeClock()
+    lc = make(clock)
+    lc.observe_health(Health.OK, clock.now())
+    for _ in range(3):
+        lc.record_failure(clock.now())
+    clock.advance(1.0)
+    lc.observe_health(Health.OK, clock.now())
+    assert lc.phase is Phase.EJECTED
+    clock.advance(4.0)
+    assert lc.serving(clock.now())  # the cool-down ended: it warms again
+
+
+def test_nothing_listening_stops_traffic_at_once_and_teaches_no_load_time() -> None:
+    clock = FakeClock()
+    lc = make(clock)
+    lc.observe_health(Health.OK, clock.now())
+    lc.went_down(clock.now())
+    assert not lc.serving(clock.now())
+    assert lc.predicted_ready_at(clock.now()) == pytest.approx(clock.now() + 45.0)
+    clock.advance(0.3)
+    lc.observe_health(Health.OK, clock.now())  # back before a probe ever saw it down
+    assert lc.phase is Phase.WARMING
+    assert lc.load_estimate_s is None  # 0.3 s is no measurement of a load
 
 
 def test_zero_warmup_goes_straight_to_ready() -> None:
