@@ -38,6 +38,8 @@ from gateway.proxy.headers import api_key, asked_max_wait, asked_priority, upstr
 from gateway.proxy.limits import Charge, charge, rate_refusal, ratelimit_headers, settle
 from gateway.state import GATEWAY, Gateway
 
+# Times each backend may refuse one request's connection before it gets a 502.
+_CONNECT_ATTEMPTS = 3
 # A request on a path without cost rules (no prompt to read) costs one request and no memory.
 _PLAIN_COST = Cost(
     requests=1, input_tokens=0, output_tokens=0, kv_bytes=0, kv_gib_seconds=0.0, price=0.0
@@ -173,8 +175,9 @@ class Exchange:
         return None
 
     async def _admit_and_forward(self) -> web.StreamResponse:
-        """Wait for room on a backend, then forward; a backend that cannot be reached (nothing
-        was sent) is left out and the request admitted again, until none is left."""
+        """Wait for room on a backend, then forward. A backend with nothing listening (so
+        nothing was sent) is left out and the request admitted again; once every backend has
+        refused it, it waits for them to come back, within its deadline, a few times."""
         tenant, model = self._who()
         headers = ratelimit_headers(self.held) if self.held is not None else {}
         ticket = Ticket(
@@ -191,6 +194,7 @@ class Exchange:
         parsed = self.parsed
         strip_usage = parsed is not None and parsed.stream and not parsed.include_usage
         body = with_usage_requested(self.body) if strip_usage else self.body
+        refusals = 0
         while True:
             try:
                 lease = await self.gw.admitter.acquire(ticket)
@@ -208,12 +212,14 @@ class Exchange:
             try:
                 return await self._forward(lease, body, strip_usage, headers)
             except UpstreamConnectError as exc:
-                ticket = msgspec.structs.replace(
-                    ticket, exclude=ticket.exclude | {lease.backend_url}
-                )
-                if len(ticket.exclude) >= len(model.backends):
+                refusals += 1
+                if refusals >= _CONNECT_ATTEMPTS * len(model.backends):
                     self.outcome = Outcome.UPSTREAM_ERROR
                     return responses.error(self.outcome, str(exc), headers=headers)
+                exclude = ticket.exclude | {lease.backend_url}
+                if len(exclude) >= len(model.backends):
+                    exclude = frozenset()  # all down: wait for one to come back (admission)
+                ticket = msgspec.structs.replace(ticket, exclude=exclude)
             except UpstreamTimeout as exc:
                 self.outcome = Outcome.UPSTREAM_TIMEOUT
                 return responses.error(self.outcome, str(exc), headers=headers)

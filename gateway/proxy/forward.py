@@ -29,7 +29,8 @@ from gateway.proxy.usage import Usage, usage_in_tail, usage_of_json
 
 _BUFFER_LIMIT = 8 * 1024 * 1024  # a body this long or longer is streamed, not read whole
 _TAIL_BYTES = 64 * 1024  # of a streamed JSON body, kept to read its usage block at the end
-_NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
+# How aiohttp words a request it could not finish writing (ClientOSError has no subclass for it).
+_UNWRITTEN = "Can not write request body"
 
 
 @dataclass(slots=True)
@@ -270,7 +271,10 @@ async def _send_request(
     timeouts: UpstreamTimeouts,
 ) -> aiohttp.ClientResponse:
     """The upstream request, sent once more on a fresh connection when a pooled one turned out
-    to be closing before a byte of the request was written (a keep-alive race under churn)."""
+    to be closed before the request was written whole (a keep-alive race under churn, or a
+    server that restarted while the request waited in the queue): a server never acts on a
+    request it did not receive whole, so that retry cannot do the work twice. Nothing is
+    retried once the request is written."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s)
     retries = 1
     while True:
@@ -285,7 +289,10 @@ async def _send_request(
             )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise UpstreamConnectError(f"cannot connect to backend: {exc}") from exc
-        except aiohttp.ClientConnectionResetError as exc:
+        except (aiohttp.ClientConnectionResetError, aiohttp.ClientOSError) as exc:
+            said = exc.strerror or str(exc)
+            if isinstance(exc, aiohttp.ClientOSError) and not said.startswith(_UNWRITTEN):
+                raise
             if not retries:
                 raise UpstreamConnectError(f"backend connection reset: {exc}") from exc
             retries -= 1

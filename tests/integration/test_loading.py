@@ -1,0 +1,265 @@
+"""Model loading and restarts on real time scales, against a backend that behaves as real
+servers do: its port refuses connections while its process starts (vLLM), then it answers 503
+"Loading model" (llama.cpp, TGI), then it serves; and a backend killed mid-stream that comes
+back. Requests that can wait are held through all of it and served, none shed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.errors import UpstreamConnectError
+from gateway.policy.compile import UpstreamTimeouts
+from gateway.proxy.forward import _send_request
+from gateway.state import GATEWAY
+from tests.integration.conftest import MakeGateway, until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+_LOADING = {"error": {"message": "Loading model", "type": "unavailable_error"}}
+
+
+def _policy(url: str, *, max_wait: str = "120s") -> str:
+    # default admission settings but for max_wait; one request at a time, so the order in which
+    # the backend sees them is the order admission released them
+    return f"""
+version: 1
+server: {{anonymous_tenant: anon}}
+models:
+  m1:
+    kv: {{layers: 32, kv_heads: 8, head_dim: 128}}
+    context: 8192
+    default_max_tokens: 64
+    backends:
+      - {{url: "{url}", kv_capacity: 4GiB, signals: none, probe_interval: 200ms,
+          max_concurrency: 1}}
+tenants:
+  anon:
+    limits: [{{unit: requests, rate: 1000/s}}]
+admission:
+  queue: {{max_wait: {max_wait}}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@dataclass
+class ModelServer:
+    """A model server at a fixed port that can be absent (nothing listening), loading (503 on
+    every path) or serving; streams are sent a token every ``token_gap_s``."""
+
+    port: int
+    loading: bool = True
+    token_gap_s: float = 0.05
+    tokens: int = 4
+    seen: list[str] = field(default_factory=list)  # request ids, in arrival order
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
+
+    async def kill(self) -> None:
+        """The process dies: its port closes and open connections are cut."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if self.loading:
+            return web.json_response(_LOADING, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        if self.loading:
+            return web.json_response(_LOADING, status=503)
+        body = await request.json()
+        self.seen.append(request.headers.get("x-test-id", "?"))
+        if not body.get("stream"):
+            await asyncio.sleep(self.token_gap_s * self.tokens)
+            return web.json_response(
+                {
+                    "choices": [{"message": {"content": "ok"}}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": self.tokens},
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(self.tokens):
+            await asyncio.sleep(self.token_gap_s)
+            chunk = {"choices": [{"delta": {"content": "x"}}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+def _chat(stream: bool = False) -> dict[str, object]:
+    return {
+        "model": "m1",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 8,
+        "stream": stream,
+    }
+
+
+async def test_requests_sent_while_the_backend_loads_are_all_served_in_priority_order(
+    make_gateway: MakeGateway,
+) -> None:
+    backend = ModelServer(_free_port())
+    client, _ = await make_gateway(_policy(backend.url), wait_ready=False)
+    sends = []
+    try:
+        # 8 s with nothing listening, as vLLM while its engine starts
+        for i in range(6):
+            band = "sheddable" if i % 2 else "standard"
+            headers = {"x-kvgate-priority": band, "x-test-id": f"{band}-{i}"}
+            sends.append(
+                asyncio.ensure_future(
+                    client.post("/v1/chat/completions", json=_chat(), headers=headers)
+                )
+            )
+            await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)
+        await backend.start()  # then 8 s of 503 "Loading model", as llama.cpp
+        await asyncio.sleep(8.0)
+        assert not any(s.done() for s in sends)  # held, none shed
+        backend.loading = False
+        responses = await asyncio.wait_for(asyncio.gather(*sends), 30)
+        assert [r.status for r in responses] == [200] * 6
+        # standard before sheddable, each band in arrival order
+        assert backend.seen == [
+            "standard-0",
+            "standard-2",
+            "standard-4",
+            "sheddable-1",
+            "sheddable-3",
+            "sheddable-5",
+        ]
+    finally:
+        for s in sends:
+            s.cancel()
+        await backend.kill()
+
+
+async def test_a_request_that_cannot_be_served_in_time_is_told_when_at_once(
+    make_gateway: MakeGateway,
+) -> None:
+    backend = ModelServer(_free_port())
+    text = _policy(backend.url, max_wait="5s").replace(
+        "max_concurrency: 1}", "max_concurrency: 1, expected_load: 20s}"
+    )
+    client, _ = await make_gateway(text, wait_ready=False)
+    response = await client.post("/v1/chat/completions", json=_chat())
+    assert response.status == 503
+    assert response.headers["x-kvgate-outcome"] == "shed_loading"
+    assert 19 <= int(response.headers["Retry-After"]) <= 21  # the predicted end of loading
+
+
+async def test_a_backend_killed_mid_stream_loses_only_its_streams(
+    make_gateway: MakeGateway,
+) -> None:
+    backend = ModelServer(_free_port(), loading=False, token_gap_s=0.5, tokens=20)
+    await backend.start()
+    client, _ = await make_gateway(_policy(backend.url))
+    gw = client.app[GATEWAY]
+    try:
+        streaming = await client.post("/v1/chat/completions", json=_chat(stream=True))
+        assert streaming.status == 200
+        await streaming.content.readline()  # the first token arrived
+        queued = asyncio.ensure_future(client.post("/v1/chat/completions", json=_chat()))
+        await asyncio.sleep(0.5)
+        await backend.kill()  # the process dies mid-stream
+        text = (await streaming.read()).decode()
+        assert '"type": "upstream_error"' in text or '"type":"upstream_error"' in text
+        await asyncio.sleep(2.0)  # restarts: 2 s of 503, then it serves again
+        backend.loading, backend.token_gap_s, backend.tokens = True, 0.05, 4
+        await backend.start()
+        await asyncio.sleep(2.0)
+        backend.loading = False
+        answer = await asyncio.wait_for(queued, 30)
+        assert answer.status == 200, await answer.text()
+    finally:
+        await backend.kill()
+
+    def reserved() -> float:
+        state = gw.admitter.snapshot()["m1"]
+        return sum(float(b["reserved_bytes"]) for b in state["backends"])  # type: ignore[index]
+
+    await until(lambda: reserved() == 0)
+
+
+class _FlakySession:
+    """An upstream session whose first sends fail as ``errors`` say, then answer ``answer``."""
+
+    def __init__(self, errors: list[BaseException], answer: object) -> None:
+        self.errors = errors
+        self.answer = answer
+        self.sends = 0
+
+    async def request(self, *args: object, **kwargs: object) -> object:
+        self.sends += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return self.answer
+
+
+_TIMEOUTS = UpstreamTimeouts(connect_s=1.0, first_byte_s=1.0, idle_s=1.0, total_s=1.0)
+
+
+async def _send(session: _FlakySession) -> object:
+    return await _send_request(
+        "POST",
+        session,  # type: ignore[arg-type]
+        "http://127.0.0.1:1/v1/chat/completions",
+        b"{}",
+        CIMultiDict(),
+        _TIMEOUTS,
+    )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        # a pooled connection the server had closed while the request waited in the queue
+        aiohttp.ClientOSError(32, "Can not write request body for http://127.0.0.1:1/x"),
+        aiohttp.ClientConnectionResetError("Connection reset by peer"),
+    ],
+)
+async def test_a_request_never_written_whole_is_sent_again_once(error: Exception) -> None:
+    session = _FlakySession([error], answer="answer")
+    assert await _send(session) == "answer"
+    assert session.sends == 2
+    twice = _FlakySession([error, error], answer="answer")
+    with pytest.raises(UpstreamConnectError):
+        await _send(twice)
+
+
+async def test_a_request_that_may_have_reached_the_backend_is_never_sent_again() -> None:
+    for error in (
+        aiohttp.ServerDisconnectedError(),  # it may have read the whole request
+        aiohttp.ClientOSError(104, "Connection reset by peer"),  # while reading the answer
+    ):
+        session = _FlakySession([error], answer="answer")
+        with pytest.raises(type(error)):
+            await _send(session)
+        assert session.sends == 1
