@@ -7,6 +7,8 @@ stream carries it in its last chunk (``gateway.proxy.sse`` decodes that with ``U
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 
@@ -25,6 +27,8 @@ _body_decoder = msgspec.json.Decoder(_Body)
 _usage_decoder = msgspec.json.Decoder(Usage)
 
 _BACKSLASH, _QUOTE, _OPEN, _CLOSE = 0x5C, 0x22, 0x7B, 0x7D
+# the key with its object: a string value "usage" (a token's text in logprobs) is not the key
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
 
 
 def usage_of_json(body: bytes) -> Usage | None:
@@ -41,8 +45,7 @@ def usage_in_tail(tail: bytes) -> Usage | None:
     The object is found by matching braces outside strings from the key on, so a brace or a
     quote inside a string value does not end it early; a tail cut inside the object gives None.
     """
-    key = tail.rfind(b'"usage"')
-    start = tail.find(b"{", key) if key >= 0 else -1
+    start = max((key.end() - 1 for key in _USAGE_KEY.finditer(tail)), default=-1)
     if start < 0:
         return None
     end = _object_end(tail, start)

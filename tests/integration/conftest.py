@@ -4,7 +4,7 @@ both aiohttp servers on 127.0.0.1, and real HTTP clients."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -14,6 +14,7 @@ from gateway.app import build_app
 from gateway.metrics import Metrics
 from gateway.policy.compile import compile_policy
 from gateway.policy.loader import load_text
+from tests.integration.rawbackend import MakeRawBackend, RawBackend, Script
 from tests.integration.stub import StubBackend
 
 POLICY = """
@@ -70,6 +71,22 @@ def stub() -> StubBackend:
 async def stub_url(stub: StubBackend, aiohttp_server: Callable[..., Awaitable[TestServer]]) -> str:
     server = await aiohttp_server(stub.app())
     return f"http://127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+async def raw_backend() -> AsyncIterator[MakeRawBackend]:
+    """Raw backends on 127.0.0.1 (``tests.integration.rawbackend``), closed after the test."""
+    backends: list[RawBackend] = []
+
+    async def make(script: Script) -> RawBackend:
+        backend = RawBackend(script)
+        await backend.start()
+        backends.append(backend)
+        return backend
+
+    yield make
+    for backend in backends:
+        await backend.close()
 
 
 @pytest.fixture
