@@ -56,8 +56,9 @@ async def stores(
         yield memory, memory, clock
         return
     url: str = request.getfixturevalue("redis_url")
-    first = RedisLimitStore(url, prefix=prefix, clock=clock)
-    second = RedisLimitStore(url, prefix=prefix, clock=clock)
+    # a reachable Redis on a loaded machine may take longer than the production timeout
+    first = RedisLimitStore(url, prefix=prefix, clock=clock, timeout_s=5.0)
+    second = RedisLimitStore(url, prefix=prefix, clock=clock, timeout_s=5.0)
     try:
         yield first, second, clock
     finally:
@@ -161,7 +162,7 @@ async def test_bad_amounts_are_refused(stores: tuple[LimitStore, LimitStore, Fak
 async def test_redis_time_keys_share_a_slot_and_expire_when_full(
     redis_url: str, prefix: str
 ) -> None:
-    store = RedisLimitStore(redis_url, prefix=prefix)
+    store = RedisLimitStore(redis_url, prefix=prefix, timeout_s=5.0)
     client = aioredis.Redis.from_url(redis_url)
     # full again 100 s after a take: the keys outlive any stall of a loaded machine
     model = BucketSpec("model:llama:requests", Unit.REQUESTS, rate_per_s=0.01, burst=5.0)
@@ -227,7 +228,7 @@ async def test_redis_outage_follows_on_error(on_error: OnError) -> None:
 @pytest.mark.redis
 async def test_fallback_recovers_when_redis_answers(redis_url: str, prefix: str) -> None:
     clock = FakeClock()
-    primary = RedisLimitStore(redis_url, prefix=prefix, clock=clock)
+    primary = RedisLimitStore(redis_url, prefix=prefix, clock=clock, timeout_s=5.0)
     store = FallbackLimitStore(primary, MemoryLimitStore(clock), "deny", clock=clock)
     try:
         assert (await store.acquire([REQUESTS], [1.0])).allowed
