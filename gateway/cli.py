@@ -21,7 +21,8 @@ from gateway.core.cost import ContextOverflowError, estimate
 from gateway.errors import PolicyError
 from gateway.policy.compile import Policy, store_kind
 from gateway.policy.watcher import read_policy
-from gateway.proxy.body import BadRequestBody, parse_request
+from gateway.proxy.apis.common import BadRequestBody
+from gateway.proxy.apis.routes import parse_request
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ class AccessRecord(msgspec.Struct, omit_defaults=True, gc=False):
     input_tokens: int | None = None
     output_tokens: int | None = None
     error: str | None = None
+    uncosted: str | None = None  # a path without cost rules: the unknown_endpoints rule applied
     ts: str = ""
 
 

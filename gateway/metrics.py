@@ -96,6 +96,12 @@ class Metrics:
         self.policy_reloads = Counter(
             "kvgate_policy_reloads", "Policy reloads by result.", ["result"], registry=r
         )
+        self.uncosted = Counter(
+            "kvgate_uncosted_requests",
+            "Requests on paths without cost rules let through by server.unknown_endpoints.",
+            ["tenant", "model", "rule"],
+            registry=r,
+        )
         self.policy_info = Gauge(
             "kvgate_policy_info", "1 for the live policy.", ["fingerprint"], registry=r
         )

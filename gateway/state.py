@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.backends.admitter import Admitter
 from gateway.core.clock import Clock
+from gateway.core.history import ResponseMemory
 from gateway.core.tokens import TokenCounter
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
@@ -41,6 +42,7 @@ class Gateway:
     clock: Clock
     access: AccessLog | None = None  # None: the policy turned the access log off
     session: aiohttp.ClientSession | None = None
+    responses: ResponseMemory = field(default_factory=ResponseMemory)  # for previous_response_id
     _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:

@@ -32,7 +32,7 @@ from gateway.core.pool import AdmissionConfig, ModelPool, Ticket
 from gateway.core.queueing import QueueConfig
 from gateway.core.types import Priority, Unit
 from gateway.errors import StoreError
-from gateway.proxy.body import parse_request
+from gateway.proxy.apis.routes import parse_request
 from gateway.store.base import LimitStore
 from gateway.store.memory import MemoryLimitStore
 from gateway.store.redis import RedisLimitStore

@@ -329,6 +329,16 @@ def actual_cost(
     )
 
 
+def sane_usage(
+    profile: ModelProfile, sequences: int, input_tokens: int, output_tokens: int
+) -> tuple[int, int]:
+    """Token counts a backend reported, bounded to what the model can have done: never below
+    zero (a refund beyond the reservation, a counter going down), never more than a full
+    context per output sequence each (a number no request can reach is not charged whole)."""
+    most = profile.context_tokens * max(1, sequences)
+    return min(max(0, input_tokens), most), min(max(0, output_tokens), most)
+
+
 def _price(profile: ModelProfile, input_tokens: int, output_tokens: int) -> float:
     return (
         input_tokens * profile.price_input_per_mtok + output_tokens * profile.price_output_per_mtok

@@ -50,6 +50,7 @@ class ServerSettings:
     grace_period_s: float
     timeouts: UpstreamTimeouts
     fallback_model: str | None
+    unknown_endpoints: str = "estimate"  # deny | estimate | free
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,7 @@ class Backend:
     url: str
     authorization: str | None  # "Bearer <key>" sent upstream, resolved from env at compile time
     config: BackendConfig = field(repr=False)  # what admission and the monitor need
+    served_name: str | None = None  # the model id sent upstream in place of the public name
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,7 @@ def _server(server: schema.Server) -> ServerSettings:
             total_s=units.parse_duration(t.total),
         ),
         fallback_model=server.fallback_model,
+        unknown_endpoints=server.unknown_endpoints,
     )
 
 
@@ -199,7 +202,9 @@ def _model(name: str, m: schema.Model, source: str, env: Mapping[str, str]) -> M
             health_path=b.health_path,
             api_key=key,
         )
-        backends.append(Backend(url, f"Bearer {key}" if key else None, config))
+        served = b.served_name or m.served_name
+        authorization = f"Bearer {key}" if key else None
+        backends.append(Backend(url, authorization, config, served_name=served))
     return Model(name=name, profile=profile, backends=tuple(backends), tokenizer=m.tokenizer)
 
 

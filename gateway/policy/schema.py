@@ -51,6 +51,9 @@ class Server(Base, frozen=True, kw_only=True):
     anonymous_tenant: str | None = None
     fallback_model: str | None = None  # pool that receives paths without a JSON model
     access_log: bool = True  # one JSON line per request on stderr
+    # A request naming a model on a path without cost rules: refused (404), costed from its
+    # body's length with the model's default output, or let through at one request.
+    unknown_endpoints: Literal["deny", "estimate", "free"] = "estimate"
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
 
     def __post_init__(self) -> None:
@@ -128,6 +131,7 @@ class Backend(Base, frozen=True, kw_only=True):
     metrics: Metrics = msgspec.field(default_factory=Metrics)
     health_path: str = "/health"
     api_key: str | None = None  # env:VAR
+    served_name: str | None = None  # the model id this backend serves, if not the model's
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -162,6 +166,7 @@ class Model(Base, frozen=True, kw_only=True):
     context: Positive = 8192
     default_max_tokens: Positive = 1024
     chars_per_token: PositiveFloat = 4.0
+    served_name: str | None = None  # the model id its backends serve, if not the public name
     tokenizer: Tokenizer | None = None
     speed: Speed = msgspec.field(default_factory=Speed)
     price: Price = msgspec.field(default_factory=Price)

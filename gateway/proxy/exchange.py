@@ -18,24 +18,27 @@ from aiohttp import web
 
 from gateway.backends.admitter import Lease, Shed
 from gateway.core.backend import MemoryKind
-from gateway.core.cost import ContextOverflowError, Cost, Holding, actual_cost, estimate
+from gateway.core.cost import (
+    ContextOverflowError,
+    Cost,
+    Holding,
+    actual_cost,
+    estimate,
+    sane_usage,
+)
 from gateway.core.pool import Ticket
 from gateway.core.types import Outcome
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.logs import AccessRecord
 from gateway.policy.compile import Backend, Model, Tenant
 from gateway.proxy import responses
-from gateway.proxy.body import (
-    BadRequestBody,
-    ParsedRequest,
-    endpoint_of,
-    model_of,
-    parse_request,
-    with_usage_requested,
-)
-from gateway.proxy.forward import Relay, forward
+from gateway.proxy.apis import routes
+from gateway.proxy.apis.common import BadRequestBody, ParsedRequest
+from gateway.proxy.apis.openai import with_usage_requested
+from gateway.proxy.forward import Answer, Relay, forward
 from gateway.proxy.headers import api_key, asked_max_wait, asked_priority, upstream_headers
 from gateway.proxy.limits import Charge, charge, rate_refusal, ratelimit_headers, settle
+from gateway.proxy.usage import AnswerShape
 from gateway.state import GATEWAY, Gateway
 
 # Times each backend may refuse one request's connection before it gets a 502.
@@ -68,8 +71,10 @@ class Exchange:
         "queued_s",
         "relay",
         "request",
+        "route",
         "started",
         "tenant",
+        "uncosted",
     )
 
     def __init__(self, request: web.Request, gw: Gateway) -> None:
@@ -87,13 +92,15 @@ class Exchange:
         self.queued_s = 0.0
         self.backend: Backend | None = None  # the one that served it
         self.relay = Relay()
+        self.route = routes.route(request.method, request.path)  # which API it speaks
+        self.uncosted: str | None = None  # the unknown_endpoints rule that let it through
 
     async def run(self) -> web.StreamResponse:
         refusal = self._authenticate() or await self._read() or await self._charge()
         if refusal is not None:
             return self._refused(refusal)
         try:
-            return await self._admit_and_forward()
+            return responses.shaped(await self._admit_and_forward(), self.route.errors)
         except asyncio.CancelledError:
             self.outcome = Outcome.CLIENT_CLOSED
             raise
@@ -124,22 +131,28 @@ class Exchange:
         if len(self.body) > server.max_body_bytes:
             return _too_large(server.max_body_bytes)
         model_name: str | None = None
-        if request.method == "POST" and endpoint_of(request.path) is not None:
+        if self.route.parse is not None:
             try:
-                self.parsed = parse_request(self.body, request.path)
+                self.parsed = self.route.parse(self.body, request.headers.get("Content-Type", ""))
             except BadRequestBody as exc:
                 return responses.error(
                     Outcome.BAD_REQUEST, exc.message, param=exc.param, should_retry=False
                 )
             model_name = self.parsed.model
         elif self.body:
-            model_name = model_of(self.body)
+            model_name = routes.model_of(self.body)
         model_name = model_name or server.fallback_model
         self.model = self.live.policy.models.get(model_name) if model_name is not None else None
         if self.model is None:
             return self._not_found(model_name)
+        if self.parsed is None and self.route.unknown and self.body:
+            refusal = self._unknown_endpoint(self.model)
+            if refusal is not None:
+                return refusal
         if self.parsed is None:
             return None
+        if self.parsed.previous_response_id is not None:
+            self._add_previous_response(self.parsed.previous_response_id)
         try:
             self.cost = estimate(
                 self.parsed, self.model.profile, self.live.counters.get(self.model.name)
@@ -192,7 +205,12 @@ class Exchange:
             + asked_max_wait(self.request.headers, self.live.policy.max_wait_s),
         )
         parsed = self.parsed
-        strip_usage = parsed is not None and parsed.stream and not parsed.include_usage
+        strip_usage = (
+            self.route.asks_usage
+            and parsed is not None
+            and parsed.stream
+            and not parsed.include_usage
+        )
         body = with_usage_requested(self.body) if strip_usage else self.body
         refusals = 0
         while True:
@@ -233,6 +251,12 @@ class Exchange:
         _, model = self._who()
         request = self.request
         backend = self.backend = next(b for b in model.backends if b.url == lease.backend_url)
+        served = backend.served_name
+        rename = None
+        if served is not None and served != model.name:  # an alias: the backend's name upstream
+            body = routes.with_model(body, served)
+            rename = routes.renamer(served, model.name)
+        answer = Answer(self.route.answers, strip_usage, rename)
         relay = self.relay = Relay()
         sent = self.gw.clock.now()
         connected = True
@@ -249,7 +273,7 @@ class Exchange:
                     backend_auth=backend.authorization,
                 ),
                 timeouts=self.live.policy.server.timeouts,
-                strip_usage=strip_usage,
+                answer=answer,
                 relay=relay,
                 clock=self.gw.clock,
                 extra_headers=headers,
@@ -288,9 +312,15 @@ class Exchange:
             output_tokens = relay.output_tokens
             if output_tokens is None:
                 output_tokens = cost.output_tokens if relay.complete else 0
+            input_tokens, output_tokens = sane_usage(
+                model.profile,
+                self._sequences(),
+                cost.input_tokens if input_tokens is None else input_tokens,
+                output_tokens,
+            )
             actual = actual_cost(
                 model.profile,
-                cost.input_tokens if input_tokens is None else input_tokens,
+                input_tokens,
                 output_tokens,
                 ended - self.started - self.queued_s,
                 sequences=self._sequences(),
@@ -304,6 +334,11 @@ class Exchange:
                 actual.kv_gib_seconds,
             )
             metrics.timed(metrics.duration, model.name, ended - self.started)
+            if self.route.answers is AnswerShape.RESPONSES and relay.answer_id is not None:
+                tokens = actual.input_tokens + actual.output_tokens
+                self.gw.responses.remember(tenant.name, relay.answer_id, tokens)
+        if self.uncosted is not None:
+            metrics.uncosted.labels(tenant.name, model.name, self.uncosted).inc()
         metrics.count(tenant.name, model.name, self.outcome.value)
         if self.gw.access is not None:
             self.gw.access.write(self._access_record(ended, actual))
@@ -345,8 +380,34 @@ class Exchange:
             decode_s=decode_s,
         )
 
-    def _refused(self, response: web.Response) -> web.Response:
-        """Count and log a request refused before admission."""
+    def _unknown_endpoint(self, model: Model) -> web.Response | None:
+        """A body naming a model on a path without cost rules: the policy's
+        ``server.unknown_endpoints`` refuses it, estimates it, or lets it through free."""
+        rule = self.live.policy.server.unknown_endpoints
+        if rule == "deny":
+            request = self.request
+            message = (
+                f"{request.method} {request.path} is not an endpoint this gateway can cost, "
+                "and its policy refuses those (server.unknown_endpoints: deny)."
+            )
+            return responses.error(Outcome.NOT_FOUND, message, should_retry=False)
+        self.uncosted = rule
+        if rule == "estimate":
+            self.parsed = routes.estimated(self.body, model.name)
+        return None
+
+    def _add_previous_response(self, response_id: str) -> None:
+        """The earlier turns the server prepends to a continued response, as the gateway saw
+        them settle: exact token counts, added to the prompt."""
+        tenant, _ = self._who()
+        parsed = self.parsed
+        prior = self.gw.responses.tokens_of(tenant.name, response_id)
+        if parsed is not None and prior:
+            self.parsed = msgspec.structs.replace(parsed, token_ids=parsed.token_ids + prior)
+
+    def _refused(self, response: web.Response) -> web.StreamResponse:
+        """Count and log a request refused before admission, in its API's error shape."""
+        response = responses.shaped(response, self.route.errors)  # type: ignore[assignment]
         outcome = response.headers["x-kvgate-outcome"]
         tenant = self.tenant.name if self.tenant else "unknown"
         model = self.model.name if self.model else "unknown"
@@ -368,6 +429,7 @@ class Exchange:
             input_tokens=actual.input_tokens if actual is not None else None,
             output_tokens=actual.output_tokens if actual is not None else None,
             error=self.relay.error,
+            uncosted=self.uncosted,
         )
 
     def _not_found(self, model_name: str | None) -> web.Response:

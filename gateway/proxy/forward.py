@@ -24,13 +24,24 @@ from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.policy.compile import UpstreamTimeouts
 from gateway.proxy.deadline import Deadline
 from gateway.proxy.headers import downstream_headers
-from gateway.proxy.sse import UsageTap
-from gateway.proxy.usage import Usage, usage_in_tail, usage_of_json
+from gateway.proxy.sse import EventTooLarge, UsageTap
+from gateway.proxy.usage import AnswerShape, Usage, usage_in_tail, usage_of_json
 
 _BUFFER_LIMIT = 8 * 1024 * 1024  # a body this long or longer is streamed, not read whole
 _TAIL_BYTES = 64 * 1024  # of a streamed JSON body, kept to read its usage block at the end
 # How aiohttp words a request it could not finish writing (ClientOSError has no subclass for it).
 _UNWRITTEN = "Can not write request body"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """How to read and relay an answer: the shape its usage comes in, whether to hide the usage
+    chunk the gateway asked for, and the rewrite of the served model name to the public one
+    (applied to JSON answers held whole and to each whole stream event)."""
+
+    shape: AnswerShape = AnswerShape.OPENAI
+    strip_usage: bool = False
+    rename: Callable[[bytes], bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -41,6 +52,7 @@ class Relay:
     first_token_at: float | None = None  # a stream's first event, else its response headers
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    answer_id: str | None = None  # the id the answer gave itself, where the API has one
     chunks: int = 0
     complete: bool = False  # the whole answer reached the client
     client_gone: bool = False  # the client left mid-answer: not the backend's fault
@@ -64,7 +76,7 @@ async def forward(
     body: bytes,
     headers: CIMultiDict[str],
     timeouts: UpstreamTimeouts,
-    strip_usage: bool,
+    answer: Answer,
     relay: Relay,
     clock: Clock,
     extra_headers: Mapping[str, str],
@@ -76,7 +88,7 @@ async def forward(
     loop = asyncio.get_running_loop()
     end_by = loop.time() + timeouts.total_s
     deadline = Deadline(min(loop.time() + timeouts.first_byte_s, end_by))
-    stream = _Stream(request, relay, deadline, timeouts, end_by)
+    stream = _Stream(request, relay, deadline, timeouts, end_by, answer)
     try:
         upstream = await _send_request(
             request.method, session, backend_url + request.path_qs, body, headers, timeouts
@@ -104,11 +116,13 @@ async def forward(
                 stream.which = "total"
                 deadline.move(end_by)
                 data = await upstream.read()
-                _read_usage(relay, upstream, data)
+                _read_usage(relay, upstream, data, answer.shape)
+                if answer.rename is not None:
+                    data = answer.rename(data)
                 relay.complete = True
                 relay.first_token_at = headers_at
                 return web.Response(status=upstream.status, body=data, headers=out_headers)
-            return await stream.pass_through(upstream, out_headers, strip_usage, clock)
+            return await stream.pass_through(upstream, out_headers, clock)
     except asyncio.CancelledError:
         if not deadline.timed_out():
             raise
@@ -123,6 +137,10 @@ async def forward(
         if stream.response is None:
             raise UpstreamTimeout(stream.which, seconds) from None
         return await stream.broken(f"upstream {stream.which} timeout after {seconds:g}s")
+    except EventTooLarge as exc:
+        relay.failure = "5xx"
+        relay.error = str(exc)
+        return await stream.broken(f"backend stream broke: {exc}")
     except aiohttp.ClientError as exc:
         relay.failure = "5xx"
         relay.error = f"{type(exc).__name__}: {exc}"
@@ -140,6 +158,7 @@ class _Stream:
     client, so a client reading slowly is not taken for a silent backend."""
 
     __slots__ = (
+        "_answer",
         "_end_by",
         "_request",
         "_timeouts",
@@ -157,7 +176,9 @@ class _Stream:
         deadline: Deadline,
         timeouts: UpstreamTimeouts,
         end_by: float,
+        answer: Answer,
     ) -> None:
+        self._answer = answer
         self._request = request
         self._timeouts = timeouts
         self._end_by = end_by
@@ -171,7 +192,6 @@ class _Stream:
         self,
         upstream: aiohttp.ClientResponse,
         out_headers: CIMultiDict[str],
-        strip_usage: bool,
         clock: Clock,
     ) -> web.StreamResponse:
         relay = self.relay
@@ -182,10 +202,16 @@ class _Stream:
             relay.client_gone = True
             return response
         self.response = response
-        relay.streamed = self.is_sse
-        tap = UsageTap(strip_usage=strip_usage) if self.is_sse else None
+        answer = self._answer
+        ndjson = upstream.content_type == "application/x-ndjson"
+        tap = None
+        if self.is_sse or ndjson:
+            tap = UsageTap(
+                answer.shape, strip_usage=answer.strip_usage, ndjson=ndjson, rename=answer.rename
+            )
+        relay.streamed = tap is not None
         # The usage block of a JSON body ends it; the tail is enough to find it.
-        tail = _Tail() if upstream.status == 200 and not self.is_sse else None
+        tail = _Tail() if upstream.status == 200 and tap is None else None
         loop = asyncio.get_running_loop()
         try:
             async for data in upstream.content.iter_any():
@@ -202,7 +228,7 @@ class _Stream:
             else:
                 last = tap.flush() if tap is not None else b""
                 if tail is not None:
-                    _take_usage(relay, usage_in_tail(tail.bytes()))
+                    _take_usage(relay, usage_in_tail(answer.shape, tail.bytes()))
                 # Everything reached the client once the last bytes are written; a client
                 # that hangs up on [DONE] before the terminating chunk has it.
                 relay.complete = await _send(response, last, relay)
@@ -225,9 +251,14 @@ class _Stream:
             if transport is not None:
                 transport.abort()
             return response
-        event = msgspec.json.encode({"error": {"message": message, "type": "upstream_error"}})
+        if self._answer.shape is AnswerShape.ANTHROPIC:
+            error = {"type": "error", "error": {"type": "api_error", "message": message}}
+            event = b"event: error\ndata: " + msgspec.json.encode(error)
+        else:
+            error = {"error": {"message": message, "type": "upstream_error"}}
+            event = b"data: " + msgspec.json.encode(error)
         try:
-            await response.write(b"data: " + event + b"\n\n")
+            await response.write(event + b"\n\n")
             await response.write_eof()
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             pass
@@ -298,18 +329,21 @@ async def _send_request(
             retries -= 1
 
 
-def _read_usage(relay: Relay, upstream: aiohttp.ClientResponse, data: bytes) -> None:
+def _read_usage(
+    relay: Relay, upstream: aiohttp.ClientResponse, data: bytes, shape: AnswerShape
+) -> None:
     if upstream.status >= 500:
         relay.failure = "oom" if b"out of memory" in data else "5xx"
         return
     if upstream.status == 200 and upstream.content_type == "application/json":
-        _take_usage(relay, usage_of_json(data))
+        _take_usage(relay, usage_of_json(shape, data))
 
 
 def _take_usage(relay: Relay, usage: Usage | None) -> None:
     if usage is not None:
-        relay.prompt_tokens = usage.prompt_tokens
-        relay.completion_tokens = usage.completion_tokens
+        relay.prompt_tokens = usage.input_tokens
+        relay.completion_tokens = usage.output_tokens
+        relay.answer_id = usage.answer_id
 
 
 async def _send(response: web.StreamResponse, data: bytes | None, relay: Relay) -> bool:
@@ -327,5 +361,4 @@ async def _send(response: web.StreamResponse, data: bytes | None, relay: Relay) 
 
 def _take_tap(relay: Relay, tap: UsageTap) -> None:
     relay.chunks = tap.chunks
-    relay.prompt_tokens = tap.prompt_tokens
-    relay.completion_tokens = tap.completion_tokens
+    _take_usage(relay, tap.usage)

@@ -1,13 +1,16 @@
 """The one mapping from refusals and failures to HTTP: OpenAI's error shape, statuses and the
-retry headers the official SDKs obey.
+retry headers the official SDKs obey, and Anthropic's for the requests that speak its API.
 
 openai-python retries 408/409/429/5xx, waits ``retry-after-ms`` else ``Retry-After`` when it is
 between 0 and 120 s, and ``x-should-retry`` overrides its decision: we send ``false`` where waiting
-cannot help, and an honest wait everywhere else.
+cannot help, and an honest wait everywhere else. anthropic-python reads the same three headers
+(a wait up to 60 s) and retries 408/409/429/5xx; it expects ``529 overloaded_error`` where the
+service is overloaded, so a shed request answers 529 on the Anthropic path.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping
 
@@ -32,7 +35,42 @@ _STATUS: dict[Outcome, tuple[int, str, str]] = {
     Outcome.UPSTREAM_TIMEOUT: (504, "timeout", "upstream_timeout"),
 }
 
+_ANTHROPIC: dict[Outcome, tuple[int | None, str]] = {  # None: the OpenAI status
+    Outcome.BAD_REQUEST: (None, "invalid_request_error"),
+    Outcome.UNAUTHORIZED: (None, "authentication_error"),
+    Outcome.NOT_FOUND: (None, "not_found_error"),
+    Outcome.TOO_LARGE: (None, "request_too_large"),
+    Outcome.RATE_LIMITED: (None, "rate_limit_error"),
+    Outcome.SHED_QUEUE_FULL: (529, "overloaded_error"),
+    Outcome.SHED_DEADLINE: (529, "overloaded_error"),
+    Outcome.SHED_OVERLOAD: (529, "overloaded_error"),
+    Outcome.SHED_LOADING: (529, "overloaded_error"),
+    Outcome.SHED_FRAGMENTATION: (529, "overloaded_error"),
+    Outcome.STORE_ERROR: (529, "overloaded_error"),
+    Outcome.UPSTREAM_ERROR: (None, "api_error"),
+    Outcome.UPSTREAM_TIMEOUT: (None, "timeout_error"),
+}
+
 _encode = msgspec.json.Encoder().encode
+
+
+class ErrorShape(enum.Enum):
+    """The error body and statuses an API's clients expect."""
+
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
+class ErrorResponse(web.Response):
+    """An error the gateway made (not a backend's), with what it says, so ``shaped`` can put it
+    in another API's shape."""
+
+    def __init__(
+        self, outcome: Outcome, message: str, *, status: int, body: bytes, headers: dict[str, str]
+    ) -> None:
+        super().__init__(status=status, body=body, content_type="application/json", headers=headers)
+        self.outcome = outcome
+        self.message = message
 
 
 def error(
@@ -63,12 +101,27 @@ def error(
         out.update(retry_headers(retry_after_s))
     if should_retry is not None:
         out["x-should-retry"] = "true" if should_retry else "false"
-    return web.Response(
+    return ErrorResponse(
+        outcome,
+        message,
         status=status or default_status,
         body=_encode(body),
-        content_type="application/json",
         headers=out,
     )
+
+
+def shaped(response: web.StreamResponse, shape: ErrorShape) -> web.StreamResponse:
+    """``response`` in the error shape of the request's API: Anthropic's is
+    ``{"type": "error", "error": {"type", "message"}}`` with 529 for overload. Answers that are
+    not the gateway's own errors pass unchanged."""
+    if shape is ErrorShape.OPENAI or not isinstance(response, ErrorResponse):
+        return response
+    status, type_ = _ANTHROPIC[response.outcome]
+    if status is not None:
+        response.set_status(status)
+    error = {"type": type_, "message": response.message}
+    response.body = _encode({"type": "error", "error": error})
+    return response
 
 
 def retry_headers(seconds: float) -> dict[str, str]:

@@ -7,13 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.proxy.body import (
-    BadRequestBody,
-    Endpoint,
-    endpoint_of,
-    parse_request,
-    with_usage_requested,
-)
+from gateway.proxy.apis import routes
+from gateway.proxy.apis.common import BadRequestBody, Endpoint
+from gateway.proxy.apis.openai import with_usage_requested
+from gateway.proxy.apis.routes import parse_request
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -21,12 +18,13 @@ EMBEDDINGS = "/v1/embeddings"
 
 
 def test_endpoints_are_recognised_by_path() -> None:
-    assert endpoint_of("/v1/chat/completions") is Endpoint.CHAT
-    assert endpoint_of("/chat/completions/") is Endpoint.CHAT
-    assert endpoint_of("/v1/completions") is Endpoint.COMPLETION
-    assert endpoint_of("/v1/embeddings") is Endpoint.EMBEDDING
-    assert endpoint_of("/v1/models") is None
-    with pytest.raises(BadRequestBody, match="not served here"):
+    assert (
+        routes.route("POST", "/v1/chat/completions").parse
+        is routes.route("POST", "/chat/completions/").parse
+    )
+    assert routes.route("POST", "/v1/models").parse is None
+    assert routes.route("GET", "/v1/chat/completions").unknown
+    with pytest.raises(BadRequestBody, match="not an endpoint this gateway can cost"):
         parse_request(b"{}", "/v1/models")
 
 

@@ -24,7 +24,7 @@ from gateway.core.cost import (
 )
 from gateway.core.tokens import TokenizerUnavailable, tiktoken_counter, tokenizer_json_counter
 from gateway.core.types import Unit
-from gateway.proxy.body import parse_request
+from gateway.proxy.apis.routes import parse_request
 
 LLAMA_8B = ModelProfile(
     layers=32,

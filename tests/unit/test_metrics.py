@@ -133,6 +133,8 @@ kvgate_kv_gib_seconds_total{model="qwen",tenant="beta"} 1e-06
 # HELP kvgate_policy_reloads_total Policy reloads by result.
 # TYPE kvgate_policy_reloads_total counter
 kvgate_policy_reloads_total{result="ok"} 1.0
+# HELP kvgate_uncosted_requests_total Requests on paths without cost rules let through by server.unknown_endpoints.
+# TYPE kvgate_uncosted_requests_total counter
 # HELP kvgate_policy_info 1 for the live policy.
 # TYPE kvgate_policy_info gauge
 kvgate_policy_info{fingerprint="abc123"} 1.0

@@ -1,195 +1,154 @@
-"""The usage parser: the top-level ``usage`` of a whole JSON answer, and the last usage object
-in the end of a body too long to keep, found by matching braces outside strings."""
+"""Usage as each API reports it, whole answers and stream events, and what is not trusted."""
 
 from __future__ import annotations
 
-import msgspec
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.proxy.usage import Usage, usage_in_tail, usage_of_json
-
-ANSWER = (
-    b'{"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": '
-    b'{"role": "assistant", "content": "hi"}}], '
-    b'"usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}}'
-)
+from gateway.core.cost import ModelProfile, sane_usage
+from gateway.proxy.usage import AnswerShape, Usage, usage_in_tail, usage_of_event, usage_of_json
 
 
-# -- usage_of_json ---------------------------------------------------------------------------------
+def _j(payload: object) -> bytes:
+    return json.dumps(payload).encode()
 
 
 @pytest.mark.parametrize(
-    ("body", "usage"),
+    ("shape", "answer", "expected"),
     [
-        (ANSWER, Usage(prompt_tokens=7, completion_tokens=5)),
-        # embeddings report no completion tokens
-        (b'{"data": [], "usage": {"prompt_tokens": 777}}', Usage(prompt_tokens=777)),
-        # details the struct does not name are skipped, nested objects included
+        (AnswerShape.OPENAI, {"usage": {"prompt_tokens": 7, "completion_tokens": 3}}, (7, 3)),
         (
-            b'{"usage": {"prompt_tokens": 3, "prompt_tokens_details": {"cached_tokens": 2}, '
-            b'"completion_tokens": 4}}',
-            Usage(prompt_tokens=3, completion_tokens=4),
+            AnswerShape.RESPONSES,
+            {"id": "resp_9", "usage": {"input_tokens": 11, "output_tokens": 4, "total_tokens": 15}},
+            (11, 4),
         ),
-        (b'{"id": "c", "choices": []}', None),
-        (b'{"usage": null}', None),
-        # only the top level counts: a usage inside a choice is the backend's content
-        (b'{"choices": [{"usage": {"prompt_tokens": 1, "completion_tokens": 1}}]}', None),
-        (b'{"usage": {"prompt_tokens": 7, "completion_tokens": 5}', None),  # cut short
-        (b"not json", None),
-        (b"", None),
-        (b"[1, 2]", None),
-        (b'{"usage": "seven"}', None),
-        (b'{"usage": {"prompt_tokens": "7"}}', None),
-    ],
-    ids=[
-        "chat",
-        "embeddings",
-        "nested-details",
-        "no-usage",
-        "null",
-        "nested-not-top-level",
-        "cut",
-        "not-json",
-        "empty",
-        "array",
-        "usage-a-string",
-        "count-a-string",
+        (
+            AnswerShape.ANTHROPIC,
+            {
+                "type": "message",
+                "usage": {
+                    "input_tokens": 10,
+                    "cache_read_input_tokens": 5,
+                    "cache_creation_input_tokens": 2,
+                    "output_tokens": 6,
+                },
+            },
+            (17, 6),
+        ),
+        (AnswerShape.OLLAMA, {"done": True, "prompt_eval_count": 26, "eval_count": 290}, (26, 290)),
+        (AnswerShape.LLAMACPP, {"tokens_evaluated": 12, "tokens_predicted": 8}, (12, 8)),
+        (AnswerShape.LLAMACPP, {"timings": {"prompt_n": 9, "predicted_n": 2}}, (9, 2)),
+        (AnswerShape.GENERATE, {"details": {"generated_tokens": 5}}, (None, 5)),
+        (
+            AnswerShape.GENERATE,
+            {"text": "x", "meta_info": {"prompt_tokens": 4, "completion_tokens": 6}},
+            (4, 6),
+        ),
+        (AnswerShape.OPENAI, {"results": [], "usage": {"total_tokens": 30}}, (30, None)),
     ],
 )
-def test_usage_of_json(body: bytes, usage: Usage | None) -> None:
-    assert usage_of_json(body) == usage
+def test_whole_answers(shape: AnswerShape, answer: object, expected: tuple[int, int]) -> None:
+    usage = usage_of_json(shape, _j(answer))
+    assert usage is not None
+    assert (usage.input_tokens, usage.output_tokens) == expected
 
 
-# -- usage_in_tail ---------------------------------------------------------------------------------
+def test_a_batch_of_sglang_answers_is_summed() -> None:
+    batch = [{"meta_info": {"prompt_tokens": 2, "completion_tokens": 3}}] * 2
+    assert usage_of_json(AnswerShape.GENERATE, _j(batch)) == Usage(4, 6)
 
 
-@pytest.mark.parametrize(
-    ("tail", "usage"),
-    [
-        (ANSWER, Usage(prompt_tokens=7, completion_tokens=5)),
-        # the last bytes of a long body: its start (and the top-level brace) is gone
-        (ANSWER[ANSWER.index(b"}}]") :], Usage(prompt_tokens=7, completion_tokens=5)),
-        (
-            b'"usage": {"completion_tokens": 2, "prompt_tokens": 1}}',
-            Usage(prompt_tokens=1, completion_tokens=2),
-        ),
-        # whitespace a pretty-printing server puts around the colon
-        (b'"usage" :\n  {\n "prompt_tokens": 1\n}\n}', Usage(prompt_tokens=1)),
-        # braces and quotes inside strings do not end the object early
-        (
-            b'"usage": {"note": "a } b \\" } { c", "prompt_tokens": 1, "completion_tokens": 2}}',
-            Usage(prompt_tokens=1, completion_tokens=2),
-        ),
-        # an escaped backslash ends a string with a quote that is not escaped
-        (
-            b'"usage": {"note": "ends in \\\\", "prompt_tokens": 1, "completion_tokens": 2}}',
-            Usage(prompt_tokens=1, completion_tokens=2),
-        ),
-        (
-            b'"usage": {"prompt_tokens": 3, "prompt_tokens_details": {"cached_tokens": {"a": 1}},'
-            b' "completion_tokens": 4}}',
-            Usage(prompt_tokens=3, completion_tokens=4),
-        ),
-        # several usage objects (a body of many results): the last one wins
-        (
-            b'{"a": {"usage": {"prompt_tokens": 1, "completion_tokens": 1}}, '
-            b'"usage": {"prompt_tokens": 2, "completion_tokens": 9}}',
-            Usage(prompt_tokens=2, completion_tokens=9),
-        ),
-        (
-            b'{"usage": {"prompt_tokens": 1}, "b": {"usage": {"prompt_tokens": 5}}}',
-            Usage(prompt_tokens=5),
-        ),
-        # a key inside a string is no key; the string's quotes are escaped
-        (
-            b'{"usage": {"prompt_tokens": 1}, "c": "say \\"usage\\": {\\"prompt_tokens\\": 9}"}',
-            Usage(prompt_tokens=1),
-        ),
-        (b'{"id": "c", "choices": []}', None),
-        (b"", None),
-        (b'"usage"', None),
-        (b'"usage": null}', None),
-        # the tail was cut inside the object: the usage is not whole
-        (b'"usage": {"prompt_tokens": 7, "completion_tokens": 5', None),
-        (b'"usage": {"prompt_tokens": 7, "note": "}", "completion', None),
-        (b'"usage": {"prompt_tokens": 7, "details": {"a": 1}', None),
-        (b'"usage": {"prompt_tokens": "7"}}', None),  # whole, but not a usage
-    ],
-    ids=[
-        "whole-answer",
-        "last-bytes",
-        "key-first",
-        "whitespace",
-        "braces-and-quotes-in-strings",
-        "escaped-backslash",
-        "nested-objects",
-        "last-of-two",
-        "last-is-nested",
-        "key-inside-a-string",
-        "no-usage",
-        "empty",
-        "key-only",
-        "null",
-        "cut-inside",
-        "cut-after-a-brace-in-a-string",
-        "cut-after-a-nested-object",
-        "not-a-usage",
-    ],
-)
-def test_usage_in_tail(tail: bytes, usage: Usage | None) -> None:
-    assert usage_in_tail(tail) == usage
+def test_the_responses_id_is_kept() -> None:
+    usage = usage_of_json(AnswerShape.RESPONSES, _j({"id": "resp_1", "usage": {"input_tokens": 1}}))
+    assert usage is not None
+    assert usage.answer_id == "resp_1"
 
 
-def test_a_string_valued_usage_after_the_usage_object_is_not_taken_for_the_key() -> None:
-    # vLLM puts ``prompt_logprobs`` after ``usage``; each token carries its text, and a prompt's
-    # token can be the word itself
-    tail = (
-        b'"usage": {"prompt_tokens": 7, "completion_tokens": 5}, "prompt_logprobs": [null, '
-        b'{"8478": {"logprob": -1.5, "rank": 1, "decoded_token": "usage"}}, '
-        b'{"25": {"logprob": -0.5, "rank": 1, "decoded_token": ":"}}]}'
+def test_negative_counts_are_not_trusted() -> None:
+    usage = usage_of_json(
+        AnswerShape.OPENAI, _j({"usage": {"prompt_tokens": -5000, "completion_tokens": 3}})
     )
-    assert usage_in_tail(tail) == Usage(prompt_tokens=7, completion_tokens=5)
+    assert usage == Usage(None, 3)
+    assert (
+        usage_of_json(AnswerShape.OLLAMA, _j({"prompt_eval_count": -1, "eval_count": -1})) is None
+    )
 
 
-# -- properties ------------------------------------------------------------------------------------
+def test_bad_answers_give_none() -> None:
+    for shape in AnswerShape:
+        assert usage_of_json(shape, b"not json") is None
+        assert usage_of_json(shape, b"[" * 5000) is None
 
-_counts = st.integers(min_value=0, max_value=2**40)
-_usages = st.builds(Usage, prompt_tokens=_counts, completion_tokens=_counts)
-_values = st.recursive(
-    st.text() | st.integers() | st.none(),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
-    max_leaves=8,
+
+def test_an_absurd_count_is_bounded_when_settled() -> None:
+    huge = b'{"usage": {"prompt_tokens": 1' + b"0" * 400 + b"}}"
+    usage = usage_of_json(AnswerShape.OPENAI, huge)
+    assert usage is not None
+    assert usage.input_tokens is not None
+    assert sane_usage(PROFILE, 1, usage.input_tokens, 0) == (PROFILE.context_tokens, 0)
+
+
+def test_stream_events() -> None:
+    created = _j({"type": "response.created", "response": {"id": "resp_2", "usage": None}})
+    assert usage_of_event(AnswerShape.RESPONSES, created) == Usage(None, None, "resp_2")
+    completed = _j(
+        {
+            "type": "response.completed",
+            "response": {"id": "resp_2", "usage": {"input_tokens": 20, "output_tokens": 9}},
+        }
+    )
+    assert usage_of_event(AnswerShape.RESPONSES, completed) == Usage(20, 9, "resp_2")
+    start = _j(
+        {"type": "message_start", "message": {"usage": {"input_tokens": 25, "output_tokens": 1}}}
+    )
+    delta = _j({"type": "message_delta", "delta": {}, "usage": {"output_tokens": 15}})
+    merged = usage_of_event(AnswerShape.ANTHROPIC, start)
+    later = usage_of_event(AnswerShape.ANTHROPIC, delta)
+    assert merged is not None
+    assert later is not None
+    assert merged.merged(later) == Usage(25, 15)
+
+
+def test_long_answers_are_read_from_their_tail() -> None:
+    tail = b'...": "x"}], "usage": {"input_tokens": 3, "output_tokens": 2}, "user": null}'
+    assert usage_in_tail(AnswerShape.RESPONSES, tail) == Usage(3, 2)
+    ndjson = b'{"done":false}\n{"done":true,"prompt_eval_count":4,"eval_count":5}\n'
+    assert usage_in_tail(AnswerShape.OLLAMA, ndjson) == Usage(4, 5)
+    assert usage_in_tail(AnswerShape.OLLAMA, b'{"done":true,"prompt_eval_co') is None
+
+
+PROFILE = ModelProfile(
+    layers=2,
+    kv_heads=2,
+    head_dim=8,
+    dtype_bytes=2.0,
+    block_size=16,
+    context_tokens=4096,
+    default_max_tokens=64,
+    chars_per_token=4.0,
+    prefill_tokens_per_s=1000.0,
+    decode_tokens_per_s=10.0,
+    price_input_per_mtok=0.0,
+    price_output_per_mtok=0.0,
 )
-_fields = st.dictionaries(st.text().filter(lambda key: key != "usage"), _values, max_size=5)
 
 
-@given(fields=_fields, usage=_usages)
-def test_the_usage_ending_an_encoded_body_is_found_and_every_cut_gives_it_or_none(
-    fields: dict[str, object], usage: Usage
-) -> None:
-    body = msgspec.json.encode({**fields, "usage": usage})
-    assert usage_of_json(body) == usage
-    assert usage_in_tail(body) == usage
-    for cut in range(len(body)):
-        assert usage_in_tail(body[cut:]) in (None, usage)
-    # a body cut before the usage object's end has no usage yet; only the outer brace may go
-    for cut in range(len(body) - 1):
-        assert usage_in_tail(body[:cut]) is None
-    assert usage_in_tail(body[:-1]) == usage
-
-
-_strings = st.text() | st.sampled_from(["usage", '"usage": {}', "usage: {"])
-_after = st.dictionaries(
-    _strings, st.recursive(_strings, lambda inner: st.lists(inner, max_size=3)), max_size=3
+@given(
+    st.integers(min_value=-(2**63), max_value=2**63),
+    st.integers(min_value=-(2**63), max_value=2**63),
+    st.integers(min_value=1, max_value=16),
 )
-
-
-@given(fields=_fields, usage=_usages, after=_after)
-def test_string_values_after_the_usage_never_change_what_is_found(
-    fields: dict[str, object], usage: Usage, after: dict[str, object]
+def test_settled_usage_is_never_negative_nor_beyond_a_context_per_sequence(
+    input_tokens: int, output_tokens: int, sequences: int
 ) -> None:
-    # the usage is not the last key: strings of any content follow it, the word itself too
-    body = msgspec.json.encode({**fields, "usage": usage, "after": after})
-    assert usage_in_tail(body) == usage
+    got_in, got_out = sane_usage(PROFILE, sequences, input_tokens, output_tokens)
+    most = PROFILE.context_tokens * sequences
+    assert 0 <= got_in <= most
+    assert 0 <= got_out <= most
+    if 0 <= input_tokens <= most:
+        assert got_in == input_tokens
+    if 0 <= output_tokens <= most:
+        assert got_out == output_tokens
