@@ -64,7 +64,18 @@ def command(env: Mapping[str, str]) -> list[str]:
     policy = policy_to_serve(Path(env.get("KVGATE_POLICY") or DEFAULT_POLICY), env)
     host = env.get("KVGATE_HOST") or "0.0.0.0"
     port = env.get("KVGATE_PORT") or "8080"
-    return [sys.executable, "-m", "gateway", "run", "-c", str(policy), "--host", host, "--port", port]
+    return [
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "-c",
+        str(policy),
+        "--host",
+        host,
+        "--port",
+        port,
+    ]
 
 
 def healthcheck(env: Mapping[str, str]) -> int:
