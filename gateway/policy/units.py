@@ -60,7 +60,8 @@ def excerpt(value: object) -> str:
     text = repr(value)
     if len(text) <= _EXCERPT_CHARS:
         return text
-    return f"{text[: _EXCERPT_CHARS - 1]}… ({len(text)} characters)"
+    size = len(value) if isinstance(value, str) else len(text)
+    return f"{text[: _EXCERPT_CHARS - 1]}… ({size} characters)"
 
 
 @functools.lru_cache(maxsize=4096)  # a large policy repeats a few values many times
