@@ -266,3 +266,14 @@ def test_the_json_schema_accepts_the_shipped_policies_and_refuses_bad_numbers() 
     for name in ("infinite_timeouts", "oversized_number", "unknown_enum"):
         data = yaml.safe_load((ROOT / "policies" / "invalid" / f"{name}.yaml").read_text())
         assert list(validator.iter_errors(data)), name
+
+
+def test_a_file_with_many_errors_lists_the_first_fifty_and_counts_the_rest() -> None:
+    tenants = "".join(f"  t{i}: {{priority: urgent}}\n" for i in range(60))
+    with pytest.raises(PolicyErrors) as caught:
+        load_text(HEAD + "tenants:\n" + tenants, "p.yaml")
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 51
+    assert lines[0].startswith("p.yaml: line 7, at $.tenants.t0.priority: Invalid enum value")
+    assert lines[-1] == "p.yaml: ... and 10 more errors"
+    assert len(caught.value.details) == 60
