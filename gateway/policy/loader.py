@@ -28,6 +28,9 @@ from gateway.policy import schema, units
 MAX_POLICY_BYTES = 8 * 2**20  # checked before parsing: a reload attempt never costs more
 MAX_REPORTED = 50  # errors listed for one file; the rest are counted
 _MAX_NODES = 2_000_000  # after anchors and aliases are expanded
+_MAX_DEPTH = 100  # a policy nests about 8 deep; libyaml's composer recurses in C
+_OPENS = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_CLOSES = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
 
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -112,8 +115,9 @@ def load_text(text: str, source: str = "<string>") -> schema.Policy:
 
 def parse(text: str, source: str = "<string>") -> Document:
     """Decode ``text``; raises ``PolicyError`` (``PolicyErrors`` for several) with every error."""
-    if len(text) > MAX_POLICY_BYTES:
-        raise PolicyError(source, _too_large(len(text.encode())))
+    size = len(text.encode())
+    if size > MAX_POLICY_BYTES:
+        raise PolicyError(source, _too_large(size))
     if not text.strip():
         raise PolicyError(source, "the file is empty; a policy needs `version: 1` and `models`")
     root, data, problems = _compose(text, source)
@@ -138,6 +142,7 @@ def parse(text: str, source: str = "<string>") -> Document:
 def _compose(text: str, source: str) -> tuple[yaml.Node, object, list[_Problem]]:
     """The node tree, the plain values built from it (one parse for both) and the keys given
     twice."""
+    _check_depth(text, source)
     loader = _Loader(text)
     try:
         root = loader.get_single_node()
@@ -158,6 +163,26 @@ def _compose(text: str, source: str) -> tuple[yaml.Node, object, list[_Problem]]
     return root, data, duplicates
 
 
+def _check_depth(text: str, source: str) -> None:
+    """Refuse deep nesting before composing: the C composer recurses once per level and a few
+    tens of thousands of ``[`` (a small file) overflow the thread's stack, which ends the process
+    rather than raising. The event parser keeps its own stack, and its events are cheap."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, _OPENS):
+                depth += 1
+                if depth > _MAX_DEPTH:
+                    line = event.start_mark.line + 1 if event.start_mark else 1
+                    raise PolicyError(source, f"line {line}: nested more than {_MAX_DEPTH} deep")
+            elif isinstance(event, _CLOSES):
+                depth -= 1
+    except yaml.MarkedYAMLError as exc:
+        raise PolicyError(source, _describe_syntax(exc, text)) from None
+    except yaml.YAMLError as exc:
+        raise PolicyError(source, f"invalid YAML: {units.excerpt(str(exc))}") from None
+
+
 def _describe_syntax(exc: yaml.MarkedYAMLError, text: str) -> str:
     mark = exc.problem_mark or exc.context_mark
     problem = exc.problem or exc.context or "invalid YAML"
@@ -170,7 +195,7 @@ def _describe_syntax(exc: yaml.MarkedYAMLError, text: str) -> str:
         return (
             f"{where}: a tab character; YAML indents with spaces only (replace the tab with spaces)"
         )
-    return f"{where}: {problem}"
+    return f"{where}: {_shorten(problem)}"
 
 
 def _count_nodes(root: yaml.Node, source: str) -> None:

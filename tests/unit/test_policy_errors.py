@@ -277,3 +277,14 @@ def test_a_file_with_many_errors_lists_the_first_fifty_and_counts_the_rest() -> 
     assert lines[0].startswith("p.yaml: line 7, at $.tenants.t0.priority: Invalid enum value")
     assert lines[-1] == "p.yaml: ... and 10 more errors"
     assert len(caught.value.details) == 60
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 1_000_000 + "]" * 1_000_000, "version: 1\nmodels: " + "{a: " * 200 + "1" + "}" * 200],
+    ids=["flow-a-million-deep", "mapping-200-deep"],
+)
+def test_deep_nesting_is_refused_before_the_composer_recurses(text: str) -> None:
+    """libyaml's C composer overflows the stack at a few tens of thousands of levels: the
+    process would die instead of raising."""
+    assert _error(text).endswith(": nested more than 100 deep")
