@@ -8,8 +8,10 @@ the file, each as ``line N, at $.key.path: what was expected``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import enum
+import gc
 import math
 import os
 import re
@@ -120,9 +122,10 @@ def parse(text: str, source: str = "<string>") -> Document:
         raise PolicyError(source, _too_large(size))
     if not text.strip():
         raise PolicyError(source, "the file is empty; a policy needs `version: 1` and `models`")
-    root, data, problems = _compose(text, source)
+    with collector_paused():
+        root, data, problems = _compose(text, source)
+        spec, found = _check(data, schema.Policy, [])
     index: dict[int, dict[object, tuple[yaml.Node, yaml.Node]]] = {}
-    spec, found = _check(data, schema.Policy, [])
     problems += found
     if problems or spec is None:
         details = sorted(
@@ -137,6 +140,20 @@ def parse(text: str, source: str = "<string>") -> Document:
             raise PolicyError(source, messages[0])
         raise PolicyErrors(source, messages)
     return Document(spec, source, root, index)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Building a large file allocates a million objects that all stay alive, and each time
+    the cycle collector runs it walks every one of them: about 70% of the time on a 5 MB file.
+    The tree holds no cycles worth collecting during the parse, so the collector waits."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _compose(text: str, source: str) -> tuple[yaml.Node, object, list[_Problem]]:

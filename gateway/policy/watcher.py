@@ -49,7 +49,8 @@ def read_policy(path: Path, *, offline: bool = False) -> tuple[Policy, bytes]:
     document = loader.parse(loader.decode_text(data, str(path)), str(path))
     env = OfflineSecrets() if offline else None
     try:
-        policy = compile_policy(document.spec, str(path), env=env)
+        with loader.collector_paused():  # compiling a large policy allocates as much again
+            policy = compile_policy(document.spec, str(path), env=env)
     except PolicyError as exc:
         raise document.locate(exc) from exc
     return policy, hashlib.sha256(data).digest()
