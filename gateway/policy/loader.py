@@ -446,7 +446,11 @@ def _segments(key_path: str) -> Segments:
 
 
 def _join(segments: Segments) -> str:
-    return "$" + "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in segments)
+    """The key path; a long key (a tenant named with a megabyte) is cut like any value."""
+    return "$" + "".join(
+        f"[{s}]" if isinstance(s, int) else f".{s if len(s) <= 40 else s[:39] + '…'}"
+        for s in segments
+    )
 
 
 def _line_of(

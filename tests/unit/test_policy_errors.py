@@ -288,3 +288,11 @@ def test_deep_nesting_is_refused_before_the_composer_recurses(text: str) -> None
     """libyaml's C composer overflows the stack at a few tens of thousands of levels: the
     process would die instead of raising."""
     assert _error(text).endswith(": nested more than 100 deep")
+
+
+def test_a_huge_key_is_cut_in_the_path_too() -> None:
+    name = "t" * 1000  # YAML caps an implicit key at 1024 characters
+    message = _error(HEAD + f"tenants: {{{name}: {{weight: 0}}}}\n")
+    assert (
+        message == f"p.yaml: line 6, at $.tenants.{'t' * 39}….weight: Expected `float` > 0.0, got 0"
+    )
