@@ -168,7 +168,8 @@ async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
     def report(result: str) -> None:
         gw.metrics.policy_reloads.labels(result).inc()
 
-    async with _running(PolicyWatcher(path, digest, apply, report).run()):
+    watcher = PolicyWatcher(path, digest, apply, report, running=gw.live.policy)
+    async with _running(watcher.run()):
         yield
 
 

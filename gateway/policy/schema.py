@@ -18,11 +18,27 @@ from msgspec import Meta
 from gateway.core.types import Unit
 from gateway.policy import units
 
-Size = str | int
-Duration = str | float
-Positive = Annotated[int, Meta(gt=0)]
-PositiveFloat = Annotated[float, Meta(gt=0)]
-NonNegativeFloat = Annotated[float, Meta(ge=0)]
+# Numbers are bounded here, not only where they are parsed: a NaN, an infinity or a 400-digit
+# number is refused at decode time with its path, and the JSON Schema tells editors the ranges.
+# The strings' patterns are for editors only; the unit parsers give the messages.
+Size = (
+    Annotated[str, Meta(extra_json_schema={"pattern": r"^\s*(\d+(\.\d*)?|\.\d+)\s*[a-zA-Z]*\s*$"})]
+    | Annotated[int, Meta(ge=0, le=units.MAX_SIZE_BYTES)]
+)
+Seconds = Annotated[float, Meta(ge=0, le=units.MAX_DURATION_S)]
+Duration = Annotated[str, Meta(extra_json_schema={"examples": ["30s", "100ms", "5m"]})] | Seconds
+Share = (
+    Annotated[str, Meta(extra_json_schema={"examples": ["10%"]})]
+    | Annotated[float, Meta(ge=0, le=1)]
+)
+Positive = Annotated[int, Meta(ge=1, le=units.MAX_COUNT)]
+PositiveFloat = Annotated[float, Meta(gt=0, le=units.MAX_AMOUNT)]
+NonNegativeFloat = Annotated[float, Meta(ge=0, le=units.MAX_AMOUNT)]
+Amount = (
+    Annotated[str, Meta(extra_json_schema={"examples": ["40", "300k", "1M"]})]
+    | Annotated[float, Meta(gt=0, le=units.MAX_AMOUNT)]
+)
+Rate = Annotated[str, Meta(extra_json_schema={"examples": ["20/s", "200k/min", "1M/day"]})]
 T = TypeVar("T")
 PriorityName = Literal["critical", "standard", "sheddable"]
 
@@ -44,6 +60,9 @@ class Timeouts(Base, frozen=True, kw_only=True):
 
 
 class Server(Base, frozen=True, kw_only=True):
+    """The listener and upstream timeouts; host, port, grace_period, access_log and a larger
+    max_body take effect at restart, the rest on reload."""
+
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
     max_body: Size = "8MiB"
@@ -114,6 +133,8 @@ class Metrics(Base, frozen=True, kw_only=True):
 
 
 class Backend(Base, frozen=True, kw_only=True):
+    """One server of a model (vLLM, SGLang, TGI, llama.cpp or any OpenAI-compatible one)."""
+
     url: str
     kv_capacity: Size | None = None
     signals: Literal["vllm", "sglang", "tgi", "llamacpp", "generic", "none"] = "vllm"
@@ -135,7 +156,9 @@ class Backend(Base, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"`url`: must start with http:// or https://, got {self.url!r}")
+            raise ValueError(
+                f"`url`: must start with http:// or https://, got {units.excerpt(self.url)}"
+            )
         if self.kv_capacity is not None:
             _check(self, "kv_capacity", units.parse_size)
         _check(self, "warmup", units.parse_duration)
@@ -148,20 +171,24 @@ class Backend(Base, frozen=True, kw_only=True):
 
 
 class Limit(Base, frozen=True, kw_only=True):
+    """A token bucket: `rate` like 20/s or 1M/day, `burst` defaults to one period's worth."""
+
     unit: Unit
-    rate: str
-    burst: str | float | None = None  # default: one period's worth
+    rate: Rate
+    burst: Amount | None = None  # default: one period's worth
     model: str | None = None  # tenant limits: only requests for this model
 
     def __post_init__(self) -> None:
         amount, _ = _check(self, "rate", units.parse_rate)
         if amount <= 0:
-            raise ValueError(f"`rate`: must be > 0, got {self.rate!r}")
+            raise ValueError(f"`rate`: must be > 0, got {units.excerpt(self.rate)}")
         if self.burst is not None and _check(self, "burst", units.parse_amount) <= 0:
-            raise ValueError(f"`burst`: must be > 0, got {self.burst!r}")
+            raise ValueError(f"`burst`: must be > 0, got {units.excerpt(self.burst)}")
 
 
 class Model(Base, frozen=True, kw_only=True):
+    """A model: its KV-cache shape, its backends and the limits all tenants share on it."""
+
     kv: KVProfile
     context: Positive = 8192
     default_max_tokens: Positive = 1024
@@ -182,6 +209,8 @@ class Model(Base, frozen=True, kw_only=True):
 
 
 class Tenant(Base, frozen=True, kw_only=True):
+    """A client: its keys (`env:VAR` or `sha256:<hex>`), priority, fair-share weight, limits."""
+
     keys: list[str] = msgspec.field(default_factory=list)
     priority: PriorityName = "standard"
     weight: PositiveFloat = 1.0
@@ -214,8 +243,8 @@ class Queue(Base, frozen=True, kw_only=True):
 
 
 class Fragmentation(Base, frozen=True, kw_only=True):
-    shed_above: float | str = 0.5
-    large_request: float | str = "10%"
+    shed_above: Share = 0.5
+    large_request: Share = "10%"
 
     def __post_init__(self) -> None:
         _check(self, "shed_above", units.parse_share)
@@ -223,7 +252,7 @@ class Fragmentation(Base, frozen=True, kw_only=True):
 
 
 class Warmup(Base, frozen=True, kw_only=True):
-    floor: float | str = "10%"
+    floor: Share = "10%"
 
     def __post_init__(self) -> None:
         _check(self, "floor", units.parse_share)
@@ -239,13 +268,13 @@ class Eject(Base, frozen=True, kw_only=True):
 
 class Admission(Base, frozen=True, kw_only=True):
     enabled: bool = True
-    headroom: float | str = "10%"
+    headroom: Share = "10%"
     queue: Queue = msgspec.field(default_factory=Queue)
     fragmentation: Fragmentation = msgspec.field(default_factory=Fragmentation)
     warmup: Warmup = msgspec.field(default_factory=Warmup)
     eject: Eject = msgspec.field(default_factory=Eject)
     stale_after: Duration = "5s"
-    output_quantile: float | str = 0.9
+    output_quantile: Share = 0.9
 
     def __post_init__(self) -> None:
         _check(self, "headroom", units.parse_share)
@@ -254,6 +283,8 @@ class Admission(Base, frozen=True, kw_only=True):
 
 
 class Policy(Base, frozen=True, kw_only=True):
+    """A kvgate policy file (version 1)."""
+
     version: Literal[1]
     server: Server = msgspec.field(default_factory=Server)
     store: MemoryStore | RedisStore = msgspec.field(default_factory=MemoryStore)

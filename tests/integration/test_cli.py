@@ -41,6 +41,40 @@ def test_validate_accepts_good_files_and_names_the_line_of_a_bad_one() -> None:
     assert "unknown_key.yaml: line 7, at $.models.llama.backends[0].warmpu" in bad.stderr
 
 
+def test_validate_reports_every_error_of_a_file_and_never_a_traceback(tmp_path: Path) -> None:
+    bad = _kvgate("validate", "policies/invalid/many_errors.yaml", str(tmp_path / "missing.yaml"))
+    assert bad.returncode == 1
+    lines = bad.stderr.splitlines()
+    assert len(lines) == 5
+    assert all(line.startswith("policies/invalid/many_errors.yaml: line ") for line in lines[:4])
+    assert lines[4] == f"{tmp_path / 'missing.yaml'}: cannot read: No such file or directory"
+    assert "Traceback" not in bad.stderr
+
+
+def test_validate_offline_checks_a_file_without_its_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    text = (ROOT / "policies" / "examples" / "two-models-three-tenants.yaml").read_text()
+    path.write_text(text)
+    online = _kvgate("validate", str(path))
+    assert online.returncode == 1
+    assert "environment variable" in online.stderr
+    assert "is not set" in online.stderr
+    offline = _kvgate("validate", "--offline", str(path))
+    assert offline.returncode == 0, offline.stderr
+    assert "ok (fingerprint" in offline.stdout
+    assert "secrets not read" in offline.stdout
+
+
+def test_schema_prints_a_json_schema() -> None:
+    result = _kvgate("schema")
+    assert result.returncode == 0
+    document = json.loads(result.stdout)
+    assert document["title"] == "kvgate policy"
+    policy = document["$defs"]["Policy"]
+    assert set(policy["required"]) == {"version", "models"}
+    assert policy["additionalProperties"] is False
+
+
 def test_explain_shows_cost_and_limits(tmp_path: Path) -> None:
     request = tmp_path / "req.json"
     body = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "x" * 400}]}
