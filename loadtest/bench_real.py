@@ -21,7 +21,9 @@ Definitions (printed with the table):
   of a repeat (the longest makespan among them), so a target that sheds is not paid for ending
   early;
 - *TTFT*, *ITL*: time to the first content event from the scheduled time; gaps between content
-  events of one stream, pooled over the run; nearest-rank percentiles over successful requests;
+  events of one stream, pooled over the run (events read together give zero gaps, so also
+  *TPOT*: a request's time from first to last token per output token after the first);
+  nearest-rank percentiles over successful requests;
 - *preemptions*: increase of the server's counter over the run; *waiting max*: the largest
   waiting-queue gauge seen (sampled every ``--sample-every`` seconds).
 """
@@ -168,6 +170,14 @@ class Record(msgspec.Struct, kw_only=True):
     def latency_s(self) -> float | None:
         return None if self.done_s is None else self.done_s - self.scheduled_s
 
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first: robust to events that arrive together
+        in one read, which make single gaps zero."""
+        n = self.output_tokens
+        if self.first_token_s is None or self.done_s is None or n is None or n < 2:
+            return None
+        return (self.done_s - self.first_token_s) / (n - 1)
+
     def within(self, slo_ttft_s: float, slo_latency_s: float) -> bool:
         ttft, latency = self.ttft_s(), self.latency_s()
         return (
@@ -201,6 +211,8 @@ class Summary(msgspec.Struct, kw_only=True):
     itl_p50_s: float | None
     itl_p90_s: float | None
     itl_p99_s: float | None
+    tpot_p50_s: float | None
+    tpot_p99_s: float | None
     latency_p50_s: float | None
     latency_p99_s: float | None
     preemptions: float | None
@@ -266,6 +278,7 @@ def summarise(
     ttfts = [t for r in ok if (t := r.ttft_s()) is not None]
     lats = [t for r in ok if (t := r.latency_s()) is not None]
     gaps = [g for r in ok for g in r.gaps_s]
+    tpots = [t for r in ok if (t := r.tpot_s()) is not None]
     preempt, waiting, running, kv = SERVER_METRICS[flavor]
     shed = sum(1 for r in records if r.result is Result.SHED)
     return Summary(
@@ -285,6 +298,8 @@ def summarise(
         itl_p50_s=percentile(gaps, 0.5),
         itl_p90_s=percentile(gaps, 0.9),
         itl_p99_s=percentile(gaps, 0.99),
+        tpot_p50_s=percentile(tpots, 0.5),
+        tpot_p99_s=percentile(tpots, 0.99),
         latency_p50_s=percentile(lats, 0.5),
         latency_p99_s=percentile(lats, 0.99),
         preemptions=None if preempt is None else counter_increase(samples, preempt),
@@ -316,7 +331,8 @@ _ROWS: tuple[tuple[str, str, str, bool], ...] = (
     ("throughput (tok/s)", "throughput_tokens_per_s", "{:.0f}", True),
     ("makespan (s)", "makespan_s", "{:.1f}", True),
     ("TTFT p50 / p90 / p99 (s)", "ttft", "{:.2f}", True),
-    ("ITL p50 / p90 / p99 (ms)", "itl", "{:.0f}", True),
+    ("ITL gaps p50 / p90 / p99 (ms)", "itl", "{:.0f}", True),
+    ("TPOT p50 / p99 (ms)", "tpot", "{:.0f}", True),
     ("latency p50 / p99 (s)", "latency", "{:.1f}", True),
     ("server preemptions", "preemptions", "{:.0f}", True),
     ("server waiting queue, max", "waiting_max", "{:.0f}", True),
@@ -352,9 +368,9 @@ def markdown_table(medians: Mapping[str, Mapping[str, float | None]], repeats: i
             if key == "":
                 parts = (m["ok"], m["within_slo"], m["shed"], m["errors"])
                 cells.append(" / ".join(_fmt(v, "{:.0f}") for v in parts))
-            elif key in ("ttft", "itl", "latency"):
-                qs = ("p50", "p99") if key == "latency" else ("p50", "p90", "p99")
-                scale = 1000.0 if key == "itl" else 1.0
+            elif key in ("ttft", "itl", "tpot", "latency"):
+                qs = ("p50", "p99") if key in ("latency", "tpot") else ("p50", "p90", "p99")
+                scale = 1000.0 if key in ("itl", "tpot") else 1.0
                 vals = [m[f"{key}_{q}_s"] for q in qs]
                 text = " / ".join(_fmt(v, spec, scale) for v in vals)
                 if ratio and base is not None and name != "direct":
