@@ -834,25 +834,20 @@ class Bench:
         self.log(f"limiter sweep goodput {goodput} -> limit {best}")
         return best
 
-    async def repeat(self, index: int, targets: Sequence[str], limit: int) -> dict[str, Summary]:
-        out: dict[str, Summary] = {}
+    async def repeat(self, index: int, targets: Sequence[str], limit: int) -> None:
+        """One run of each target; its files in ``out`` are what ``report`` reads."""
         # Rotate the order so that drift in the server (caches, heat) does not favour one target.
         order = list(targets[index % len(targets) :]) + list(targets[: index % len(targets)])
         for name in order:
             tag = f"r{index} {name}"
             if name == "direct":
-                out[name] = await self.one(name, self.server, tag)
+                await self.one(name, self.server, tag)
             elif name == "limiter":
                 async with limiter(self.server, limit, self.out) as url:
-                    out[name] = await self.one(name, url, tag)
-                out[name].extra["limiter_limit"] = float(limit)
+                    await self.one(name, url, tag)
             else:
                 async with kvgate(self.gateway_spec(), self.server, self.out) as url:
-                    out[name] = await self.one(name, url, tag, admin=url)
-        horizon = max(s.makespan_s for s in out.values())
-        for s in out.values():
-            s.goodput_tokens_per_s = s.goodput_tokens / horizon
-        return {name: out[name] for name in targets if name in out}
+                    await self.one(name, url, tag, admin=url)
 
 
 async def _poll_state(url: str | None, out: list[dict[str, object]]) -> None:
@@ -921,6 +916,42 @@ def _backends(state: object) -> list[Mapping[str, object]]:
     return found
 
 
+def load_runs(out: Path, flavor: Flavor, slo: Slo) -> dict[str, list[Summary]]:
+    """Summaries from the files a run left in ``out`` (``r<i>-<target>.*.json``), one list per
+    target in repeat order, goodput over each repeat's shared horizon."""
+    repeats: dict[int, dict[str, Summary]] = {}
+    for path in sorted(out.glob("r*-*.records.json")):
+        tag = path.name.removesuffix(".records.json")
+        number, name = tag[1:].split("-", 1)
+        records = msgspec.json.decode(path.read_bytes(), type=list[Record])
+        samples_path = out / f"{tag}.samples.json"
+        samples = msgspec.json.decode(samples_path.read_bytes(), type=dict[str, list[ServerSample]])
+        summary = summarise(records, samples.get("server", []), flavor, slo)
+        state_path = out / f"{tag}.state.json"
+        states = msgspec.json.decode(state_path.read_bytes()) if state_path.exists() else []
+        if "kvgate" in samples:
+            summary.extra.update(kvgate_figures(samples["kvgate"], states))
+        repeats.setdefault(int(number), {})[name] = summary
+    runs: dict[str, list[Summary]] = {}
+    for index in sorted(repeats):
+        horizon = max(s.makespan_s for s in repeats[index].values())
+        for name, summary in repeats[index].items():
+            summary.goodput_tokens_per_s = summary.goodput_tokens / horizon
+            runs.setdefault(name, []).append(summary)
+    return runs
+
+
+def report(out: Path, flavor: Flavor, slo: Slo, order: Sequence[str]) -> str:
+    runs = load_runs(out, flavor, slo)
+    names = [n for n in order if n in runs] + [n for n in runs if n not in order]
+    medians = {name: median_summary(runs[name]) for name in names}
+    repeats = max((len(r) for r in runs.values()), default=0)
+    table = markdown_table(medians, repeats)
+    (out / "summary.json").write_bytes(msgspec.json.format(msgspec.json.encode(runs)))
+    (out / "table.md").write_text(table + "\n", encoding="utf-8")
+    return table
+
+
 async def main_async(args: argparse.Namespace, out: Path) -> int:
     logfile = (out / "bench.log").open("a", encoding="utf-8")
 
@@ -966,15 +997,10 @@ async def main_async(args: argparse.Namespace, out: Path) -> int:
         )
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
         limit = await bench.sweep() if "limiter" in targets else 0
-        runs: dict[str, list[Summary]] = {t: [] for t in targets}
         for index in range(args.repeats):
-            for name, summary in (await bench.repeat(index, targets, limit)).items():
-                runs[name].append(summary)
-        medians = {name: median_summary(r) for name, r in runs.items()}
-        table = markdown_table(medians, args.repeats)
-        (out / "summary.json").write_bytes(msgspec.json.format(msgspec.json.encode(runs)))
-        (out / "table.md").write_text(table + "\n", encoding="utf-8")
-        print(table)
+            await bench.repeat(index, targets, limit)
+        print(report(out, flavor, slo, targets))
+        log(f"limiter limit used: {limit}")
         return 0
     finally:
         if server_child is not None:
@@ -1011,11 +1037,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=300.0, help="cut a run after this many s")
     p.add_argument("--sample-every", type=float, default=0.5, help="seconds between scrapes")
     p.add_argument("--out", required=True, help="directory for records, summary and table")
+    p.add_argument(
+        "--report-only", action="store_true", help="summarise --out's files, send nothing"
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.report_only:
+        slo = Slo(ttft_s=args.slo_ttft, latency_s=args.slo_latency)
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        print(report(Path(args.out), args.signals, slo, targets))
+        return 0
     if args.url is None and shlex.split(args.cmd) == []:
         print("error: empty --cmd", file=sys.stderr)
         return 2
