@@ -674,6 +674,9 @@ async def run_once(
     def now_s() -> float:
         return loop.time() - t0
 
+    # The server's prefix cache outlives an invocation: the same tag from an earlier run would
+    # share its blocks.
+    nonce = f"{time.time_ns() % 10**12:x}"
     records = [Record(id=p.id, scheduled_s=p.at_s) for p in planned]
     samples: dict[str, list[ServerSample]] = {name: [] for name in metrics_urls}
     connector = aiohttp.TCPConnector(limit=0)
@@ -688,9 +691,8 @@ async def run_once(
             async with asyncio.timeout(deadline_s):
                 for item, record in zip(planned, records, strict=True):
                     await asyncio.sleep(max(0.0, t0 + item.at_s - loop.time()))
-                    body = request_body(
-                        item, model, chars_per_token, f"{tag} {item.id}", ignore_eos
-                    )
+                    head = f"{nonce} {tag} {item.id}"
+                    body = request_body(item, model, chars_per_token, head, ignore_eos)
                     coro = stream_chat(session, target_url, body, record, now_s)
                     tasks.append(asyncio.create_task(coro))
                 await asyncio.gather(*tasks)
