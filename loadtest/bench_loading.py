@@ -29,17 +29,10 @@ import aiohttp
 import msgspec
 import yaml
 
-from loadtest.bench_real import (
-    Child,
-    Flavor,
-    GatewaySpec,
-    Record,
-    kvgate,
-    parse_kv,
-    request_body,
-    stream_chat,
-)
+from loadtest.bench_real import request_body, stream_chat
 from loadtest.generator import PlannedRequest
+from loadtest.real_report import Flavor, Record
+from loadtest.real_targets import Child, GatewaySpec, kvgate, parse_kv
 
 
 class Sent(msgspec.Struct, kw_only=True):

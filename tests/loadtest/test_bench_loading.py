@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from loadtest.bench_loading import Phase, Sent, ready_in, timeline
-from loadtest.bench_real import Record
+from loadtest.real_report import Record
 from loadtest.records import Result
 
 

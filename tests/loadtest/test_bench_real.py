@@ -11,26 +11,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.policy.schema import Policy
-from loadtest.bench_real import (
-    GatewaySpec,
+from loadtest.bench_real import TraceSpec, prompt_text, request_body, trace
+from loadtest.real_report import (
     Record,
     ServerSample,
     Summary,
-    TraceSpec,
     best_limit,
     counter_increase,
     kvgate_figures,
-    kvgate_policy,
     markdown_table,
     median_summary,
-    parse_kv,
     parse_metrics,
     percentile,
-    prompt_text,
-    request_body,
     summarise,
-    trace,
 )
+from loadtest.real_targets import GatewaySpec, kvgate_policy, parse_kv
 from loadtest.records import Result
 from loadtest.scenario import Slo
 
@@ -159,6 +154,7 @@ def test_summary_counts_slo_goodput_throughput_and_server_figures() -> None:
     assert s.goodput_tokens_per_s == 100 / 100.0
     assert s.ttft_p50_s == 2.0
     assert s.itl_p99_s == 0.3
+    assert s.tpot_p50_s == 10.0 / 99  # the middle one: first token at 20 s, done at 30 s
     assert (s.preemptions, s.waiting_max) == (5, 9)
     longer = summarise(records, server, "vllm", Slo(ttft_s=10, latency_s=90), horizon_s=200.0)
     assert longer.goodput_tokens_per_s == 0.5
