@@ -483,7 +483,8 @@ async def main_async(args: argparse.Namespace, out: Path) -> int:
         for index in range(args.repeats):
             await bench.repeat(index, targets, limit)
         print(report(out, flavor, slo, targets))
-        log(f"limiter limit used: {limit}")
+        if "limiter" in targets:
+            log(f"limiter limit used: {limit}")
         return 0
     finally:
         if server_child is not None:
