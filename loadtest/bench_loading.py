@@ -107,6 +107,15 @@ async def watch_ready(url: str, now_s: Callable[[], float], every_s: float = 0.2
             await asyncio.sleep(every_s)
 
 
+async def _ready_within(ready: asyncio.Task[float], timeout_s: float) -> float | None:
+    """When the server became ready, waiting for it (every request may have ended before);
+    None if it did not within ``timeout_s``."""
+    try:
+        return await asyncio.wait_for(ready, max(0.0, timeout_s))
+    except TimeoutError:
+        return None
+
+
 class Loading:
     def __init__(self, args: argparse.Namespace, out: Path) -> None:
         self.args, self.out = args, out
@@ -165,9 +174,7 @@ class Loading:
         records = await asyncio.wait_for(
             self.fire(session, gateway, items, t0, now_s), a.phase_timeout
         )
-        ready_s = await asyncio.wait_for(ready, 1.0) if ready.done() else None
-        if ready_s is None:
-            ready.cancel()
+        ready_s = await _ready_within(ready, a.phase_timeout - now_s())
         phase = Phase(name="load", server_start_s=0.0, ready_s=ready_s)
         phase.sent = [
             Sent(phase="load", record=r, ready_in_s=ready_in(r.scheduled_s, ready_s))
@@ -198,9 +205,7 @@ class Loading:
         server = await self.start_server("restart")
         ready = asyncio.create_task(watch_ready(self.server + "/health", now_s))
         records = await asyncio.wait_for(firing, a.phase_timeout)
-        ready_s = await asyncio.wait_for(ready, 1.0) if ready.done() else None
-        if ready_s is None:
-            ready.cancel()
+        ready_s = await _ready_within(ready, a.phase_timeout - now_s())
         phase = Phase(name="restart", server_start_s=start_s, ready_s=ready_s, kill_s=kill_s)
         phase.sent = [
             Sent(
