@@ -285,6 +285,7 @@ class BackendRuntime:
                     target=1.0 - self.cap.headroom,
                     reserved_share=self.reserved_bytes / planned if planned > 0 else 0.0,
                     preempted=preempted,
+                    backend_queue=bool(sig.waiting),
                 )
         self.signals = sig
         self._reserved_at_scrape = self.reserved_bytes
