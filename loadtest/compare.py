@@ -22,9 +22,9 @@ from loadtest.generator import Extra, PlannedRequest, run_trace
 from loadtest.records import BackendSample, RequestRecord, Result, write_jsonl
 from loadtest.report import TargetSummary, render_markdown, render_table, summarise
 from loadtest.scenario import Scenario
-from loadtest.targets import TargetError, free_port, gateway, simulator
+from loadtest.targets import TargetError, free_port, gateway, limiter, simulator
 
-TargetName = Literal["direct", "count_limited", "kvgate"]
+TargetName = Literal["direct", "count_limited", "limiter", "kvgate"]
 TARGETS: tuple[TargetName, ...] = get_args(TargetName)
 SAMPLE_EVERY_S = 0.5
 
@@ -117,15 +117,21 @@ async def run_target(
     def sim() -> contextlib.AbstractAsyncContextManager[str]:
         return simulator(scenario.backend, workdir, target, wait, sim_port)
 
+    def front() -> contextlib.AbstractAsyncContextManager[str]:
+        if target == "limiter":
+            spec = scenario.limiter
+            return limiter(sim_url, spec.limit, spec.max_wait_s, workdir)
+        return gateway(scenario, target, sim_url, workdir)
+
     async with contextlib.AsyncExitStack() as stack:
         if target == "direct":
             url = await stack.enter_async_context(sim())
         elif wait == "listening":
-            url = await stack.enter_async_context(gateway(scenario, target, sim_url, workdir))
+            url = await stack.enter_async_context(front())
             await stack.enter_async_context(sim())
         else:
             await stack.enter_async_context(sim())
-            url = await stack.enter_async_context(gateway(scenario, target, sim_url, workdir))
+            url = await stack.enter_async_context(front())
         extras = [sampler(sim_url, samples)]
         if scenario.restart_at_s is not None:
             extras.append(restarter(sim_url, scenario.restart_at_s))

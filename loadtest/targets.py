@@ -138,6 +138,26 @@ class Process:
                 await asyncio.sleep(0.1)
         raise TargetError(f"{self.name} not ready at {url} after {START_TIMEOUT_S:g}s")
 
+    async def wait_http_listening(self, url: str) -> None:
+        """Poll until something accepts a TCP connection at ``url``'s port."""
+        port = int(url.rsplit(":", 1)[1])
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + START_TIMEOUT_S
+        while loop.time() < give_up:
+            if self.proc.returncode is not None:
+                raise TargetError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+        raise TargetError(f"{self.name} not listening at {url} after {START_TIMEOUT_S:g}s")
+
     async def stop(self) -> None:
         if self.proc.returncode is not None:
             return
@@ -184,6 +204,26 @@ async def gateway(
     ready = frozenset({200}) if scenario.backend_wait == "ready" else None
     try:
         await proc.wait_http(url + "/readyz", ready)
+        yield url
+    finally:
+        await proc.stop()
+
+
+@contextlib.asynccontextmanager
+async def limiter(
+    backend_url: str, limit: int, max_wait_s: float | None, workdir: Path, name: str = "limiter"
+) -> AsyncIterator[str]:
+    """The concurrency limiter (``loadtest.limiter``) in front of ``backend_url``; yields its base
+    URL once it answers anything (it proxies every path, so a loading backend's 503 counts)."""
+    port = free_port()
+    args = [sys.executable, "-m", "loadtest.limiter", "--backend", backend_url]
+    args += ["--limit", str(limit), "--port", str(port)]
+    if max_wait_s is not None:
+        args += ["--max-wait", str(max_wait_s)]
+    proc = await Process.start(f"limiter ({name})", args, workdir / f"{name}.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await proc.wait_http_listening(url)
         yield url
     finally:
         await proc.stop()
