@@ -31,6 +31,7 @@ class OracleResult:
     within_slo: int
     requests: int
     preemptions: int
+    served: frozenset[int] = frozenset()  # ids of the requests that met their SLO
 
 
 @dataclass(slots=True)
@@ -73,6 +74,7 @@ def clairvoyant(scenario: Scenario, planned: Sequence[PlannedRequest]) -> Oracle
     queue: list[PlannedRequest] = []
     good = 0
     good_tokens = 0
+    served: set[int] = set()
     last_step = cfg.decode_step_s
     nxt = 0
     end = horizon * ts
@@ -148,6 +150,7 @@ def clairvoyant(scenario: Scenario, planned: Sequence[PlannedRequest]) -> Oracle
                 if ok and at <= end:
                     good += 1
                     good_tokens += item.req.output_tokens
+                    served.add(item.req.id)
             continue
         events = [end]
         if nxt < len(order):
@@ -161,4 +164,6 @@ def clairvoyant(scenario: Scenario, planned: Sequence[PlannedRequest]) -> Oracle
             events.append(engine.now + cfg.decode_step_s)
         engine.advance_to(max(engine.now + 1e-9, min(events)))
     preemptions = engine.stats.preemptions
-    return OracleResult(good_tokens, good_tokens / horizon, good, len(planned), preemptions)
+    return OracleResult(
+        good_tokens, good_tokens / horizon, good, len(planned), preemptions, frozenset(served)
+    )
