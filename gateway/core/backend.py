@@ -286,7 +286,7 @@ class BackendRuntime:
                     target=1.0 - self.cap.headroom,
                     reserved_share=self.reserved_bytes / planned if planned > 0 else 0.0,
                     preempted=preempted,
-                    backend_queue=bool(sig.waiting),
+                    backend_queue=_queues(sig),
                 )
         self.signals = sig
         self._reserved_at_scrape = self.reserved_bytes
@@ -335,6 +335,10 @@ class BackendRuntime:
     def view(self, now: float) -> CapacityView:
         factor = self.lifecycle.capacity_factor(now)
         sig = self.fresh_signals(now)
+        if factor > 0 and sig is not None and sig.waiting is not None and sig.running is not None:
+            # A fresh server is slow, not small: where it reports its own queue, that queue
+            # holds back what it cannot serve yet (``room``), so its memory is not rationed.
+            factor = 1.0
         kind = self.kind()
         phase = self.lifecycle.phase
         if kind is CapacityKind.BYTES:
@@ -443,11 +447,10 @@ class BackendRuntime:
         at what the backend was running, plus a tenth to keep it busy as requests finish;
         requests of others (its queue and running beyond this gateway's) count against it."""
         sig = self.fresh_signals(now)
-        if sig is None or not sig.waiting or sig.running is None:
+        if sig is None or sig.running is None or sig.waiting is None or not _queues(sig):
             return False
         foreign = max(0.0, sig.running + sig.waiting - self._inflight_at_scrape)
-        slack = max(1.0, _QUEUE_SLACK * sig.running)
-        return self.inflight + foreign >= sig.running + slack
+        return self.inflight + foreign >= sig.running + _slack(sig.running)
 
     def too_fragmented(self, need_bytes: int, v: CapacityView) -> bool:
         """A large request avoids a backend whose fragmentation is above ``shed_above`` when
@@ -486,6 +489,18 @@ def _whole(x: float) -> float:
     if x <= 0:
         return 0.0
     return float(max(1, math.floor(x)))
+
+
+def _slack(running: float) -> float:
+    return max(1.0, _QUEUE_SLACK * running)
+
+
+def _queues(sig: BackendSignals) -> bool:
+    """The backend keeps a queue of its own: more waiting than a request or two between
+    scheduler steps (a tenth of what it runs)."""
+    if sig.waiting is None:
+        return False
+    return sig.waiting > _slack(sig.running or 0.0)
 
 
 def _rose(before: float | None, after: float | None) -> bool:

@@ -2,7 +2,9 @@
 
 A backend's capacity has one of three kinds:
 - ``BYTES`` (its KV size is known, from ``kv_capacity`` or its metrics):
-  ``usable = capacity * (1 - headroom) * warm-up factor * pressure``;
+  ``usable = capacity * (1 - headroom) * warm-up factor * pressure``, where the warm-up factor
+  is 1 for a backend that reports its running and waiting requests (a fresh server is slow, not
+  small: its own queue says when it is given more than it can serve);
   ``free = min(usable * overcommit - reserved - foreign, usable - measured usage - admitted
   since the scrape)`` where ``reserved`` is what this gateway's requests in flight there hold,
   ``foreign`` is usage the gauge shows beyond what we had reserved at the scrape (another
@@ -18,6 +20,10 @@ A backend's capacity has one of three kinds:
   ``gateway.core.adaptive``.
 Signals older than ``stale_after_s`` are ignored: the gateway's own accounting against the last
 known capacity decides, so a silent metrics endpoint never freezes the pool.
+
+A backend whose scrape shows a queue of its own (more waiting than a tenth of what it runs) gets
+no more in flight than it runs plus a tenth: more would only wait there, out of the gateway's
+order and deadlines (``BackendRuntime.room``).
 
 Inferred pressure (``Pressure``): a rise of the preemption counter, KV usage ≥ 95 % while the
 backend's waiting queue grows, or an OOM reported by the proxy each multiply the effective
