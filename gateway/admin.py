@@ -27,7 +27,8 @@ from gateway.policy.watcher import PolicyWatcher
 from gateway.state import GATEWAY, Gateway
 
 _REALM = 'realm="kvgate admin"'
-_OPEN = frozenset({"/healthz"})  # liveness answers anyone: an orchestrator probes without a token
+# the probes answer anyone, as on the proxy port: an orchestrator probes without a token
+_OPEN = frozenset({"/healthz", "/readyz"})
 
 
 @dataclass(slots=True)

@@ -74,6 +74,8 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/models", _models)
+    for internal in ("/metrics", "/status", "/admin/{tail:.*}"):  # answered before any key check
+        app.router.add_route("*", internal, _not_here)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
@@ -202,6 +204,22 @@ async def _running(work: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
 async def _drain(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[GATEWAY].drain()
+
+
+async def _not_here(request: web.Request) -> web.Response:
+    """What a scraper gets that still points at the proxy port: a plain 404, no internals."""
+    message = f"{request.path} is not served on this port (it is on the admin listener)."
+    return web.json_response(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "not_found",
+            }
+        },
+        status=404,
+    )
 
 
 async def _models(request: web.Request) -> web.Response:
