@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.core.bucket import BucketSpec
@@ -82,7 +83,10 @@ async def _authorized(request: web.Request, handler: Handler) -> web.StreamRespo
     return web.json_response(
         {"error": "the admin listener needs its token: Authorization: Bearer <token>"},
         status=401,
-        headers={"WWW-Authenticate": f"Bearer {_REALM}, Basic {_REALM}"},
+        # one challenge a header: browsers read Basic (and then ask) only from its own
+        headers=CIMultiDict(
+            [("WWW-Authenticate", f"Basic {_REALM}"), ("WWW-Authenticate", f"Bearer {_REALM}")]
+        ),
     )
 
 

@@ -82,7 +82,8 @@ async def test_the_admin_listener_asks_for_its_token(
     for path in ("/metrics", "/admin/state", "/status"):
         refused = await ops.get(path)
         assert refused.status == 401
-        assert "Bearer" in refused.headers["WWW-Authenticate"]
+        challenges = refused.headers.getall("WWW-Authenticate")
+        assert challenges == ['Basic realm="kvgate admin"', 'Bearer realm="kvgate admin"']
         assert (await ops.get(path, headers={"Authorization": "Bearer wrong"})).status == 401
         assert (await ops.get(path, headers={"Authorization": "Bearer s3cret"})).status == 200
     # a browser sends it as the password of HTTP Basic, after asking once
