@@ -38,6 +38,7 @@ from gateway.store.base import LimitStore
 from gateway.store.fallback import FallbackLimitStore
 from gateway.store.memory import MemoryLimitStore
 from gateway.store.redis import RedisLimitStore
+from gateway.tracing import RequestTracer, otlp_tracer
 
 log = logging.getLogger("kvgate")
 
@@ -50,8 +51,10 @@ def build_app(
     clock: Clock | None = None,
     metrics: Metrics | None = None,
     watch: tuple[Path, bytes] | None = None,
+    tracer: RequestTracer | None = None,
 ) -> web.Application:
-    """The gateway as an aiohttp app; ``watch`` = (policy file, digest of its text) hot-reloads."""
+    """The gateway as an aiohttp app; ``watch`` = (policy file, digest of its text) hot-reloads;
+    ``tracer`` replaces the OTLP one ``server.tracing`` asks for (tests use an in-memory one)."""
     clock = clock or MonotonicClock()
     metrics = metrics or Metrics()
     gw = Gateway(
@@ -69,6 +72,10 @@ def build_app(
         app[_WATCH] = watch
     if policy.spec.server.access_log:
         gw.access = AccessLog()
+    tracing = policy.spec.server.tracing
+    if tracer is None and tracing.enabled:
+        tracer = otlp_tracer(tracing.service_name, policy.source)
+    gw.tracer = tracer
     app.cleanup_ctx.extend([_upstream_session, _admitter, _policy_watcher, _access_log, _drain])
     # the probes stay here too, for load balancers that only reach the proxy port
     app.router.add_get("/healthz", healthz)
@@ -158,6 +165,8 @@ async def _admitter(app: web.Application) -> AsyncIterator[None]:
     yield
     await gw.admitter.close()
     await gw.live.store.close()
+    if gw.tracer is not None:
+        await asyncio.to_thread(gw.tracer.shutdown)  # flushes what is batched
 
 
 async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:

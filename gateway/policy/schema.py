@@ -75,6 +75,14 @@ class Admin(Base, frozen=True, kw_only=True):
             )
 
 
+class Tracing(Base, frozen=True, kw_only=True):
+    """OpenTelemetry traces (the ``otel`` extra), exported over OTLP/HTTP to what the standard
+    ``OTEL_EXPORTER_OTLP_*`` variables name."""
+
+    enabled: bool = False
+    service_name: str = "kvgate"
+
+
 class Server(Base, frozen=True, kw_only=True):
     """The listener and upstream timeouts; host, port, grace_period, access_log, the admin
     listener's address and a larger max_body take effect at restart, the rest on reload."""
@@ -91,6 +99,7 @@ class Server(Base, frozen=True, kw_only=True):
     unknown_endpoints: Literal["deny", "estimate", "free"] = "estimate"
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     admin: Admin = msgspec.field(default_factory=Admin)
+    tracing: Tracing = msgspec.field(default_factory=Tracing)
     # On SIGTERM /readyz answers 503 this long before the listener closes, so load balancers
     # stop sending new requests while the old ones are still accepted.
     drain_delay: Duration = "5s"

@@ -15,6 +15,7 @@ import asyncio
 import aiohttp
 import msgspec
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.backends.admitter import Lease, Shed
 from gateway.core.backend import MemoryKind
@@ -82,9 +83,11 @@ class Exchange:
         "request_id",
         "route",
         "shadowed",
+        "span",
         "started",
         "status",
         "tenant",
+        "ttft_s",
         "uncosted",
     )
 
@@ -108,6 +111,9 @@ class Exchange:
         self.request_id = request_id(request.headers)  # the client's, if sane, else a new one
         self.status = 0  # the HTTP status the client got; 0 until it got one
         self.shadowed = False  # a shadow tenant's request a bucket would have refused
+        self.ttft_s: float | None = None
+        tracer = gw.tracer
+        self.span = None if tracer is None else tracer.start(request.path, request.headers)
 
     async def run(self) -> web.StreamResponse:
         refusal = self._authenticate() or await self._read() or await self._charge()
@@ -288,13 +294,7 @@ class Exchange:
                 self._session(),
                 backend.url,
                 body=body,
-                headers=upstream_headers(
-                    request.headers,
-                    peer=request.remote,
-                    scheme=request.scheme,
-                    backend_auth=backend.authorization,
-                    request_id=self.request_id,
-                ),
+                headers=self._upstream_headers(backend),
                 timeouts=self.live.policy.server.timeouts,
                 answer=answer,
                 relay=relay,
@@ -307,6 +307,7 @@ class Exchange:
             raise
         finally:
             ttft = relay.first_token_at - sent if relay.first_token_at is not None else None
+            self.ttft_s = ttft
             if ttft is not None:
                 self.gw.metrics.timed(self.gw.metrics.ttft, model.name, ttft)
             lease.release(
@@ -371,6 +372,8 @@ class Exchange:
             metrics.count(tenant.name, model.name, Outcome.SHADOW_LIMITED.value, self.status)
         if self.gw.access is not None:
             self.gw.access.write(self._access_record(ended, actual))
+        if self.span is not None:
+            self._end_span(actual)
         if self.held is not None:
             self._settle_charge_of(self.held, actual)
 
@@ -439,6 +442,7 @@ class Exchange:
         response = responses.shaped(response, self.route.errors)  # type: ignore[assignment]
         response.headers["x-request-id"] = self.request_id
         outcome = response.headers["x-kvgate-outcome"]
+        self.outcome, self.status = Outcome(outcome), response.status
         tenant = self.tenant.name if self.tenant else "unknown"
         model = self.model.name if self.model else "unknown"
         self.gw.metrics.count(tenant, model, outcome, response.status)
@@ -447,6 +451,8 @@ class Exchange:
                 tenant, model, response.status, outcome, request_id=self.request_id
             )
             self.gw.access.write(record)
+        if self.span is not None:
+            self._end_span(None)
         return response
 
     def _access_record(self, ended: float, actual: Cost | None) -> AccessRecord:
@@ -477,6 +483,34 @@ class Exchange:
         message = f"The model `{model_name}` does not exist here. Available: {known}."
         return responses.error(
             Outcome.NOT_FOUND, message, code="model_not_found", param="model", should_retry=False
+        )
+
+    def _upstream_headers(self, backend: Backend) -> CIMultiDict[str]:
+        request = self.request
+        headers = upstream_headers(
+            request.headers,
+            peer=request.remote,
+            scheme=request.scheme,
+            backend_auth=backend.authorization,
+            request_id=self.request_id,
+        )
+        if self.span is not None and self.gw.tracer is not None:
+            self.gw.tracer.inject(self.span, headers)
+        return headers
+
+    def _end_span(self, actual: Cost | None) -> None:
+        tracer = self.gw.tracer
+        if tracer is None:
+            return
+        tracer.end(
+            self.span,
+            model=self.model.name if self.model else None,
+            tenant=self.tenant.name if self.tenant else None,
+            status=self.status,
+            outcome=self.outcome.value,
+            input_tokens=actual.input_tokens if actual is not None else None,
+            output_tokens=actual.output_tokens if actual is not None else None,
+            ttft_s=self.ttft_s,
         )
 
     def _forbidden(self, model_name: str, allowed: frozenset[str]) -> web.Response:
