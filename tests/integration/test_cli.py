@@ -178,3 +178,25 @@ def test_a_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert f"kvgate: 127.0.0.1:{port} is already in use" in result.stderr
     assert "--port PORT" in result.stderr
+
+
+def test_demo_says_which_port_is_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _kvgate(
+            "demo",
+            "--port",
+            str(_free_port()),
+            "--backend-port",
+            str(port),
+            "--admin-port",
+            str(_free_port()),
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"kvgate: 127.0.0.1:{port} is already in use (another kvgate, or a model server?); "
+        "stop it or pass --backend-port PORT"
+    )
+    assert "Traceback" not in result.stderr
