@@ -1,6 +1,9 @@
 """Composition root: builds the live state from a policy, the aiohttp application with its routes,
 and the background work (upstream session, backend monitors, policy watcher) as cleanup contexts
-that start with the app and are cancelled and awaited when it stops."""
+that start with the app and are cancelled and awaited when it stops.
+
+The proxy app serves the API and the probes only; everything internal (metrics, state, reload,
+the status page) is on the admin app (``gateway.admin.build_admin_app``), on its own listener."""
 
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.admin import CONTROL, Control, healthz, readyz
 from gateway.backends.admitter import Admitter
 from gateway.core.clock import Clock, MonotonicClock
 from gateway.core.tokens import (
@@ -26,7 +29,7 @@ from gateway.core.tokens import (
 from gateway.errors import PolicyError
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
-from gateway.policy.compile import Model, Policy, store_kind
+from gateway.policy.compile import Model, Policy
 from gateway.policy.schema import RedisStore
 from gateway.policy.watcher import PolicyWatcher
 from gateway.proxy.exchange import handle
@@ -35,6 +38,7 @@ from gateway.store.base import LimitStore
 from gateway.store.fallback import FallbackLimitStore
 from gateway.store.memory import MemoryLimitStore
 from gateway.store.redis import RedisLimitStore
+from gateway.tracing import RequestTracer, otlp_tracer
 
 log = logging.getLogger("kvgate")
 
@@ -47,8 +51,10 @@ def build_app(
     clock: Clock | None = None,
     metrics: Metrics | None = None,
     watch: tuple[Path, bytes] | None = None,
+    tracer: RequestTracer | None = None,
 ) -> web.Application:
-    """The gateway as an aiohttp app; ``watch`` = (policy file, digest of its text) hot-reloads."""
+    """The gateway as an aiohttp app; ``watch`` = (policy file, digest of its text) hot-reloads;
+    ``tracer`` replaces the OTLP one ``server.tracing`` asks for (tests use an in-memory one)."""
     clock = clock or MonotonicClock()
     metrics = metrics or Metrics()
     gw = Gateway(
@@ -61,16 +67,22 @@ def build_app(
     metrics.watch_admission(gw.admitter.snapshot)
     app = web.Application(client_max_size=policy.server.max_body_bytes)
     app[GATEWAY] = gw
+    app[CONTROL] = Control()
     if watch is not None:
         app[_WATCH] = watch
     if policy.spec.server.access_log:
         gw.access = AccessLog()
+    tracing = policy.spec.server.tracing
+    if tracer is None and tracing.enabled:
+        tracer = otlp_tracer(tracing.service_name, policy.source)
+    gw.tracer = tracer
     app.cleanup_ctx.extend([_upstream_session, _admitter, _policy_watcher, _access_log, _drain])
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/admin/state", _state)
+    # the probes stay here too, for load balancers that only reach the proxy port
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/models", _models)
+    for internal in ("/metrics", "/status", "/admin/{tail:.*}"):  # answered before any key check
+        app.router.add_route("*", internal, _not_here)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
@@ -153,6 +165,8 @@ async def _admitter(app: web.Application) -> AsyncIterator[None]:
     yield
     await gw.admitter.close()
     await gw.live.store.close()
+    if gw.tracer is not None:
+        await asyncio.to_thread(gw.tracer.shutdown)  # flushes what is batched
 
 
 async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
@@ -169,8 +183,10 @@ async def _policy_watcher(app: web.Application) -> AsyncIterator[None]:
         gw.metrics.policy_reloads.labels(result).inc()
 
     watcher = PolicyWatcher(path, digest, apply, report, running=gw.live.policy)
+    app[CONTROL].watcher = watcher
     async with _running(watcher.run()):
         yield
+    app[CONTROL].watcher = None
 
 
 async def _access_log(app: web.Application) -> AsyncIterator[None]:
@@ -199,40 +215,19 @@ async def _drain(app: web.Application) -> AsyncIterator[None]:
     await app[GATEWAY].drain()
 
 
-async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def _readyz(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    ready = gw.admitter.any_ready()
-    body = {
-        "status": "ready" if ready else "no backend ready",
-        "policy": gw.live.policy.fingerprint,
-    }
-    return web.json_response(body, status=200 if ready else 503)
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    gw.metrics.store_degraded.set(1 if gw.live.store.degraded else 0)
-    return web.Response(
-        body=generate_latest(gw.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
-
-
-async def _state(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    policy = gw.live.policy
+async def _not_here(request: web.Request) -> web.Response:
+    """What a scraper gets that still points at the proxy port: a plain 404, no internals."""
+    message = f"{request.path} is not served on this port (it is on the admin listener)."
     return web.json_response(
         {
-            "policy": {"source": policy.source, "fingerprint": policy.fingerprint},
-            "store": {
-                "kind": store_kind(policy),
-                "degraded": gw.live.store.degraded,
-            },
-            "admission": gw.admitter.snapshot(),
-        }
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "not_found",
+            }
+        },
+        status=404,
     )
 
 

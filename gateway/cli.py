@@ -5,36 +5,68 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import importlib.resources
 import json
 import logging
 import signal
 import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from aiohttp import web
 
-from gateway import logs
+from gateway import __version__, logs
 from gateway.core.clock import MonotonicClock
 from gateway.core.cost import ContextOverflowError, estimate
 from gateway.errors import PolicyError
 from gateway.policy import schema
-from gateway.policy.compile import Policy, store_kind
+from gateway.policy.compile import Policy, compile_policy, store_kind
 from gateway.policy.units import excerpt
 from gateway.policy.watcher import read_policy
 from gateway.proxy.apis.common import BadRequestBody
 from gateway.proxy.apis.routes import parse_request
 
+# ``kvgate demo``'s ports: clear of what model servers and their neighbours listen on by default
+# (vLLM 8000, llama-server and TGI 8080, SGLang 30000, Ollama 11434, LM Studio 1234, LiteLLM
+# 4000, Grafana 3000, Prometheus 9090), so the demo starts next to a real one.
+DEMO_PORT, DEMO_BACKEND_PORT, DEMO_ADMIN_PORT = 4080, 4081, 4082
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Where to serve: the proxy and the admin listener."""
+
+    host: str
+    port: int
+    admin_host: str
+    admin_port: int
+
+
+class PortInUse(Exception):
+    def __init__(self, host: str, port: int, flag: str) -> None:
+        super().__init__(
+            f"{host}:{port} is already in use (another kvgate, or a model server?); "
+            f"stop it or pass {flag} PORT"
+        )
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvgate", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kvgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve with a policy file (hot-reloaded on change or SIGHUP)")
     run.add_argument("-c", "--config", type=Path, help="default: the bundled demo policy")
     run.add_argument("--host", help="listen here instead of the policy's server.host")
     run.add_argument("--port", type=int, help="listen here instead of the policy's server.port")
+    run.add_argument("--admin-host", help="the admin listener's address instead of the policy's")
+    run.add_argument(
+        "--admin-port", type=int, help="the admin listener's port instead of the policy's"
+    )
     validate = sub.add_parser(
         "validate", help="check policy files, reporting every error; exit 1 if any has one"
     )
@@ -52,6 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     explain.add_argument("request", type=Path, help="the request body, as JSON")
     demo = sub.add_parser("demo", help="a simulated GPU backend and the gateway, ready for curl")
     demo.add_argument("-c", "--config", type=Path, default=None)
+    demo.add_argument("--port", type=int, default=DEMO_PORT, help=f"the gateway's ({DEMO_PORT})")
+    demo.add_argument(
+        "--backend-port",
+        type=int,
+        default=DEMO_BACKEND_PORT,
+        help=f"the simulated GPU's ({DEMO_BACKEND_PORT}); the policy's first backend moves here",
+    )
+    demo.add_argument(
+        "--admin-port",
+        type=int,
+        default=DEMO_ADMIN_PORT,
+        help=f"the admin listener's: metrics and the status page ({DEMO_ADMIN_PORT})",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
@@ -64,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             config = args.config or _bundled_policy()
             return asyncio.run(_explain(config, args.tenant, args.path, args.request, body))
         if args.command == "demo":
-            return _serve(args.config or _bundled_policy(), demo=True)
+            return _demo(args.config or _bundled_policy(), args)
         config = args.config or _bundled_policy()
-        return _serve(config, demo=False, host=args.host, port=args.port)
-    except PolicyError as exc:
+        return _serve(config, args)
+    except (PolicyError, PortInUse) as exc:
         print(f"kvgate: {exc}", file=sys.stderr)
         return 1
 
@@ -170,59 +215,129 @@ def _bundled_policy() -> Path:
     return path
 
 
-def _serve(config: Path, *, demo: bool, host: str | None = None, port: int | None = None) -> int:
+def _serve(config: Path, args: argparse.Namespace) -> int:
     policy, digest = read_policy(config)
-    listen = (host or policy.server.host, policy.server.port if port is None else port)
+    server = policy.server
+    listen = Listen(
+        host=args.host or server.host,
+        port=server.port if args.port is None else args.port,
+        admin_host=args.admin_host or server.admin.host,
+        admin_port=server.admin.port if args.admin_port is None else args.admin_port,
+    )
+    _loop_runner()(_run(policy, listen, watch=(config.resolve(), digest), demo=False))
+    return 0
+
+
+def _demo(config: Path, args: argparse.Namespace) -> int:
+    """The policy's first model served by a simulated GPU on ``--backend-port``; not reloaded
+    on change (the file names another backend address)."""
+    policy, _ = read_policy(config)
+    spec = policy.spec
+    name, model = next(iter(spec.models.items()))
+    backend = msgspec.structs.replace(
+        model.backends[0], url=f"http://127.0.0.1:{args.backend_port}"
+    )
+    model = msgspec.structs.replace(model, backends=[backend, *model.backends[1:]])
+    spec = msgspec.structs.replace(spec, models={**spec.models, name: model})
+    policy = compile_policy(spec, policy.source)
+    listen = Listen(
+        host=policy.server.host,
+        port=args.port,
+        admin_host=policy.server.admin.host,
+        admin_port=args.admin_port,
+    )
+    _loop_runner()(_run(policy, listen, watch=None, demo=True))
+    return 0
+
+
+def _loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
     logs.configure()
     try:
         import uvloop
     except ImportError:
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
-    runner(_run(policy, config.resolve(), digest, listen, demo=demo))
-    return 0
+        return asyncio.run
+    return uvloop.run
 
 
 async def _run(
-    policy: Policy, config: Path, digest: bytes, listen: tuple[str, int], *, demo: bool
+    policy: Policy, listen: Listen, *, watch: tuple[Path, bytes] | None, demo: bool
 ) -> None:
+    from gateway.admin import CONTROL, build_admin_app
     from gateway.app import build_app
 
+    log = logging.getLogger("kvgate")
     stop = asyncio.Event()
+    terminated = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    # SIGTERM (an orchestrator) fails readiness first, so load balancers stop sending before the
+    # listener closes; SIGINT (a person at the terminal), or a second signal, stops at once.
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(
+            signal.SIGTERM, lambda: stop.set() if terminated.is_set() else terminated.set()
+        )
     runners: list[web.AppRunner] = []
-    if demo:
-        runners.append(await _start_simulator(policy))
-    app = build_app(policy, watch=(config, digest))
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,
-        shutdown_timeout=policy.server.grace_period_s,
-        access_log=None,
-    )
-    await runner.setup()
-    await web.TCPSite(runner, listen[0], listen[1], backlog=1024).start()
-    # Each request allocates a few hundred short-lived objects, so the default gen-0 threshold
-    # (700) runs the cycle collector every few requests over the whole young heap; the request
-    # path makes no cycles worth chasing that often. Startup objects are frozen out of it.
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
-    runners.insert(0, runner)
-    url = f"http://{listen[0]}:{listen[1]}"
-    logging.getLogger("kvgate").info(
-        "kvgate listening on %s with policy %s (%s)", url, config, policy.fingerprint
-    )
-    if demo:
-        _print_demo(url, policy)
     try:
-        await stop.wait()
+        if demo:
+            runners.append(await _start_simulator(policy))
+        app = build_app(policy, watch=watch)
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            shutdown_timeout=policy.server.grace_period_s,
+            access_log=None,
+        )
+        await runner.setup()
+        runners.insert(0, runner)
+        await _listen(runner, listen.host, listen.port, "--port", backlog=1024)
+        admin = web.AppRunner(build_admin_app(app), access_log=None)
+        await admin.setup()
+        runners.insert(0, admin)
+        await _listen(admin, listen.admin_host, listen.admin_port, "--admin-port")
+        # Each request allocates a few hundred short-lived objects, so the default gen-0
+        # threshold (700) runs the cycle collector every few requests over the whole young heap;
+        # the request path makes no cycles worth chasing that often. Startup objects are frozen
+        # out of it.
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
+        url = f"http://{listen.host}:{listen.port}"
+        admin_url = f"http://{listen.admin_host}:{listen.admin_port}"
+        log.info(
+            "kvgate %s listening on %s (admin on %s) with policy %s (%s)",
+            __version__,
+            url,
+            admin_url,
+            policy.source,
+            policy.fingerprint,
+        )
+        if demo:
+            _print_demo(url, admin_url, policy)
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait(
+            [stopping, asyncio.ensure_future(terminated.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        delay = policy.server.drain_delay_s
+        if not stop.is_set() and delay > 0:
+            app[CONTROL].draining = True
+            log.info("SIGTERM: /readyz fails for %gs, then the listener closes and drains", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping, delay)
+        stopping.cancel()
     finally:
         for r in runners:
             await r.cleanup()
+
+
+async def _listen(
+    runner: web.AppRunner, host: str, port: int, flag: str, backlog: int = 128
+) -> None:
+    try:
+        await web.TCPSite(runner, host, port, backlog=backlog).start()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(host, port, flag) from None
+        raise
 
 
 async def _start_simulator(policy: Policy) -> web.AppRunner:
@@ -236,11 +351,15 @@ async def _start_simulator(policy: Policy) -> web.AppRunner:
     config = SimConfig(model=model.name, kv_bytes_per_token=model.profile.kv_bytes_per_token)
     runner = web.AppRunner(build_sim(config), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, target.hostname or "127.0.0.1", target.port or 80).start()
+    try:
+        await _listen(runner, target.hostname or "127.0.0.1", target.port or 80, "--backend-port")
+    except PortInUse:
+        await runner.cleanup()
+        raise
     return runner
 
 
-def _print_demo(url: str, policy: Policy) -> None:
+def _print_demo(url: str, admin_url: str, policy: Policy) -> None:
     model = next(iter(policy.models))
     body = json.dumps(
         {
@@ -254,6 +373,6 @@ def _print_demo(url: str, policy: Policy) -> None:
         f"\nkvgate demo: a simulated GPU serving {model!r} behind kvgate at {url}\n"
         f"Try:\n  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         f"    -d '{body}'\n"
-        f"Metrics: {url}/metrics   State: {url}/admin/state   Stop: Ctrl-C\n",
+        f"Status page: {admin_url}/status   Metrics: {admin_url}/metrics   Stop: Ctrl-C\n",
         flush=True,
     )

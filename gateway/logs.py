@@ -52,6 +52,7 @@ class AccessRecord(msgspec.Struct, omit_defaults=True, gc=False):
     output_tokens: int | None = None
     error: str | None = None
     uncosted: str | None = None  # a path without cost rules: the unknown_endpoints rule applied
+    request_id: str | None = None
     ts: str = ""
 
 

@@ -1,6 +1,7 @@
 """Every Prometheus metric of the gateway, in one place, on a registry of its own (tests build one
 per app). Base units, ``kvgate_`` prefix, bounded labels: tenant and model names come from the
-policy, ``outcome`` from ``Outcome``; never request ids or keys."""
+policy, ``outcome`` from ``Outcome``, ``status`` is the HTTP status the client got; never request
+ids or keys."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from gateway import __version__
+
+_GIB = 2**30
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 # The request path's series are plain Python numbers, exported by ``_RequestCollector`` at scrape
@@ -71,7 +75,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self._requests: defaultdict[tuple[str, str, str], float] = defaultdict(float)
+        self._requests: defaultdict[tuple[str, str, str, str], float] = defaultdict(float)
         self._settled: defaultdict[tuple[str, str], _Settled] = defaultdict(_Settled)
         self.duration = RequestHistogram(
             "kvgate_request_duration_seconds",
@@ -105,14 +109,22 @@ class Metrics:
         self.policy_info = Gauge(
             "kvgate_policy_info", "1 for the live policy.", ["fingerprint"], registry=r
         )
+        self.policy_loaded = Gauge(
+            "kvgate_policy_last_reload_success_timestamp_seconds",
+            "Unix time the live policy was loaded (at start or by the last successful reload).",
+            registry=r,
+        )
+        build = Gauge("kvgate_build_info", "1, labelled with the version.", ["version"], registry=r)
+        build.labels(__version__).set(1)
         self.store_degraded = Gauge(
             "kvgate_store_degraded",
             "1 while the shared limit store is unreachable and the fallback decides.",
             registry=r,
         )
 
-    def count(self, tenant: str, model: str, outcome: str) -> None:
-        self._requests[tenant, model, outcome] += 1.0
+    def count(self, tenant: str, model: str, outcome: str, status: int) -> None:
+        """One request that ended with ``outcome``; the client got HTTP ``status``."""
+        self._requests[tenant, model, outcome, str(status)] += 1.0
 
     def settled(
         self, tenant: str, model: str, input_tokens: int, output_tokens: int, gib_s: float
@@ -136,8 +148,10 @@ class Metrics:
         self.registry.register(_AdmissionCollector(snapshot))
 
     def set_policy(self, fingerprint: str) -> None:
+        """``fingerprint`` is live, loaded now."""
         self.policy_info.clear()
         self.policy_info.labels(fingerprint).set(1)
+        self.policy_loaded.set_to_current_time()
 
 
 class _RequestCollector(Collector):
@@ -147,7 +161,7 @@ class _RequestCollector(Collector):
 
     def __init__(
         self,
-        requests: Mapping[tuple[str, str, str], float],
+        requests: Mapping[tuple[str, str, str, str], float],
         settled: Mapping[tuple[str, str], _Settled],
         histograms: tuple[RequestHistogram, ...],
     ) -> None:
@@ -157,7 +171,9 @@ class _RequestCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
-            "kvgate_requests", "Requests by how they ended.", labels=["tenant", "model", "outcome"]
+            "kvgate_requests",
+            "Requests by how they ended and the HTTP status the client got.",
+            labels=["tenant", "model", "outcome", "status"],
         )
         for labels, value in self._requests.items():
             requests.add_metric(labels, value)
@@ -167,17 +183,17 @@ class _RequestCollector(Collector):
         tokens = CounterMetricFamily(
             "kvgate_tokens", "Tokens settled from real usage.", labels=["tenant", "model", "kind"]
         )
-        gib_s = CounterMetricFamily(
-            "kvgate_kv_gib_seconds",
-            "GPU KV-cache memory-time settled from real usage (GiB x seconds).",
+        byte_s = CounterMetricFamily(
+            "kvgate_kv_byte_seconds",
+            "GPU KV-cache memory-time settled from real usage (bytes x seconds).",
             labels=["tenant", "model"],
         )
         for (tenant, model), settled in self._settled.items():
             tokens.add_metric([tenant, model, "input"], settled.input_tokens)
             tokens.add_metric([tenant, model, "output"], settled.output_tokens)
-            gib_s.add_metric([tenant, model], settled.gib_s)
+            byte_s.add_metric([tenant, model], settled.gib_s * _GIB)
         yield tokens
-        yield gib_s
+        yield byte_s
 
     def describe(self) -> Iterator[Metric]:
         """The family names, so the registry refuses a second ``Metrics`` (a name clash) on it."""
@@ -185,7 +201,6 @@ class _RequestCollector(Collector):
 
 
 _BACKEND_GAUGES = (
-    ("usable", "kvgate_backend_kv_usable_bytes", "KV bytes (or slots) admission may plan now."),
     (
         "reserved_bytes",
         "kvgate_backend_kv_reserved_bytes",
@@ -193,6 +208,29 @@ _BACKEND_GAUGES = (
     ),
     ("inflight", "kvgate_backend_inflight_requests", "Requests in flight through this gateway."),
     ("fragmentation", "kvgate_backend_fragmentation_ratio", "1 - largest free block / free."),
+)
+# What admission plans with, by the backend's capacity kind: bytes of KV cache, or llama.cpp's
+# slots (one request each). A concurrency-limited backend (no memory signal) has neither.
+_USABLE = {
+    "bytes": ("kvgate_backend_kv_usable_bytes", "KV bytes admission may plan now."),
+    "slots": ("kvgate_backend_slots_usable", "Slots (one request each) admission may plan now."),
+}
+# The demand signals an autoscaler scales on, per model.
+_MODEL_GAUGES = (
+    ("kvgate_queue_kv_bytes", "KV bytes the queued requests will reserve."),
+    (
+        "kvgate_queue_drain_bytes_per_second",
+        "KV bytes released per second by finished requests (measured over the last seconds).",
+    ),
+    (
+        "kvgate_queue_predicted_wait_seconds",
+        "Predicted wait before a request of the last priority band arriving now starts.",
+    ),
+    (
+        "kvgate_model_kv_wanted_bytes",
+        "KV bytes wanted: reserved by requests in flight plus what the queue will reserve.",
+    ),
+    ("kvgate_model_kv_usable_bytes", "KV bytes admission may plan on the model's backends."),
 )
 
 
@@ -210,20 +248,42 @@ class _AdmissionCollector(Collector):
             key: GaugeMetricFamily(name, text, labels=["model", "backend"])
             for key, name, text in _BACKEND_GAUGES
         }
+        usable = {
+            kind: GaugeMetricFamily(name, text, labels=["model", "backend"])
+            for kind, (name, text) in _USABLE.items()
+        }
         depth = GaugeMetricFamily("kvgate_queue_depth", "Requests waiting.", labels=["model"])
         oldest = GaugeMetricFamily(
             "kvgate_queue_oldest_wait_seconds", "Age of the oldest waiter.", labels=["model"]
         )
+        demand = [GaugeMetricFamily(name, text, labels=["model"]) for name, text in _MODEL_GAUGES]
+        queued, drain, wait, wanted, usable_bytes = demand
         for model, raw in self._snapshot().items():
             pool = raw if isinstance(raw, dict) else {}
             depth.add_metric([model], float(pool.get("queue_depth", 0)))
             oldest.add_metric([model], float(pool.get("oldest_wait_s", 0.0)))
+            queued_bytes = float(pool.get("queued_bytes", 0.0))
+            queued.add_metric([model], queued_bytes)
+            drain.add_metric([model], float(pool.get("drain_bytes_per_s") or 0.0))
+            if pool.get("predicted_wait_s") is not None:
+                wait.add_metric([model], float(pool["predicted_wait_s"]))
+            reserved = planned = 0.0
             for backend in pool.get("backends", []):
                 url = str(backend["url"])
                 phase.add_metric([model, url, str(backend["phase"])], 1.0)
                 for key, gauge in gauges.items():
                     gauge.add_metric([model, url], float(backend.get(key) or 0.0))
+                kind = str(backend.get("kind", "bytes"))
+                if kind in usable:
+                    usable[kind].add_metric([model, url], float(backend.get("usable") or 0.0))
+                if kind == "bytes":
+                    reserved += float(backend.get("reserved_bytes") or 0.0)
+                    planned += float(backend.get("usable") or 0.0)
+            wanted.add_metric([model], reserved + queued_bytes)
+            usable_bytes.add_metric([model], planned)
         yield phase
         yield from gauges.values()
+        yield from usable.values()
         yield depth
         yield oldest
+        yield from demand

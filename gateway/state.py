@@ -23,6 +23,7 @@ from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.policy.compile import Policy
 from gateway.store.base import LimitStore
+from gateway.tracing import RequestTracer
 
 log = logging.getLogger("kvgate")
 
@@ -42,6 +43,7 @@ class Gateway:
     clock: Clock
     access: AccessLog | None = None  # None: the policy turned the access log off
     session: aiohttp.ClientSession | None = None
+    tracer: RequestTracer | None = None  # None: traces are off (server.tracing)
     responses: ResponseMemory = field(default_factory=ResponseMemory)  # for previous_response_id
     _background: set[asyncio.Task[None]] = field(default_factory=set)
 

@@ -244,7 +244,7 @@ async def main_async(args: argparse.Namespace, out: Path) -> int:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
     try:
         async with (
-            kvgate(bench.gateway_spec(), bench.server, out, wait_ready=False) as gateway,
+            kvgate(bench.gateway_spec(), bench.server, out, wait_ready=False) as (gateway, _),
             aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0), timeout=timeout
             ) as session,

@@ -416,8 +416,8 @@ class Bench:
                 async with limiter(self.server, limit, self.out) as url:
                     await self.one(name, url, tag)
             else:
-                async with kvgate(self.gateway_spec(), self.server, self.out) as url:
-                    await self.one(name, url, tag, admin=url)
+                async with kvgate(self.gateway_spec(), self.server, self.out) as (url, admin):
+                    await self.one(name, url, tag, admin=admin)
 
 
 async def _poll_state(url: str | None, out: list[dict[str, object]]) -> None:

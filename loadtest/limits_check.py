@@ -129,7 +129,9 @@ def scenarios(seed: int, duration_s: float) -> dict[str, Scenario]:
     }
 
 
-def policy(sim_urls: dict[str, str], port: int, *, wait: bool = False) -> dict[str, object]:
+def policy(
+    sim_urls: dict[str, str], port: int, admin_port: int = 9464, *, wait: bool = False
+) -> dict[str, object]:
     """The gateway's policy: one model (and GPU) per tenant, one limit per tenant."""
     speed = {
         "prefill_tokens_per_s": SIM.prefill_tokens_per_s * SIM.time_scale,
@@ -168,7 +170,7 @@ def policy(sim_urls: dict[str, str], port: int, *, wait: bool = False) -> dict[s
     }
     return {
         "version": 1,
-        "server": {"host": "127.0.0.1", "port": port},
+        "server": {"host": "127.0.0.1", "port": port, "admin": {"port": admin_port}},
         "store": {"kind": "memory"},
         "models": models,
         "tenants": tenants,
@@ -329,7 +331,8 @@ def scraper(gateway_url: str, into: dict[str, list[tuple[float, float]]]) -> Ext
                         text = await resp.text()
                     t = loop.time() - t0
                     into[TOKENS].append((t, settled(text, "kvgate_tokens_total", TOKENS)))
-                    into[KV].append((t, settled(text, "kvgate_kv_gib_seconds_total", KV)))
+                    byte_s = settled(text, "kvgate_kv_byte_seconds_total", KV)
+                    into[KV].append((t, byte_s / GIB))
                 await asyncio.sleep(1.0)
 
     return scrape
@@ -351,7 +354,9 @@ def outcomes(exposition: str) -> dict[str, dict[str, int]]:
     for family in text_string_to_metric_families(exposition):
         for s in family.samples:
             if s.name == "kvgate_requests_total" and s.labels.get("tenant") in MODELS:
-                out.setdefault(s.labels["tenant"], {})[s.labels["outcome"]] = int(s.value)
+                counts = out.setdefault(s.labels["tenant"], {})
+                outcome = s.labels["outcome"]  # summed over the status label
+                counts[outcome] = counts.get(outcome, 0) + int(s.value)
     return out
 
 
@@ -373,22 +378,27 @@ async def run(scens: dict[str, Scenario], out: Path, *, wait: bool = False) -> R
             )
             for name, s in scens.items()
         }
-        port = free_port()
+        port, admin_port = free_port(), free_port()
         policy_path = out / "policy.yaml"
-        policy_path.write_text(yaml.safe_dump(policy(urls, port, wait=wait), sort_keys=False))
+        written = policy(urls, port, admin_port, wait=wait)
+        policy_path.write_text(yaml.safe_dump(written, sort_keys=False))
         args = [sys.executable, "-m", "gateway", "run", "-c", str(policy_path)]
         gateway = await Process.start("gateway", args, out / "gateway.log")
         stack.push_async_callback(gateway.stop)
         url = f"http://127.0.0.1:{port}"
         await gateway.wait_http(url + "/readyz", frozenset({200}))
         # The extras ride on the first trace: its t0 is the clock of every sample.
-        extras = [scraper(url, counters), *(sampler(urls[n], sims[n]) for n in scens)]
+        admin_url = f"http://127.0.0.1:{admin_port}"  # /metrics is on the admin listener
+        extras = [scraper(admin_url, counters), *(sampler(urls[n], sims[n]) for n in scens)]
         first, second = scens[TOKENS], scens[KV]
         tokens_records, kv_records = await asyncio.gather(
             run_trace(first, plan(first), url, extras=extras, progress_every_s=10.0),
             run_trace(second, plan(second), url, progress=None),
         )
-        async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(admin_url + "/metrics") as resp,
+        ):
             final = outcomes(await resp.text())
     return Run(
         records={TOKENS: tokens_records, KV: kv_records},
@@ -426,7 +436,7 @@ class KvResult(msgspec.Struct, kw_only=True):
     limit_gib_s_per_s: float
     burst_gib_s: float
     offered_gib_s_per_s: float
-    gateway_gib: float | None  # kvgate_kv_gib_seconds_total, its increase / window seconds
+    gateway_gib: float | None  # kvgate_kv_byte_seconds_total in GiB, its increase / window seconds
     gateway_fit_gib: float | None  # the same counter, least-squares slope in the window
     records_gib: float  # the records, counted as the gateway counts (final size, whole span)
     records_growing_gib: float  # the records, counted as a paged GPU holds KV (growing)

@@ -1,6 +1,7 @@
 """PNG figures of a comparison, drawn from the records and backend samples (matplotlib's Agg
 canvas through ``Figure``, no pyplot state):
-throughput over time, in-flight requests and backend queue over time, latency CDFs.
+throughput over time, in-flight requests and backend queue over time, refusals over time,
+latency CDFs. Panels that compare targets share their axes, so a taller line is a larger number.
 
 The series functions are pure (records in, lists out) so the figures show what the report counts.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -53,6 +55,25 @@ def _overlaps(start: float, end: float, bin_s: float, bins: int) -> list[tuple[i
         if hi > lo:
             out.append((i, (hi - lo) / (end - start)))
     return out
+
+
+def refusals_series(
+    records: Sequence[RequestRecord], end_s: float, bin_s: float = BIN_S
+) -> tuple[list[float], list[float], list[float]]:
+    """(bin starts, 429s per second, 503s per second), by when the client got its final answer
+    (a request retried until it passed is not a refusal)."""
+    bins = max(1, math.ceil(end_s / bin_s))
+    limited = [0.0] * bins
+    shed = [0.0] * bins
+    for r in records:
+        if r.result not in (Result.RATE_LIMITED, Result.SHED):
+            continue
+        at = r.done_s if r.done_s is not None else r.sent_s
+        if at is None:
+            continue
+        i = min(bins - 1, max(0, int(at // bin_s)))
+        (limited if r.result is Result.RATE_LIMITED else shed)[i] += 1.0 / bin_s
+    return [i * bin_s for i in range(bins)], limited, shed
 
 
 def inflight_series(
@@ -105,11 +126,25 @@ def draw_all(
     """Write the figures into ``out``; returns their file names (relative to ``out``)."""
     if not records:
         return []
-    names = ["throughput.png", "inflight.png", "latency_cdf.png"]
+    names = ["throughput.png", "inflight.png", "refusals.png", "latency_cdf.png"]
     _throughput(records, samples, ceiling, end_s, out / names[0])
     _inflight(records, samples, end_s, out / names[1])
-    _latency_cdf(records, out / names[2])
+    _refusals(records, end_s, out / names[2])
+    _latency_cdf(records, out / names[3])
     return names
+
+
+def _panels(n: int, title: str) -> tuple[Figure, list[Any]]:
+    """One panel a target, one above the other, on shared axes; room on the right for the
+    legends, which would cover the data inside."""
+    fig = Figure(figsize=(11, 0.6 + 2.6 * n))
+    axes = fig.subplots(n, 1, squeeze=False, sharex=True, sharey=True)
+    fig.suptitle(title)
+    return fig, list(axes[:, 0])
+
+
+def _legend(ax: Any) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
 
 
 def _throughput(
@@ -119,9 +154,8 @@ def _throughput(
     end_s: float,
     path: Path,
 ) -> None:
-    fig = Figure(figsize=(9, 2.6 * len(records)))
-    axes = fig.subplots(len(records), 1, squeeze=False)
-    for ax, (target, recs) in zip(axes[:, 0], records.items(), strict=True):
+    fig, axes = _panels(len(records), "Output tokens per second, by target")
+    for ax, (target, recs) in zip(axes, records.items(), strict=True):
         times, all_ok, good = throughput_series(recs, end_s)
         ax.step(times, all_ok, where="post", label="output tok/s (ok)")
         ax.step(times, good, where="post", label="goodput tok/s (within SLO)")
@@ -129,8 +163,8 @@ def _throughput(
         ax.axhline(ceiling, color="grey", linestyle="--", label="ceiling")
         ax.set_title(target)
         ax.set_ylabel("tokens/s")
-        ax.legend(loc="upper right", fontsize="small")
-    axes[-1, 0].set_xlabel("seconds since start (1 s bins)")
+        _legend(ax)
+    axes[-1].set_xlabel("seconds since start (1 s bins)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -141,9 +175,8 @@ def _inflight(
     end_s: float,
     path: Path,
 ) -> None:
-    fig = Figure(figsize=(9, 2.6 * len(records)))
-    axes = fig.subplots(len(records), 1, squeeze=False)
-    for ax, (target, recs) in zip(axes[:, 0], records.items(), strict=True):
+    fig, axes = _panels(len(records), "Requests in flight (client) and in the backend, by target")
+    for ax, (target, recs) in zip(axes, records.items(), strict=True):
         times, counts = inflight_series(recs, end_s)
         ax.plot(times, counts, label="client in flight")
         for key in ("running", "waiting"):
@@ -151,15 +184,30 @@ def _inflight(
             ax.plot(t, v, label=f"backend {key}")
         ax.set_title(target)
         ax.set_ylabel("requests")
-        ax.legend(loc="upper right", fontsize="small")
-    axes[-1, 0].set_xlabel("seconds since start")
+        _legend(ax)
+    axes[-1].set_xlabel("seconds since start")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def _refusals(records: Mapping[str, Sequence[RequestRecord]], end_s: float, path: Path) -> None:
+    fig, axes = _panels(len(records), "Refusals per second (final answers), by target")
+    for ax, (target, recs) in zip(axes, records.items(), strict=True):
+        times, limited, shed = refusals_series(recs, end_s)
+        ax.step(times, limited, where="post", label="429 rate limited")
+        ax.step(times, shed, where="post", label="503 shed")
+        ax.set_title(target)
+        ax.set_ylabel("per second")
+        _legend(ax)
+    axes[-1].set_xlabel("seconds since start (1 s bins)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
 
 def _latency_cdf(records: Mapping[str, Sequence[RequestRecord]], path: Path) -> None:
-    fig = Figure(figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 4.0))
     ttft_ax, latency_ax = fig.subplots(1, 2)
+    fig.suptitle("Latency of successful requests: share at or below each time")
     for target, recs in records.items():
         ok = [r for r in recs if r.result is Result.OK]
         ttft_ax.step(*cdf([r.ttft_s for r in ok if r.ttft_s is not None]), label=target)

@@ -48,7 +48,9 @@ def parse_kv(text: str) -> tuple[int, int, int, str]:
     return int(parts[0]), int(parts[1]), int(parts[2]), dtype
 
 
-def kvgate_policy(spec: GatewaySpec, backend_url: str, port: int) -> dict[str, object]:
+def kvgate_policy(
+    spec: GatewaySpec, backend_url: str, port: int, admin_port: int = 9464
+) -> dict[str, object]:
     """A policy for one real server: the model's KV profile, the flavor's signals (vLLM paged,
     llama.cpp slots, contiguous), admission at its defaults but for ``queue.max_wait``; then
     ``spec.extra`` deep-merged over the whole (to try other settings without editing code)."""
@@ -62,7 +64,12 @@ def kvgate_policy(spec: GatewaySpec, backend_url: str, port: int) -> dict[str, o
     }
     policy: dict[str, object] = {
         "version": 1,
-        "server": {"host": "127.0.0.1", "port": port, "access_log": False},
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "access_log": False,
+            "admin": {"port": admin_port},
+        },
         "store": {"kind": "memory"},
         "models": {
             spec.model: {
@@ -162,16 +169,18 @@ async def limiter(backend: str, limit: int, workdir: Path) -> AsyncIterator[str]
 @contextlib.asynccontextmanager
 async def kvgate(
     spec: GatewaySpec, backend: str, workdir: Path, wait_ready: bool = True
-) -> AsyncIterator[str]:
-    port = free_port()
+) -> AsyncIterator[tuple[str, str]]:
+    """kvgate in front of ``backend``: yields its API's URL and its admin listener's."""
+    port, admin_port = free_port(), free_port()
     path = workdir / "policy-kvgate.yaml"
-    path.write_text(yaml.safe_dump(kvgate_policy(spec, backend, port), sort_keys=False))
+    policy = kvgate_policy(spec, backend, port, admin_port)
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
     args = [sys.executable, "-m", "gateway", "run", "-c", str(path)]
     child = await Child.start("kvgate", args, workdir / "kvgate.log")
     url = f"http://127.0.0.1:{port}"
     try:
         ok = (lambda s: s == 200) if wait_ready else (lambda s: True)
         await wait_status(url + "/readyz", ok, 60.0, child)
-        yield url
+        yield url, f"http://127.0.0.1:{admin_port}"
     finally:
         await child.stop()

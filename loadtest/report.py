@@ -353,6 +353,25 @@ def _markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in body]
 
 
+def headline(summaries: Mapping[str, TargetSummary], ceiling: float) -> str:
+    """The verdict in one line: which target kept the most goodput in the steady window, against
+    the ceiling and the others, with the OOM errors each let through."""
+    if not summaries:
+        return "**Verdict:** no target ran."
+    ranked = sorted(summaries.items(), key=lambda kv: kv[1].steady_goodput_tokens_per_s)
+    best, top = ranked[-1]
+
+    def share(s: TargetSummary) -> str:
+        return _pct(s.steady_goodput_tokens_per_s / ceiling) if ceiling > 0 else "-"
+
+    others = ", ".join(f"{name} {share(s)}" for name, s in reversed(ranked[:-1]))
+    text = f"**Verdict:** {best} kept the most steady goodput, {share(top)} of the ceiling"
+    if others:
+        text += f" (against {others})"
+    ooms = ", ".join(f"{name} {s.oom}" for name, s in summaries.items())
+    return f"{text}; OOM errors: {ooms}."
+
+
 def render_markdown(
     scenario: Scenario,
     ceiling: float,
@@ -363,6 +382,8 @@ def render_markdown(
 ) -> str:
     lines = [
         f"# Load test: {scenario.name}",
+        "",
+        headline(summaries, ceiling),
         "",
         scenario.description.strip(),
         "",

@@ -316,6 +316,10 @@ class Admission:
                 "oldest_wait_s": pool.queue.oldest_age(now),
                 "codel_level": pool.codel.level,
                 "drain_bytes_per_s": pool.drain.bytes_per_s(now),
+                # what a request of the last band arriving now would wait (None: unknown)
+                "predicted_wait_s": self._start_in(
+                    pool, list(pool.backends.values()), Priority.SHEDDABLE, 0.0, now
+                ),
             }
         return out
 

@@ -15,6 +15,7 @@ class Outcome(enum.StrEnum):
     BAD_REQUEST = "bad_request"
     UNAUTHORIZED = "unauthorized"
     NOT_FOUND = "not_found"
+    FORBIDDEN = "forbidden"  # the tenant may not use this model
     TOO_LARGE = "too_large"  # body over max_body, or cost over what any limit/backend can ever hold
     RATE_LIMITED = "rate_limited"  # a token bucket is empty: 429, retry later
     SHED_QUEUE_FULL = "shed_queue_full"
@@ -24,6 +25,7 @@ class Outcome(enum.StrEnum):
     SHED_FRAGMENTATION = "shed_fragmentation"
     STORE_ERROR = "store_error"  # limit store unreachable and policy says deny
     UPSTREAM_ERROR = "upstream_error"  # 502
+    UPSTREAM_CLIENT_ERROR = "upstream_client_error"  # the backend refused it with a 4xx
     UPSTREAM_TIMEOUT = "upstream_timeout"  # 504
     CLIENT_CLOSED = "client_closed"
 

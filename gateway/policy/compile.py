@@ -9,6 +9,7 @@ policy so logs and the admin view say which version is live.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,13 @@ class UpstreamTimeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    host: str = "127.0.0.1"
+    port: int = 9464
+    token: str | None = field(default=None, repr=False)  # resolved; None: no token asked
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     host: str
     port: int
@@ -51,6 +59,8 @@ class ServerSettings:
     timeouts: UpstreamTimeouts
     fallback_model: str | None
     unknown_endpoints: str = "estimate"  # deny | estimate | free
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    drain_delay_s: float = 0.0  # /readyz fails this long on SIGTERM before the listener closes
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +69,7 @@ class Tenant:
     priority: Priority
     weight: float
     shadow: bool
+    models: frozenset[str] | None = None  # the models it may use; None: every model
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +102,12 @@ class Policy:
     admission: AdmissionConfig
     _by_key: Mapping[bytes, Tenant] = field(repr=False)
     _buckets: Mapping[tuple[str, str], tuple[BucketSpec, ...]] = field(repr=False)
+    _limit_words: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def limit_words(self, key: str) -> str:
+        """A bucket in the policy's own words, e.g. "tenant acme's tokens limit of 200k/min",
+        for messages to clients (its key is internal)."""
+        return self._limit_words.get(key, "a limit of this gateway's policy")
 
     def tenant_for_key(self, key: str) -> Tenant | None:
         return self._by_key.get(hashlib.sha256(key.encode()).digest())
@@ -110,9 +127,21 @@ def compile_policy(
     env = os.environ if env is None else env
     models = {name: _model(name, m, source, env) for name, m in spec.models.items()}
     tenants = {
-        name: Tenant(name, Priority.parse(t.priority), t.weight, t.shadow or spec.shadow)
+        name: Tenant(
+            name,
+            Priority.parse(t.priority),
+            t.weight,
+            t.shadow or spec.shadow,
+            None if t.models is None else frozenset(t.models),
+        )
         for name, t in spec.tenants.items()
     }
+    for name, t in spec.tenants.items():
+        for i, model_name in enumerate(t.models or ()):
+            if model_name not in models:
+                raise PolicyError(
+                    source, f"at $.tenants.{name}.models[{i}]: no model named {model_name!r}"
+                )
     anonymous = None
     if spec.server.anonymous_tenant is not None:
         anonymous = tenants.get(spec.server.anonymous_tenant)
@@ -128,7 +157,7 @@ def compile_policy(
         source=source,
         fingerprint=hashlib.sha256(msgspec.json.encode(spec)).hexdigest()[:12],
         spec=spec,
-        server=_server(spec.server),
+        server=_server(spec.server, _admin(spec.server.admin, source, env)),
         models=models,
         tenants=tenants,
         anonymous=anonymous,
@@ -137,10 +166,55 @@ def compile_policy(
         admission=_admission(spec.admission, models),
         _by_key=_keys(spec, tenants, source, env),
         _buckets=_buckets(spec, source),
+        _limit_words=_limit_words(spec),
     )
 
 
-def _server(server: schema.Server) -> ServerSettings:
+def _admin(admin: schema.Admin, source: str, env: Mapping[str, str]) -> AdminSettings:
+    token = None
+    if admin.token is not None:
+        token = _secret(admin.token, env, source, "$.server.admin.token")
+    elif not _loopback(admin.host):
+        raise PolicyError(
+            source,
+            f"at $.server.admin.token: the admin listener binds {admin.host!r}, reachable from "
+            "other hosts, so it needs a bearer token (`token: env:VARIABLE`)",
+        )
+    return AdminSettings(host=admin.host, port=admin.port, token=token)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def _limit_words(spec: schema.Policy) -> dict[str, str]:
+    """Each bucket key (as ``_buckets`` spells them) in the policy's words."""
+
+    def words(owner: str, prefix: str, limit: schema.Limit) -> tuple[str, str]:
+        _, period_s = units.parse_rate(limit.rate)
+        scope = limit.model or "*"
+        text = f"{owner}'s {limit.unit.value} limit of {limit.rate}"
+        if limit.model is not None:
+            text += f" on model {limit.model}"
+        if limit.burst is not None:
+            burst = limit.burst if isinstance(limit.burst, str) else f"{limit.burst:g}"
+            text += f" (burst {burst})"
+        return f"{prefix}:{scope}:{limit.unit.value}:{period_s:g}", text
+
+    out: dict[str, str] = {}
+    for name, m in spec.models.items():
+        out.update(words(f"model {name}", f"m:{name}", limit) for limit in m.limits)
+    for name, t in spec.tenants.items():
+        out.update(words(f"tenant {name}", f"t:{name}", limit) for limit in t.limits)
+    return out
+
+
+def _server(server: schema.Server, admin: AdminSettings) -> ServerSettings:
     t = server.timeouts
     return ServerSettings(
         host=server.host,
@@ -155,6 +229,8 @@ def _server(server: schema.Server) -> ServerSettings:
         ),
         fallback_model=server.fallback_model,
         unknown_endpoints=server.unknown_endpoints,
+        admin=admin,
+        drain_delay_s=units.parse_duration(server.drain_delay),
     )
 
 

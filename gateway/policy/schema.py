@@ -59,9 +59,33 @@ class Timeouts(Base, frozen=True, kw_only=True):
                 raise ValueError(f"`{name}`: must be > 0")
 
 
+class Admin(Base, frozen=True, kw_only=True):
+    """The admin listener: /metrics, /admin/state, /admin/reload, /status and the probes. Bound
+    anywhere but loopback it needs ``token`` (``env:VAR``), sent as ``Authorization: Bearer``."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 9464
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.token is not None and not self.token.startswith("env:"):
+            raise ValueError(
+                "`token`: must be `env:VARIABLE`; a plaintext token does not belong in a "
+                "policy file"
+            )
+
+
+class Tracing(Base, frozen=True, kw_only=True):
+    """OpenTelemetry traces (the ``otel`` extra), exported over OTLP/HTTP to what the standard
+    ``OTEL_EXPORTER_OTLP_*`` variables name."""
+
+    enabled: bool = False
+    service_name: str = "kvgate"
+
+
 class Server(Base, frozen=True, kw_only=True):
-    """The listener and upstream timeouts; host, port, grace_period, access_log and a larger
-    max_body take effect at restart, the rest on reload."""
+    """The listener and upstream timeouts; host, port, grace_period, access_log, the admin
+    listener's address and a larger max_body take effect at restart, the rest on reload."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
@@ -74,10 +98,16 @@ class Server(Base, frozen=True, kw_only=True):
     # body's length with the model's default output, or let through at one request.
     unknown_endpoints: Literal["deny", "estimate", "free"] = "estimate"
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    admin: Admin = msgspec.field(default_factory=Admin)
+    tracing: Tracing = msgspec.field(default_factory=Tracing)
+    # On SIGTERM /readyz answers 503 this long before the listener closes, so load balancers
+    # stop sending new requests while the old ones are still accepted.
+    drain_delay: Duration = "5s"
 
     def __post_init__(self) -> None:
         _check(self, "max_body", units.parse_size)
         _check(self, "grace_period", units.parse_duration)
+        _check(self, "drain_delay", units.parse_duration)
 
 
 class MemoryStore(Base, frozen=True, kw_only=True, tag="memory", tag_field="kind"):
@@ -219,6 +249,7 @@ class Tenant(Base, frozen=True, kw_only=True):
     weight: PositiveFloat = 1.0
     limits: list[Limit] = msgspec.field(default_factory=list)
     shadow: bool = False
+    models: list[str] | None = None  # the models it may use; None: every model
 
     def __post_init__(self) -> None:
         for key in self.keys:

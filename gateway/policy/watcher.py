@@ -65,6 +65,10 @@ def restart_only_changes(running: Policy, new: Policy) -> list[str]:
         for name in ("host", "port", "grace_period", "access_log")
         if getattr(old, name) != getattr(now, name)
     ]
+    for name in ("host", "port"):
+        if getattr(old.admin, name) != getattr(now.admin, name):
+            was, new_value = getattr(old.admin, name), getattr(now.admin, name)
+            changes.append(f"server.admin.{name} {was} -> {new_value}")
     if new.server.max_body_bytes > running.server.max_body_bytes:
         changes.append(f"server.max_body {old.max_body} -> {now.max_body} (larger)")
     return changes

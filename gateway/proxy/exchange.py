@@ -15,6 +15,7 @@ import asyncio
 import aiohttp
 import msgspec
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.backends.admitter import Lease, Shed
 from gateway.core.backend import MemoryKind
@@ -36,11 +37,19 @@ from gateway.proxy.apis import routes
 from gateway.proxy.apis.common import BadRequestBody, ParsedRequest
 from gateway.proxy.apis.openai import with_usage_requested
 from gateway.proxy.forward import Answer, Relay, forward
-from gateway.proxy.headers import api_key, asked_max_wait, asked_priority, upstream_headers
+from gateway.proxy.headers import (
+    api_key,
+    asked_max_wait,
+    asked_priority,
+    request_id,
+    upstream_headers,
+)
 from gateway.proxy.limits import Charge, charge, rate_refusal, ratelimit_headers, settle
 from gateway.proxy.usage import AnswerShape
 from gateway.state import GATEWAY, Gateway
 
+# The status logged and counted for a client that left before any answer (nginx's convention).
+_CLIENT_CLOSED_STATUS = 499
 # Times each backend may refuse one request's connection before it gets a 502.
 _CONNECT_ATTEMPTS = 3
 # A request on a path without cost rules (no prompt to read) costs one request and no memory.
@@ -72,9 +81,14 @@ class Exchange:
         "queued_s",
         "relay",
         "request",
+        "request_id",
         "route",
+        "shadowed",
+        "span",
         "started",
+        "status",
         "tenant",
+        "ttft_s",
         "uncosted",
     )
 
@@ -97,13 +111,23 @@ class Exchange:
         self.relay = Relay()
         self.route = routes.route(request.method, request.path)  # which API it speaks
         self.uncosted: str | None = None  # the unknown_endpoints rule that let it through
+        self.request_id = request_id(request.headers)  # the client's, if sane, else a new one
+        self.status = 0  # the HTTP status the client got; 0 until it got one
+        self.shadowed = False  # a shadow tenant's request a bucket would have refused
+        self.ttft_s: float | None = None
+        tracer = gw.tracer
+        self.span = None if tracer is None else tracer.start(request.path, request.headers)
 
     async def run(self) -> web.StreamResponse:
         refusal = self._authenticate() or await self._read() or await self._charge()
         if refusal is not None:
             return self._refused(refusal)
         try:
-            return responses.shaped(await self._admit_and_forward(), self.route.errors)
+            response = responses.shaped(await self._admit_and_forward(), self.route.errors)
+            self.status = response.status
+            if not response.prepared:
+                response.headers["x-request-id"] = self.request_id
+            return response
         except asyncio.CancelledError:
             self.outcome = Outcome.CLIENT_CLOSED
             raise
@@ -148,6 +172,9 @@ class Exchange:
         self.model = self.live.policy.models.get(model_name) if model_name is not None else None
         if self.model is None:
             return self._not_found(model_name)
+        allowed = self.tenant.models if self.tenant is not None else None
+        if allowed is not None and self.model.name not in allowed:
+            return self._forbidden(self.model.name, allowed)
         if self.parsed is None and self.route.unknown and self.body:
             refusal = self._unknown_endpoint(self.model)
             if refusal is not None:
@@ -187,8 +214,8 @@ class Exchange:
             message = "The shared limit store is unreachable and this gateway fails closed."
             return responses.error(Outcome.STORE_ERROR, message, retry_after_s=1.0, headers=headers)
         if not tenant.shadow:
-            return rate_refusal(held, headers)
-        self.gw.metrics.count(tenant.name, model.name, Outcome.SHADOW_LIMITED.value)
+            return rate_refusal(held, headers, self.live.policy.limit_words)
+        self.shadowed = True
         return None
 
     async def _admit_and_forward(self) -> web.StreamResponse:
@@ -197,6 +224,7 @@ class Exchange:
         refused it, it waits for them to come back, within its deadline, a few times."""
         tenant, model = self._who()
         headers = ratelimit_headers(self.held) if self.held is not None else {}
+        headers["x-request-id"] = self.request_id
         waited = self.held.verdict.wait_s if self.held is not None else 0.0
         if waited > 0:
             # a bucket that waits took this request in its turn: go on when that turn comes
@@ -274,12 +302,7 @@ class Exchange:
                 self._session(),
                 backend.url,
                 body=body,
-                headers=upstream_headers(
-                    request.headers,
-                    peer=request.remote,
-                    scheme=request.scheme,
-                    backend_auth=backend.authorization,
-                ),
+                headers=self._upstream_headers(backend),
                 timeouts=self.live.policy.server.timeouts,
                 answer=answer,
                 relay=relay,
@@ -292,6 +315,7 @@ class Exchange:
             raise
         finally:
             ttft = relay.first_token_at - sent if relay.first_token_at is not None else None
+            self.ttft_s = ttft
             if ttft is not None:
                 self.gw.metrics.timed(self.gw.metrics.ttft, model.name, ttft)
             lease.release(
@@ -312,6 +336,10 @@ class Exchange:
         relay = self.relay
         if self.outcome is Outcome.OK and relay.status >= 500:
             self.outcome = Outcome.UPSTREAM_ERROR
+        elif self.outcome is Outcome.OK and relay.status >= 400:
+            self.outcome = Outcome.UPSTREAM_CLIENT_ERROR  # the backend refused it: not served
+        if not self.status:
+            self.status = relay.status or _CLIENT_CLOSED_STATUS
         actual: Cost | None = None
         metrics = self.gw.metrics
         if relay.status:
@@ -347,9 +375,13 @@ class Exchange:
                 self.gw.responses.remember(tenant.name, relay.answer_id, tokens)
         if self.uncosted is not None:
             metrics.uncosted.labels(tenant.name, model.name, self.uncosted).inc()
-        metrics.count(tenant.name, model.name, self.outcome.value)
+        metrics.count(tenant.name, model.name, self.outcome.value, self.status)
+        if self.shadowed:
+            metrics.count(tenant.name, model.name, Outcome.SHADOW_LIMITED.value, self.status)
         if self.gw.access is not None:
             self.gw.access.write(self._access_record(ended, actual))
+        if self.span is not None:
+            self._end_span(actual)
         if self.held is not None:
             self._settle_charge_of(self.held, actual)
 
@@ -416,12 +448,19 @@ class Exchange:
     def _refused(self, response: web.Response) -> web.StreamResponse:
         """Count and log a request refused before admission, in its API's error shape."""
         response = responses.shaped(response, self.route.errors)  # type: ignore[assignment]
+        response.headers["x-request-id"] = self.request_id
         outcome = response.headers["x-kvgate-outcome"]
+        self.outcome, self.status = Outcome(outcome), response.status
         tenant = self.tenant.name if self.tenant else "unknown"
         model = self.model.name if self.model else "unknown"
-        self.gw.metrics.count(tenant, model, outcome)
+        self.gw.metrics.count(tenant, model, outcome, response.status)
         if self.gw.access is not None:
-            self.gw.access.write(AccessRecord(tenant, model, response.status, outcome))
+            record = AccessRecord(
+                tenant, model, response.status, outcome, request_id=self.request_id
+            )
+            self.gw.access.write(record)
+        if self.span is not None:
+            self._end_span(None)
         return response
 
     def _access_record(self, ended: float, actual: Cost | None) -> AccessRecord:
@@ -429,7 +468,7 @@ class Exchange:
         return AccessRecord(
             tenant.name,
             model.name,
-            self.relay.status,
+            self.status,
             self.outcome.value,
             backend=self.backend.url if self.backend else None,
             duration_s=round(ended - self.started, 6),
@@ -438,6 +477,7 @@ class Exchange:
             output_tokens=actual.output_tokens if actual is not None else None,
             error=self.relay.error,
             uncosted=self.uncosted,
+            request_id=self.request_id,
         )
 
     def _not_found(self, model_name: str | None) -> web.Response:
@@ -451,6 +491,44 @@ class Exchange:
         message = f"The model `{model_name}` does not exist here. Available: {known}."
         return responses.error(
             Outcome.NOT_FOUND, message, code="model_not_found", param="model", should_retry=False
+        )
+
+    def _upstream_headers(self, backend: Backend) -> CIMultiDict[str]:
+        request = self.request
+        headers = upstream_headers(
+            request.headers,
+            peer=request.remote,
+            scheme=request.scheme,
+            backend_auth=backend.authorization,
+            request_id=self.request_id,
+        )
+        if self.span is not None and self.gw.tracer is not None:
+            self.gw.tracer.inject(self.span, headers)
+        return headers
+
+    def _end_span(self, actual: Cost | None) -> None:
+        tracer = self.gw.tracer
+        if tracer is None:
+            return
+        tracer.end(
+            self.span,
+            model=self.model.name if self.model else None,
+            tenant=self.tenant.name if self.tenant else None,
+            status=self.status,
+            outcome=self.outcome.value,
+            input_tokens=actual.input_tokens if actual is not None else None,
+            output_tokens=actual.output_tokens if actual is not None else None,
+            ttft_s=self.ttft_s,
+        )
+
+    def _forbidden(self, model_name: str, allowed: frozenset[str]) -> web.Response:
+        tenant = self.tenant.name if self.tenant is not None else "unknown"
+        message = (
+            f"Tenant {tenant} may not use the model `{model_name}`. "
+            f"Its models: {', '.join(sorted(allowed))}."
+        )
+        return responses.error(
+            Outcome.FORBIDDEN, message, code="model_not_allowed", param="model", should_retry=False
         )
 
     def _session(self) -> aiohttp.ClientSession:

@@ -9,6 +9,8 @@ whole (and decoded) before it is forwarded.
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -39,8 +41,12 @@ _NOT_UPSTREAM = HOP_BY_HOP | frozenset(
         "content-encoding",
         "expect",
         "x-kvgate-priority",
+        "x-request-id",  # sent as the gateway accepted or made it (``request_id``)
     )
 )
+# A client's request id is kept when it is short and made of characters that are safe in a log
+# line and a header (what UUIDs, ULIDs and the OpenAI SDK's ids use); anything else is replaced.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
 _NOT_DOWNSTREAM = HOP_BY_HOP | frozenset(("content-length", "server", "date"))
 
 
@@ -49,12 +55,21 @@ def _connection_tokens(values: Iterable[str]) -> set[str]:
     return {token.strip().lower() for value in values for token in value.split(",")} - {""}
 
 
+def request_id(incoming: Mapping[str, str]) -> str:
+    """The client's ``x-request-id`` when it is sane, else a new one."""
+    given = incoming.get("x-request-id")
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
 def upstream_headers(
     incoming: CIMultiDictProxy[str],
     *,
     peer: str | None,
     scheme: str,
     backend_auth: str | None,
+    request_id: str | None = None,
 ) -> CIMultiDict[str]:
     listed = _connection_tokens(incoming.getall("Connection", ()))
     out: CIMultiDict[str] = CIMultiDict()
@@ -69,6 +84,8 @@ def upstream_headers(
     out["X-Forwarded-Proto"] = scheme
     if backend_auth:
         out["Authorization"] = backend_auth
+    if request_id is not None:
+        out["x-request-id"] = request_id
     return out
 
 

@@ -106,25 +106,26 @@ def ratelimit_headers(held: Charge) -> dict[str, str]:
     return headers
 
 
-def rate_refusal(held: Charge, headers: dict[str, str]) -> web.Response:
-    """The 429 for a charge a bucket refused, naming that bucket and when to retry (never, with
-    ``x-should-retry: false``, for a request larger than the bucket's burst)."""
+def rate_refusal(
+    held: Charge, headers: dict[str, str], words: Callable[[str], str]
+) -> web.Response:
+    """The 429 for a charge a bucket refused, naming that bucket in the policy's ``words`` (a
+    bucket key is internal) and when to retry (never, with ``x-should-retry: false``, for a
+    request larger than the bucket's burst)."""
     verdict = held.verdict
     index = verdict.blocking if verdict.blocking is not None else 0
     spec = held.specs[index]
     unit = spec.unit.value
+    limit = words(spec.key)
     if verdict.never:
         message = (
-            f"This request needs {held.amounts[index]:.6g} {unit} but the limit {spec.key!r} "
-            f"holds at most {spec.burst:.6g}: it can never pass. Make the request smaller."
+            f"This request needs {held.amounts[index]:.6g} {unit} but {limit} holds at most "
+            f"{spec.burst:.6g}: it can never pass. Make the request smaller."
         )
         return responses.error(
             Outcome.RATE_LIMITED, message, type_=unit, should_retry=False, headers=headers
         )
-    message = (
-        f"Rate limit reached for {unit} ({spec.key!r}: {spec.rate_per_s:.6g}/s, burst "
-        f"{spec.burst:.6g}). Retry in {verdict.retry_after_s:.3f}s."
-    )
+    message = f"Rate limit reached: {limit}. Retry in {verdict.retry_after_s:.3f}s."
     return responses.error(
         Outcome.RATE_LIMITED,
         message,

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.admin import build_admin_app
 from gateway.app import build_app
 from gateway.metrics import Metrics
 from gateway.policy.compile import compile_policy
@@ -42,6 +43,8 @@ admission:
 """
 
 MakeGateway = Callable[..., Awaitable[tuple[TestClient[web.Request, web.Application], Metrics]]]
+Client = TestClient[web.Request, web.Application]
+MakeAdmin = Callable[[Client], Awaitable[Client]]
 
 
 def policy_text(
@@ -106,6 +109,18 @@ def make_gateway(
         if wait_ready:
             await _wait_ready(client)
         return client, metrics
+
+    return make
+
+
+@pytest.fixture
+def admin(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+) -> MakeAdmin:
+    """A client of the admin listener of the gateway behind ``client`` (same live state)."""
+
+    async def make(client: Client) -> Client:
+        return await aiohttp_client(build_admin_app(client.app))
 
     return make
 

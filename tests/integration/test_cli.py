@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+import gateway
 from tests.integration.conftest import policy_text, until
 from tests.integration.stub import StubBackend
 
@@ -94,13 +95,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_sigterm_lets_requests_in_flight_finish(
+async def test_sigterm_fails_readiness_first_then_lets_requests_in_flight_finish(
     tmp_path: Path, stub: StubBackend, stub_url: str
 ) -> None:
-    port = _free_port()
-    text = policy_text([stub_url]).replace(
-        "server:\n", f"server:\n  port: {port}\n  grace_period: 10s\n", 1
+    port, admin_port = _free_port(), _free_port()
+    server = (
+        f"server:\n  port: {port}\n  grace_period: 10s\n  drain_delay: 1s\n"
+        f"  admin: {{port: {admin_port}}}\n"
     )
+    text = policy_text([stub_url]).replace("server:\n", server, 1)
     (tmp_path / "policy.yaml").write_text(text)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -133,7 +136,17 @@ async def test_sigterm_lets_requests_in_flight_finish(
             )
             await until(lambda: stub.requests)
             proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            # the listeners stay open while the probes say the gateway is going away
+            async with asyncio.timeout(5):
+                while True:
+                    async with session.get(f"{url}/readyz") as ready:
+                        if ready.status == 503:
+                            assert (await ready.json())["status"] == "draining"
+                            break
+                    await asyncio.sleep(0.02)
+            admin = f"http://127.0.0.1:{admin_port}"
+            async with session.get(f"{admin}/readyz") as ready:
+                assert ready.status == 503
             stub.release.set()
             response = await asyncio.wait_for(request, 10)
             assert response.status == 200
@@ -143,3 +156,47 @@ async def test_sigterm_lets_requests_in_flight_finish(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_version() -> None:
+    result = _kvgate("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"kvgate {gateway.__version__}"
+
+
+def test_a_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        text = policy_text(["http://127.0.0.1:9"]).replace(
+            "server:\n", f"server:\n  port: {port}\n  admin: {{port: {_free_port()}}}\n", 1
+        )
+        (tmp_path / "policy.yaml").write_text(text)
+        result = _kvgate("run", "-c", str(tmp_path / "policy.yaml"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"kvgate: 127.0.0.1:{port} is already in use" in result.stderr
+    assert "--port PORT" in result.stderr
+
+
+def test_demo_says_which_port_is_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _kvgate(
+            "demo",
+            "--port",
+            str(_free_port()),
+            "--backend-port",
+            str(port),
+            "--admin-port",
+            str(_free_port()),
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"kvgate: 127.0.0.1:{port} is already in use (another kvgate, or a model server?); "
+        "stop it or pass --backend-port PORT"
+    )
+    assert "Traceback" not in result.stderr

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.metrics import Metrics
 from tests.integration.api_stub import ApiStub
 from tests.integration.conftest import MakeGateway, policy_text, until
+from tests.integration.traffic import requests_total
 
 ACME = {"Authorization": "Bearer sk-acme"}
 Client = TestClient[web.Request, web.Application]
@@ -42,8 +43,7 @@ def _tokens(metrics: Metrics, tenant: str = "acme") -> float:
 
 
 def _outcomes(metrics: Metrics, outcome: str) -> float:
-    labels = {"tenant": "acme", "model": "m1", "outcome": outcome}
-    return metrics.registry.get_sample_value("kvgate_requests_total", labels) or 0.0
+    return requests_total(metrics, tenant="acme", model="m1", outcome=outcome) or 0.0
 
 
 def _with_server(text: str, line: str) -> str:

@@ -17,8 +17,9 @@ from aiohttp.test_utils import TestClient
 from gateway.app import build_app
 from gateway.metrics import Metrics
 from gateway.policy.watcher import read_policy
-from tests.integration.conftest import MakeGateway, policy_text, until
+from tests.integration.conftest import MakeAdmin, MakeGateway, policy_text, until
 from tests.integration.stub import StubBackend
+from tests.integration.traffic import requests_total
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +28,8 @@ ACME = {"Authorization": "Bearer sk-acme"}
 
 
 def _sample(metrics: Metrics, name: str, **labels: str) -> float:
+    if name == "kvgate_requests_total":  # over every status
+        return requests_total(metrics, **labels) or 0.0
     value = metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
 
@@ -84,18 +87,23 @@ async def test_request_too_large_for_any_burst_is_told_not_to_retry(
 
 
 async def test_metrics_and_admin_state_describe_the_live_gateway(
-    make_gateway: MakeGateway, stub_url: str
+    make_gateway: MakeGateway, stub_url: str, admin: MakeAdmin
 ) -> None:
     client, _ = await make_gateway(policy_text([stub_url]))
+    ops = await admin(client)
     assert (await client.post("/v1/chat/completions", json=CHAT)).status == 200
-    text = await (await client.get("/metrics")).text()
-    assert 'kvgate_requests_total{model="m1",outcome="ok",tenant="anon"} 1.0' in text
+    text = await (await ops.get("/metrics")).text()
+    assert 'kvgate_requests_total{model="m1",outcome="ok",status="200",tenant="anon"} 1.0' in text
     assert f'kvgate_backend_phase{{backend="{stub_url}",model="m1",phase="ready"}} 1.0' in text
     assert 'kvgate_queue_depth{model="m1"} 0.0' in text
     assert "sk-" not in text
-    state = await (await client.get("/admin/state")).json()
+    state = await (await ops.get("/admin/state")).json()
     assert state["admission"]["m1"]["backends"][0]["phase"] == "ready"
     assert (await client.get("/healthz")).status == 200
+    assert (await ops.get("/healthz")).status == 200
+    # nothing internal on the proxy's listener
+    for path in ("/metrics", "/admin/state", "/status"):
+        assert (await client.get(path)).status == 404
 
 
 async def test_policy_edits_reload_without_dropping_a_request_and_bad_ones_are_refused(
@@ -104,6 +112,7 @@ async def test_policy_edits_reload_without_dropping_a_request_and_bad_ones_are_r
     stub_url: str,
     aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
     monkeypatch: pytest.MonkeyPatch,
+    admin: MakeAdmin,
 ) -> None:
     monkeypatch.setenv("ACME_KEY", "sk-acme")
     path = tmp_path / "policy.yaml"
@@ -111,13 +120,14 @@ async def test_policy_edits_reload_without_dropping_a_request_and_bad_ones_are_r
     policy, digest = read_policy(path)
     metrics = Metrics()
     client = await aiohttp_client(build_app(policy, metrics=metrics, watch=(path, digest)))
+    ops = await admin(client)
     for _ in range(200):
         if (await client.get("/readyz")).status == 200:
             break
         await asyncio.sleep(0.01)
 
     async def fingerprint() -> str:
-        return str((await (await client.get("/admin/state")).json())["policy"]["fingerprint"])
+        return str((await (await ops.get("/admin/state")).json())["policy"]["fingerprint"])
 
     async def reload(result: str) -> None:
         before = _sample(metrics, "kvgate_policy_reloads_total", result=result)

@@ -251,9 +251,9 @@ async def test_clients_leaving_mid_stream_do_not_count_against_the_backend(
         await response.content.readuntil(b"\n\n")
         response.close()
     stub.release.set()
-    labels = {"tenant": "anon", "model": "m1", "outcome": "client_closed"}
+    labels = {"tenant": "anon", "model": "m1", "outcome": "client_closed", "status": "200"}
     await until(lambda: metrics.registry.get_sample_value("kvgate_requests_total", labels) == 4)
-    backend = (await (await client.get("/admin/state")).json())["admission"]["m1"]["backends"][0]
+    backend = client.app[GATEWAY].admitter.snapshot()["m1"]["backends"][0]  # type: ignore[index]
     assert backend["phase"] == "ready"
     assert backend["failures"] == 0
     assert backend["inflight"] == 0
@@ -300,7 +300,7 @@ async def test_a_client_hanging_up_right_after_done_is_a_success(
     while not (await response.content.readuntil(b"\n\n")).startswith(b"data: [DONE]"):
         pass
     response.close()
-    labels = {"tenant": "anon", "model": "m1", "outcome": "ok"}
+    labels = {"tenant": "anon", "model": "m1", "outcome": "ok", "status": "200"}
     await until(lambda: metrics.registry.get_sample_value("kvgate_requests_total", labels) == 1)
 
 

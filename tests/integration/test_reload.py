@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import build_app
 from gateway.metrics import Metrics
 from gateway.policy.watcher import read_policy
-from tests.integration.conftest import policy_text, until
+from tests.integration.conftest import MakeAdmin, policy_text, until
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +51,7 @@ async def test_a_bad_edit_keeps_the_old_policy_and_a_good_one_is_applied(
     aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    admin: MakeAdmin,
 ) -> None:
     monkeypatch.setenv("ACME_KEY", "sk-acme")
     path = tmp_path / "policy.yaml"
@@ -58,13 +59,14 @@ async def test_a_bad_edit_keeps_the_old_policy_and_a_good_one_is_applied(
     policy, digest = read_policy(path)
     metrics = Metrics()
     client = await aiohttp_client(build_app(policy, metrics=metrics, watch=(path, digest)))
+    ops = await admin(client)
     for _ in range(200):
         if (await client.get("/readyz")).status == 200:
             break
         await asyncio.sleep(0.01)
 
     async def fingerprint() -> str:
-        return str((await (await client.get("/admin/state")).json())["policy"]["fingerprint"])
+        return str((await (await ops.get("/admin/state")).json())["policy"]["fingerprint"])
 
     path.write_text(policy_text([stub_url], acme_limits=NAN))
     await until(lambda: _reloads(metrics, "error") >= 1)
@@ -107,11 +109,11 @@ async def _reload_count(session: aiohttp.ClientSession, url: str, result: str) -
 async def test_sighup_after_a_failed_reload_still_reloads_and_does_not_kill(
     tmp_path: Path, stub_url: str
 ) -> None:
-    port = _free_port()
+    port, admin_port = _free_port(), _free_port()
 
     def text(limits: str) -> str:
         return policy_text([stub_url], acme_limits=limits).replace(
-            "server:\n", f"server:\n  port: {port}\n", 1
+            "server:\n", f"server:\n  port: {port}\n  admin: {{port: {admin_port}}}\n", 1
         )
 
     path = tmp_path / "policy.yaml"
@@ -140,7 +142,7 @@ async def test_sighup_after_a_failed_reload_still_reloads_and_does_not_kill(
                     await asyncio.sleep(0.05)
 
             async def count(result: str) -> float:
-                return await _reload_count(session, url, result)
+                return await _reload_count(session, f"http://127.0.0.1:{admin_port}", result)
 
             async def reaches(result: str, value: float) -> None:
                 async with asyncio.timeout(15):

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.admin import build_admin_app
 from gateway.app import build_app
 from gateway.policy.compile import compile_policy
 from gateway.policy.loader import load_text
@@ -80,5 +81,6 @@ async def test_redis_outage_follows_the_policy(
     assert response.status == status
     if status == 503:
         assert (await response.json())["error"]["code"] == "store_unavailable"
-    metrics = await (await client.get("/metrics")).text()
+    ops = await aiohttp_client(build_admin_app(client.app))
+    metrics = await (await ops.get("/metrics")).text()
     assert "kvgate_store_degraded 1.0" in metrics

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shutil
 import signal
 import socket
@@ -130,28 +129,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _on_free_ports(policy: str, gateway_port: int, backend_port: int) -> str:
-    """The default policy with its two ports (``kvgate demo`` starts the simulator at the first
-    backend's URL) moved to free ones; everything else as shipped."""
-    policy, moved = re.subn(r"(?m)^(  port:) 8080$", rf"\1 {gateway_port}", policy)
-    assert moved == 1
-    policy, moved = re.subn(
-        r"http://127\.0\.0\.1:8000\b", f"http://127.0.0.1:{backend_port}", policy
-    )
-    assert moved == 1
-    return policy
-
-
 async def test_kvgate_demo_from_the_wheel_serves_and_stops_on_sigterm(installed: Install) -> None:
-    shipped = (installed.site_packages / "gateway" / "policies" / "default.yaml").read_text()
     port = _free_port()
-    policy = installed.workdir / "policy.yaml"
-    policy.write_text(_on_free_ports(shipped, port, _free_port()))
-    proc = await asyncio.create_subprocess_exec(
+    proc = await asyncio.create_subprocess_exec(  # the shipped policy, on free ports
         installed.venv / "bin" / "kvgate",
         "demo",
-        "-c",
-        str(policy),
+        "--port",
+        str(port),
+        "--backend-port",
+        str(_free_port()),
+        "--admin-port",
+        str(_free_port()),
         cwd=installed.workdir,
         env=installed.env(),
         stdout=asyncio.subprocess.PIPE,

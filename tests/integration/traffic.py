@@ -17,8 +17,19 @@ def tokens_counted(metrics: Metrics, kind: str, tenant: str = "anon") -> float |
 
 
 def requests_counted(metrics: Metrics, outcome: str, tenant: str = "anon") -> float | None:
-    labels = {"tenant": tenant, "model": "m1", "outcome": outcome}
-    return metrics.registry.get_sample_value("kvgate_requests_total", labels)
+    """``kvgate_requests_total`` of ``tenant`` on m1 with ``outcome``, over every status."""
+    return requests_total(metrics, tenant=tenant, model="m1", outcome=outcome)
+
+
+def requests_total(metrics: Metrics, **labels: str) -> float | None:
+    """``kvgate_requests_total`` summed over the series whose labels include ``labels``; None
+    when there is none."""
+    total = None
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == "kvgate_requests_total" and labels.items() <= sample.labels.items():
+                total = (total or 0.0) + sample.value
+    return total
 
 
 async def health(request: web.Request) -> web.Response:

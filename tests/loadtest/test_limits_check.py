@@ -161,20 +161,23 @@ EXPOSITION = f"""# TYPE kvgate_tokens_total counter
 kvgate_tokens_total{{tenant="{lc.TOKENS}",model="m",kind="input"}} 1000.0
 kvgate_tokens_total{{tenant="{lc.TOKENS}",model="m",kind="output"}} 250.0
 kvgate_tokens_total{{tenant="{lc.KV}",model="m",kind="input"}} 7.0
-# TYPE kvgate_kv_gib_seconds_total counter
-kvgate_kv_gib_seconds_total{{tenant="{lc.KV}",model="m"}} 3.5
+# TYPE kvgate_kv_byte_seconds_total counter
+kvgate_kv_byte_seconds_total{{tenant="{lc.KV}",model="m"}} 3.5
 # TYPE kvgate_requests_total counter
-kvgate_requests_total{{tenant="{lc.KV}",model="m",outcome="ok"}} 12.0
-kvgate_requests_total{{tenant="{lc.KV}",model="m",outcome="rate_limited"}} 30.0
-kvgate_requests_total{{tenant="unknown",model="unknown",outcome="unauthorized"}} 1.0
+kvgate_requests_total{{tenant="{lc.KV}",model="m",outcome="ok",status="200"}} 12.0
+kvgate_requests_total{{tenant="{lc.KV}",model="m",outcome="rate_limited",status="429"}} 30.0
+kvgate_requests_total{{tenant="{lc.KV}",model="m",outcome="upstream_client_error",status="400"}} 2.0
+kvgate_requests_total{{tenant="{lc.KV}",model="m",outcome="upstream_client_error",status="404"}} 1.0
+kvgate_requests_total{{tenant="unknown",model="unknown",outcome="unauthorized",status="401"}} 1.0
 """
 
 
 def test_counters_are_read_per_tenant_from_the_exposition() -> None:
     assert lc.settled(EXPOSITION, "kvgate_tokens_total", lc.TOKENS) == 1250.0
-    assert lc.settled(EXPOSITION, "kvgate_kv_gib_seconds_total", lc.KV) == 3.5
+    assert lc.settled(EXPOSITION, "kvgate_kv_byte_seconds_total", lc.KV) == 3.5
     assert lc.settled(EXPOSITION, "kvgate_kv_gib_seconds_total", lc.TOKENS) == 0.0
-    assert lc.outcomes(EXPOSITION) == {lc.KV: {"ok": 12, "rate_limited": 30}}
+    outcomes = {"ok": 12, "rate_limited": 30, "upstream_client_error": 3}
+    assert lc.outcomes(EXPOSITION) == {lc.KV: outcomes}
 
 
 def test_the_policy_loads_in_the_gateway_schema() -> None:

@@ -11,9 +11,12 @@ import pytest
 
 from loadtest.compare import write_results
 from loadtest.generator import PlannedRequest
+from loadtest.plots import refusals_series
 from loadtest.records import BackendSample, RequestRecord, Result, read_jsonl, write_jsonl
 from loadtest.report import (
+    TargetSummary,
     fair_shares,
+    headline,
     jain,
     percentile,
     render_table,
@@ -250,10 +253,42 @@ def test_summary_json_has_the_agreed_shape(tmp_path: Path) -> None:
     assert read_jsonl(tmp_path / "records-direct.jsonl", RequestRecord) == RECORDS
     report = (tmp_path / "report.md").read_text()
     assert "| ok | 5 |" in report
-    for image in ("throughput.png", "inflight.png", "latency_cdf.png"):
+    assert report.splitlines()[2].startswith("**Verdict:** direct kept the most steady goodput")
+    for image in ("throughput.png", "inflight.png", "refusals.png", "latency_cdf.png"):
         assert (tmp_path / image).read_bytes().startswith(b"\x89PNG")
 
 
 def test_jsonl_round_trip(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "s.jsonl", SAMPLES)
     assert read_jsonl(tmp_path / "s.jsonl", BackendSample) == SAMPLES
+
+
+def test_refusals_are_counted_per_second_by_their_final_answer() -> None:
+    records = [
+        rec(1, "a", scheduled=0.0, sent=0.1, done=0.2, status=429, result=Result.RATE_LIMITED),
+        rec(2, "a", scheduled=0.0, sent=0.1, done=1.5, status=429, result=Result.RATE_LIMITED),
+        rec(3, "b", scheduled=0.0, sent=1.2, done=None, status=503, result=Result.SHED),
+        rec(4, "b", scheduled=0.0, sent=0.5, done=2.5, status=200, result=Result.OK, output=3),
+    ]
+    times, limited, shed = refusals_series(records, end_s=3.0)
+    assert times == [0.0, 1.0, 2.0]
+    assert limited == [1.0, 1.0, 0.0]
+    assert shed == [0.0, 1.0, 0.0]
+
+
+def _target(steady: float, oom: int) -> TargetSummary:
+    summary = summarise(RECORDS, WEIGHTS, DURATION_S, RUN_S)
+    return msgspec.structs.replace(summary, steady_goodput_tokens_per_s=steady, oom=oom)
+
+
+def test_the_headline_names_the_best_target_against_the_ceiling_and_the_others() -> None:
+    summaries = {
+        "direct": _target(25.0, 80),
+        "count_limited": _target(50.0, 5),
+        "kvgate": _target(90.0, 0),
+    }
+    assert headline(summaries, ceiling=100.0) == (
+        "**Verdict:** kvgate kept the most steady goodput, 90% of the ceiling (against "
+        "count_limited 50%, direct 25%); OOM errors: direct 80, count_limited 5, kvgate 0."
+    )
+    assert headline({}, ceiling=100.0) == "**Verdict:** no target ran."

@@ -11,7 +11,7 @@ from pathlib import Path
 import gateway
 
 ROOT = Path(gateway.__file__).parent
-ENTRY = ("gateway.app", "gateway.cli")
+ENTRY = ("gateway.app", "gateway.admin", "gateway.cli")
 RULES: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
     # (importers, what they must not import, except), by package prefix
     (("gateway.core",), ("gateway",), "gateway.core"),

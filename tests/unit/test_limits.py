@@ -345,6 +345,16 @@ def _error(response: Any) -> dict[str, Any]:
     return error
 
 
+WORDS = {
+    "tenant:acme:tokens": "tenant acme's tokens limit of 600/min",
+    "tenant:acme:requests": "tenant acme's requests limit of 1/s (burst 10)",
+}
+
+
+def _words(key: str) -> str:
+    return WORDS[key]
+
+
 def test_a_refusal_is_a_429_naming_the_bucket_and_when_to_retry(
     memory: MemoryLimitStore,
 ) -> None:
@@ -354,14 +364,14 @@ def test_a_refusal_is_a_429_naming_the_bucket_and_when_to_retry(
     assert not held.verdict.allowed
     assert held.verdict.retry_after_s == pytest.approx(20.0)  # 200 more tokens at 10/s
     headers = ratelimit_headers(held)
-    response = rate_refusal(held, headers)
+    response = rate_refusal(held, headers, _words)
     assert response.status == 429
     assert response.content_type == "application/json"
     error = _error(response)
     assert error["type"] == "tokens"
     assert error["code"] == "rate_limit_exceeded"
     assert error["message"] == (
-        "Rate limit reached for tokens ('tenant:acme:tokens': 10/s, burst 1000). Retry in 20.000s."
+        "Rate limit reached: tenant acme's tokens limit of 600/min. Retry in 20.000s."
     )
     assert response.headers["Retry-After"] == "20"
     assert response.headers["retry-after-ms"] == "20000"
@@ -374,11 +384,12 @@ def test_a_refusal_is_a_429_naming_the_bucket_and_when_to_retry(
 
 def test_a_refusal_without_a_blocking_bucket_names_the_first() -> None:
     verdict = Verdict(allowed=False, retry_after_s=0.0015)
-    response = rate_refusal(Charge(SPECS, (1.0, 600.0), verdict), {})
+    response = rate_refusal(Charge(SPECS, (1.0, 600.0), verdict), {}, _words)
     assert response.status == 429
     error = _error(response)
     assert error["type"] == "requests"
-    assert "'tenant:acme:requests': 1/s, burst 10" in error["message"]
+    assert "tenant acme's requests limit of 1/s (burst 10)" in error["message"]
+    assert "tenant:acme" not in error["message"]
     assert response.headers["Retry-After"] == "1"  # rounded up: never early
     assert response.headers["retry-after-ms"] == "2"
 
@@ -391,7 +402,7 @@ def test_a_request_larger_than_the_burst_is_told_it_never_passes(
     )
     held = _finished(charge(memory, SPECS, big, orphaned=_orphans()[1]))
     assert held.verdict.never
-    response = rate_refusal(held, ratelimit_headers(held))
+    response = rate_refusal(held, ratelimit_headers(held), _words)
     assert response.status == 429
     assert response.headers["x-should-retry"] == "false"
     assert "Retry-After" not in response.headers
@@ -401,7 +412,8 @@ def test_a_request_larger_than_the_burst_is_told_it_never_passes(
     assert error["type"] == "tokens"
     assert error["code"] == "rate_limit_exceeded"
     assert error["message"] == (
-        "This request needs 2000 tokens but the limit 'tenant:acme:tokens' holds at most 1000: "
+        "This request needs 2000 tokens but tenant acme's tokens limit of 600/min holds at most "
+        "1000: "
         "it can never pass. Make the request smaller."
     )
     assert memory.peek_now(SPECS) == (10.0, 1000.0)  # nothing was taken

@@ -11,16 +11,17 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from gateway import __version__
 from gateway.metrics import Metrics
 
 Labels = tuple[tuple[str, str], ...]
 
 
 def _record(m: Metrics) -> None:
-    m.count("acme", "llama", "ok")
-    m.count("acme", "llama", "rate_limited")
-    m.count("acme", "llama", "ok")
-    m.count("unknown", "unknown", "unauthorized")
+    m.count("acme", "llama", "ok", 200)
+    m.count("acme", "llama", "rate_limited", 429)
+    m.count("acme", "llama", "ok", 200)
+    m.count("unknown", "unknown", "unauthorized", 401)
     m.settled("acme", "llama", 120, 30, 0.75)
     m.settled("beta", "qwen", 7, 0, 1e-06)
     m.settled("acme", "llama", 5, 2, 0.125)
@@ -37,11 +38,11 @@ def _record(m: Metrics) -> None:
 # generate_latest() after _record() when every metric was a prometheus_client Counter or
 # Histogram, its *_created series left out (see _without_created).
 OLD_EXPOSITION = """\
-# HELP kvgate_requests_total Requests by how they ended.
+# HELP kvgate_requests_total Requests by how they ended and the HTTP status the client got.
 # TYPE kvgate_requests_total counter
-kvgate_requests_total{model="llama",outcome="ok",tenant="acme"} 2.0
-kvgate_requests_total{model="llama",outcome="rate_limited",tenant="acme"} 1.0
-kvgate_requests_total{model="unknown",outcome="unauthorized",tenant="unknown"} 1.0
+kvgate_requests_total{model="llama",outcome="ok",status="200",tenant="acme"} 2.0
+kvgate_requests_total{model="llama",outcome="rate_limited",status="429",tenant="acme"} 1.0
+kvgate_requests_total{model="unknown",outcome="unauthorized",status="401",tenant="unknown"} 1.0
 # HELP kvgate_request_duration_seconds Time from request to the last byte of the answer, admitted requests.
 # TYPE kvgate_request_duration_seconds histogram
 kvgate_request_duration_seconds_bucket{le="0.005",model="llama"} 0.0
@@ -126,10 +127,10 @@ kvgate_tokens_total{kind="input",model="llama",tenant="acme"} 125.0
 kvgate_tokens_total{kind="output",model="llama",tenant="acme"} 32.0
 kvgate_tokens_total{kind="input",model="qwen",tenant="beta"} 7.0
 kvgate_tokens_total{kind="output",model="qwen",tenant="beta"} 0.0
-# HELP kvgate_kv_gib_seconds_total GPU KV-cache memory-time settled from real usage (GiB x seconds).
-# TYPE kvgate_kv_gib_seconds_total counter
-kvgate_kv_gib_seconds_total{model="llama",tenant="acme"} 0.875
-kvgate_kv_gib_seconds_total{model="qwen",tenant="beta"} 1e-06
+# HELP kvgate_kv_byte_seconds_total GPU KV-cache memory-time settled from real usage (bytes x seconds).
+# TYPE kvgate_kv_byte_seconds_total counter
+kvgate_kv_byte_seconds_total{model="llama",tenant="acme"} 9.39524096e+08
+kvgate_kv_byte_seconds_total{model="qwen",tenant="beta"} 1073.741824
 # HELP kvgate_policy_reloads_total Policy reloads by result.
 # TYPE kvgate_policy_reloads_total counter
 kvgate_policy_reloads_total{result="ok"} 1.0
@@ -138,12 +139,35 @@ kvgate_policy_reloads_total{result="ok"} 1.0
 # HELP kvgate_policy_info 1 for the live policy.
 # TYPE kvgate_policy_info gauge
 kvgate_policy_info{fingerprint="abc123"} 1.0
+# HELP kvgate_policy_last_reload_success_timestamp_seconds Unix time the live policy was loaded (at start or by the last successful reload).
+# TYPE kvgate_policy_last_reload_success_timestamp_seconds gauge
+kvgate_policy_last_reload_success_timestamp_seconds LOADED
+# HELP kvgate_build_info 1, labelled with the version.
+# TYPE kvgate_build_info gauge
+kvgate_build_info{version="VERSION"} 1.0
 # HELP kvgate_store_degraded 1 while the shared limit store is unreachable and the fallback decides.
 # TYPE kvgate_store_degraded gauge
 kvgate_store_degraded 0.0
 """  # noqa: E501
 
 _CREATED = re.compile(r"^(# (HELP|TYPE) )?\w+_created[ {]")
+_LOADED = re.compile(r"^(kvgate_policy_last_reload_success_timestamp_seconds) (\S+)$")
+
+
+def _expected(loaded: bool) -> list[str]:
+    text = OLD_EXPOSITION.replace("VERSION", __version__)
+    return text.replace("LOADED", "WHEN" if loaded else "0.0").splitlines()
+
+
+def _when(lines: list[str]) -> list[str]:
+    """The load time of the policy (a wall clock reading) as WHEN, once checked to be one."""
+    out = []
+    for line in lines:
+        match = _LOADED.match(line)
+        if match and float(match.group(2)) > 1.6e9:
+            line = f"{match.group(1)} WHEN"
+        out.append(line)
+    return out
 
 
 def _lines(m: Metrics) -> list[str]:
@@ -173,12 +197,13 @@ def _buckets(m: Metrics, name: str, model: str) -> dict[str, float]:
 def test_exposition_is_the_one_prometheus_client_made() -> None:
     m = Metrics()
     _record(m)
-    assert _without_created(_lines(m)) == OLD_EXPOSITION.splitlines()
+    assert _when(_without_created(_lines(m))) == _expected(loaded=True)
 
 
 def test_fresh_exposition_is_the_one_prometheus_client_made() -> None:
-    headers = [line for line in OLD_EXPOSITION.splitlines() if line.startswith("# ")]
-    assert _lines(Metrics()) == [*headers, "kvgate_store_degraded 0.0"]
+    expected = _expected(loaded=False)
+    kept = ("# ", "kvgate_store_degraded", "kvgate_build_info", "kvgate_policy_last_reload")
+    assert _lines(Metrics()) == [line for line in expected if line.startswith(kept)]
 
 
 def test_request_path_series_have_no_created_samples() -> None:
@@ -191,13 +216,19 @@ def test_request_path_series_have_no_created_samples() -> None:
 def test_requests_are_counted_per_label_set() -> None:
     m = Metrics()
     _record(m)
-    m.count("beta", "qwen", "ok")
+    m.count("beta", "qwen", "ok", 200)
+    m.count("beta", "qwen", "upstream_client_error", 404)
     requests = _scrape(m)["kvgate_requests_total"]
+
+    def key(model: str, outcome: str, status: str, tenant: str) -> Labels:
+        return (("model", model), ("outcome", outcome), ("status", status), ("tenant", tenant))
+
     assert requests == {
-        (("model", "llama"), ("outcome", "ok"), ("tenant", "acme")): 2.0,
-        (("model", "llama"), ("outcome", "rate_limited"), ("tenant", "acme")): 1.0,
-        (("model", "unknown"), ("outcome", "unauthorized"), ("tenant", "unknown")): 1.0,
-        (("model", "qwen"), ("outcome", "ok"), ("tenant", "beta")): 1.0,
+        key("llama", "ok", "200", "acme"): 2.0,
+        key("llama", "rate_limited", "429", "acme"): 1.0,
+        key("unknown", "unauthorized", "401", "unknown"): 1.0,
+        key("qwen", "ok", "200", "beta"): 1.0,
+        key("qwen", "upstream_client_error", "404", "beta"): 1.0,
     }
 
 
@@ -211,9 +242,9 @@ def test_settled_usage_adds_up_per_tenant_and_model() -> None:
         (("kind", "input"), ("model", "qwen"), ("tenant", "beta")): 7.0,
         (("kind", "output"), ("model", "qwen"), ("tenant", "beta")): 0.0,
     }
-    assert samples["kvgate_kv_gib_seconds_total"] == {
-        (("model", "llama"), ("tenant", "acme")): 0.875,
-        (("model", "qwen"), ("tenant", "beta")): 1e-06,
+    assert samples["kvgate_kv_byte_seconds_total"] == {
+        (("model", "llama"), ("tenant", "acme")): 0.875 * 2**30,
+        (("model", "qwen"), ("tenant", "beta")): 1e-06 * 2**30,
     }
 
 

@@ -1,0 +1,190 @@
+"""The admin listener: what only operators and Prometheus may see, on its own address (loopback by
+default). ``/metrics``, ``/admin/state`` (JSON), ``/status`` (the same as a page that refreshes
+itself), ``POST /admin/reload`` and the probes ``/healthz`` and ``/readyz``.
+
+Bound anywhere but loopback the policy must name a token (``server.admin.token``); every path
+then asks for it as ``Authorization: Bearer <token>``, or as the password of HTTP Basic (what a
+browser can send for the status page, after asking once). The token is read from the live
+policy, so a reload can rotate it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import importlib.resources
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.core.bucket import BucketSpec
+from gateway.errors import StoreError
+from gateway.policy.compile import Policy, store_kind
+from gateway.policy.watcher import PolicyWatcher
+from gateway.state import GATEWAY, Gateway
+
+_REALM = 'realm="kvgate admin"'
+# the probes answer anyone, as on the proxy port: an orchestrator probes without a token
+_OPEN = frozenset({"/healthz", "/readyz"})
+
+
+@dataclass(slots=True)
+class Control:
+    """What the process around the app sets while it runs: the policy watcher (for the reload
+    trigger) and whether it is draining (``/readyz`` then fails, on both listeners)."""
+
+    watcher: PolicyWatcher | None = None
+    draining: bool = False
+
+
+CONTROL = web.AppKey("control", Control)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_admin_app(proxy: web.Application) -> web.Application:
+    """The admin app of the gateway ``proxy`` (built by ``gateway.app.build_app``), serving the
+    same live state; it runs on a listener of its own and is started after ``proxy``."""
+    app = web.Application(middlewares=[_authorized])
+    app[GATEWAY] = proxy[GATEWAY]
+    app[CONTROL] = proxy[CONTROL]
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/admin/state", _state)
+    app.router.add_post("/admin/reload", _reload)
+    app.router.add_get("/status", _status)
+    app.router.add_get("/", _index)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    fingerprint = gw.live.policy.fingerprint
+    if request.app[CONTROL].draining:
+        return web.json_response({"status": "draining", "policy": fingerprint}, status=503)
+    ready = gw.admitter.any_ready()
+    body = {"status": "ready" if ready else "no backend ready", "policy": fingerprint}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+@web.middleware
+async def _authorized(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[GATEWAY].live.policy.server.admin.token
+    if token is None or request.path in _OPEN or _presented(request, token):
+        return await handler(request)
+    return web.json_response(
+        {"error": "the admin listener needs its token: Authorization: Bearer <token>"},
+        status=401,
+        # one challenge a header: browsers read Basic (and then ask) only from its own
+        headers=CIMultiDict(
+            [("WWW-Authenticate", f"Basic {_REALM}"), ("WWW-Authenticate", f"Bearer {_REALM}")]
+        ),
+    )
+
+
+def _presented(request: web.Request, token: str) -> bool:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    value = value.strip()
+    if scheme.lower() == "basic":
+        try:
+            value = base64.b64decode(value, validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.encode(), token.encode())
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    gw.metrics.store_degraded.set(1 if gw.live.store.degraded else 0)
+    return web.Response(
+        body=generate_latest(gw.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def _state(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    policy = gw.live.policy
+    return web.json_response(
+        {
+            "policy": {"source": policy.source, "fingerprint": policy.fingerprint},
+            "draining": request.app[CONTROL].draining,
+            "store": {"kind": store_kind(policy), "degraded": gw.live.store.degraded},
+            "admission": gw.admitter.snapshot(),
+            "limits": await _limits(gw),
+        }
+    )
+
+
+async def _limits(gw: Gateway) -> dict[str, list[dict[str, object]]]:
+    """Every bucket of the policy by owner ("tenant acme", "model m1"): its words, unit, burst
+    and level now (None when the store cannot tell)."""
+    policy = gw.live.policy
+    specs = _all_buckets(policy)
+    levels: tuple[float | None, ...]
+    try:
+        levels = tuple(await gw.live.store.peek(specs)) if specs else ()
+    except StoreError:
+        levels = (None,) * len(specs)
+    out: dict[str, list[dict[str, object]]] = {}
+    for spec, level in zip(specs, levels, strict=True):
+        words = policy.limit_words(spec.key)
+        owner = words.partition("'s ")[0]
+        out.setdefault(owner, []).append(
+            {
+                "limit": words,
+                "unit": spec.unit.value,
+                "burst": spec.burst,
+                "level": None if level is None else max(0.0, level),
+            }
+        )
+    return out
+
+
+def _all_buckets(policy: Policy) -> list[BucketSpec]:
+    seen: dict[str, BucketSpec] = {}
+    for tenant in policy.tenants:
+        for model in policy.models:
+            for spec in policy.buckets(tenant, model):
+                seen.setdefault(spec.key, spec)
+    return list(seen.values())
+
+
+async def _reload(request: web.Request) -> web.Response:
+    control = request.app[CONTROL]
+    policy = request.app[GATEWAY].live.policy
+    if control.watcher is None:
+        return web.json_response(
+            {"error": "this gateway was started without a policy file to reload"}, status=409
+        )
+    control.watcher.request_reload()
+    # The reload runs in the watcher's task: its result is in the log, in
+    # kvgate_policy_reloads_total and in the fingerprint of /admin/state.
+    return web.json_response(
+        {"status": "reload requested", "policy": policy.fingerprint}, status=202
+    )
+
+
+_PAGE = importlib.resources.files("gateway").joinpath("status.html").read_bytes()
+
+
+async def _status(request: web.Request) -> web.Response:
+    return web.Response(
+        body=_PAGE,
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def _index(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/status")
