@@ -335,10 +335,6 @@ class BackendRuntime:
     def view(self, now: float) -> CapacityView:
         factor = self.lifecycle.capacity_factor(now)
         sig = self.fresh_signals(now)
-        if factor > 0 and sig is not None and sig.waiting is not None and sig.running is not None:
-            # A fresh server is slow, not small: where it reports its own queue, that queue
-            # holds back what it cannot serve yet (``room``), so its memory is not rationed.
-            factor = 1.0
         kind = self.kind()
         phase = self.lifecycle.phase
         if kind is CapacityKind.BYTES:

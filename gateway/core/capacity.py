@@ -2,9 +2,7 @@
 
 A backend's capacity has one of three kinds:
 - ``BYTES`` (its KV size is known, from ``kv_capacity`` or its metrics):
-  ``usable = capacity * (1 - headroom) * warm-up factor * pressure``, where the warm-up factor
-  is 1 for a backend that reports its running and waiting requests (a fresh server is slow, not
-  small: its own queue says when it is given more than it can serve);
+  ``usable = capacity * (1 - headroom) * warm-up factor * pressure``;
   ``free = min(usable * overcommit - reserved - foreign, usable - measured usage - admitted
   since the scrape)`` where ``reserved`` is what this gateway's requests in flight there hold,
   ``foreign`` is usage the gauge shows beyond what we had reserved at the scrape (another

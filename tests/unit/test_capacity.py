@@ -285,25 +285,3 @@ def test_requests_of_others_in_its_queue_count_against_this_gateway() -> None:
     assert rt.room(clock.now()) is None
     clock.advance(10.0)  # the scrape went stale: nothing is known of its queue any more
     assert rt.room(clock.now()) is not None
-
-
-def test_a_warming_backend_that_reports_its_queue_is_held_back_by_it_not_by_memory() -> None:
-    clock = FakeClock()
-    rt = BackendRuntime(
-        BackendConfig(url="b", kv_capacity_bytes=10 * GIB, warmup_s=10.0),
-        kv_bytes_per_token=KVT,
-        cap=CapacityConfig(headroom=0.0, warmup_floor=0.2),
-        now=clock.now(),
-    )
-    rt.lifecycle.observe_health(Health.LOADING, clock.now())
-    clock.advance(1.0)
-    rt.lifecycle.observe_health(Health.OK, clock.now())  # warming: a fifth of its memory
-    assert rt.view(clock.now()).usable == pytest.approx(2 * GIB)
-    # it reports what it runs and queues: that, not a memory ration, limits what it is given
-    rt.apply_signals(BackendSignals(at=clock.now(), running=4, waiting=0), clock.now())
-    assert rt.view(clock.now()).usable == pytest.approx(10 * GIB)
-    assert rt.room(clock.now()) is not None
-    for _ in range(6):
-        rt.place(GIB // 100)
-    rt.apply_signals(BackendSignals(at=clock.now(), running=3, waiting=3), clock.now())
-    assert rt.room(clock.now()) is None  # slow, so it queues: the gateway holds the rest
