@@ -187,7 +187,8 @@ def _serve(config: Path, *, demo: bool, host: str | None = None, port: int | Non
 async def _run(
     policy: Policy, config: Path, digest: bytes, listen: tuple[str, int], *, demo: bool
 ) -> None:
-    from gateway.app import build_app
+    from gateway.app import CONNECTIONS, build_app
+    from gateway.proxy.connections import GuardedSite
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -205,7 +206,8 @@ async def _run(
         access_log=None,
     )
     await runner.setup()
-    await web.TCPSite(runner, listen[0], listen[1], backlog=1024).start()
+    guard = app[CONNECTIONS]
+    await GuardedSite(runner, listen[0], listen[1], guard, backlog=1024).start()
     # Each request allocates a few hundred short-lived objects, so the default gen-0 threshold
     # (700) runs the cycle collector every few requests over the whole young heap; the request
     # path makes no cycles worth chasing that often. Startup objects are frozen out of it.

@@ -43,6 +43,28 @@ class UpstreamTimeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Caps and deadlines (seconds) for client connections; ``max_open`` None: half the
+    file limit at start."""
+
+    max_open: int | None = None
+    per_client: int = 256
+    first_request_s: float = 10.0
+    headers_s: float = 10.0
+    body_s: float = 30.0
+    idle_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Bounds on what parsing one body may cost (``server.limits``)."""
+
+    messages: int = 10_000
+    depth: int = 64
+    part_chars: int = 4_000_000
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     host: str
     port: int
@@ -51,6 +73,9 @@ class ServerSettings:
     timeouts: UpstreamTimeouts
     fallback_model: str | None
     unknown_endpoints: str = "estimate"  # deny | estimate | free
+    connections: ConnectionLimits = ConnectionLimits()
+    limits: RequestLimits = RequestLimits()
+    allow_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +180,24 @@ def _server(server: schema.Server) -> ServerSettings:
         ),
         fallback_model=server.fallback_model,
         unknown_endpoints=server.unknown_endpoints,
+        connections=_connections(server.connections),
+        limits=RequestLimits(
+            messages=server.limits.messages,
+            depth=server.limits.depth,
+            part_chars=server.limits.part_chars,
+        ),
+        allow_paths=server.allow_paths,
+    )
+
+
+def _connections(c: schema.Connections) -> ConnectionLimits:
+    return ConnectionLimits(
+        max_open=c.max,
+        per_client=c.per_client,
+        first_request_s=units.parse_duration(c.first_request),
+        headers_s=units.parse_duration(c.headers),
+        body_s=units.parse_duration(c.body),
+        idle_s=units.parse_duration(c.idle),
     )
 
 

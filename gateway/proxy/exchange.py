@@ -123,7 +123,11 @@ class Exchange:
         request = self.request
         server = self.live.policy.server
         try:
-            self.body = await request.read()
+            async with asyncio.timeout(server.connections.body_s):
+                self.body = await request.read()
+        except TimeoutError:
+            message = f"The request body did not arrive within {server.connections.body_s:g} s."
+            return responses.error(Outcome.REQUEST_TIMEOUT, message, should_retry=False)
         except web.HTTPRequestEntityTooLarge:
             # aiohttp stops at the max_body the gateway started with; a smaller reloaded one is
             # checked below
