@@ -129,10 +129,12 @@ async def test_the_global_cap_refuses_with_a_503() -> None:
         assert guard.max_open == 30
         conns = await _open(port, 30)
         await asyncio.sleep(0.1)
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://{host}:{port}/healthz") as response:
-                assert response.status == 503
-                body = await response.json()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{host}:{port}/healthz") as response,
+        ):
+            assert response.status == 503
+            body = await response.json()
         assert body["error"]["code"] == "connections_full"
         assert metrics.registry.get_sample_value(
             "kvgate_connections_refused_total", {"reason": "global"}
@@ -145,17 +147,19 @@ async def test_the_global_cap_refuses_with_a_503() -> None:
 @pytest.mark.parametrize(
     ("asked", "files", "expected"), [(None, 1024, 512), (100, 1024, 100), (5000, 1024, 1008)]
 )
-def test_the_global_cap_is_below_the_file_limit(asked: int | None, files: int, expected: int) -> None:
+def test_the_global_cap_is_below_the_file_limit(
+    asked: int | None, files: int, expected: int
+) -> None:
     assert global_cap(ConnectionLimits(max_open=asked), files) == expected
 
 
 # Checks: a body that does not arrive within `body` is a 408 in the API's error shape.
 async def test_a_slow_body_is_a_408() -> None:
-    async with serving("body: 1s") as (host, port, metrics, _):
+    async with serving("body: 1s") as (host, port, _, _guard):
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\""
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model"'
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 408")
