@@ -96,7 +96,9 @@ class Exchange:
         self.uncosted: str | None = None  # the unknown_endpoints rule that let it through
 
     async def run(self) -> web.StreamResponse:
-        refusal = self._authenticate() or await self._read() or await self._charge()
+        refusal = (
+            self._allowed() or self._authenticate() or await self._read() or await self._charge()
+        )
         if refusal is not None:
             return self._refused(refusal)
         try:
@@ -108,6 +110,14 @@ class Exchange:
             self._settle(self.gw.clock.now())
 
     # -- the steps, in order ------------------------------------------------------------------
+
+    def _allowed(self) -> web.Response | None:
+        """Only the API paths a client may call are proxied (``routes.allowed``)."""
+        request = self.request
+        if routes.allowed(request.method, request.path, self.live.policy.server.allow_paths):
+            return None
+        message = f"{request.method} {request.path} is not a path this gateway proxies."
+        return responses.error(Outcome.NOT_FOUND, message, should_retry=False)
 
     def _authenticate(self) -> web.Response | None:
         policy = self.live.policy
