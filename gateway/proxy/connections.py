@@ -28,6 +28,7 @@ from typing import cast
 from aiohttp import web
 
 from gateway.policy.compile import ConnectionLimits
+from gateway.proxy.failures import quiet_malformed_requests
 
 # File descriptors a gateway needs besides client sockets when the cap is "auto": upstream
 # sockets (one per request in flight), Redis, the policy file, logs.
@@ -242,6 +243,7 @@ class GuardedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
+        quiet_malformed_requests()
         server = self._runner.server
         if server is None:
             raise RuntimeError("the runner is set up before its site starts")

@@ -35,6 +35,7 @@ from gateway.proxy import responses
 from gateway.proxy.apis import routes
 from gateway.proxy.apis.common import BadRequestBody, ParsedRequest
 from gateway.proxy.apis.openai import with_usage_requested
+from gateway.proxy.failures import failure
 from gateway.proxy.forward import Answer, Relay, forward
 from gateway.proxy.headers import api_key, asked_max_wait, asked_priority, upstream_headers
 from gateway.proxy.limits import Charge, charge, rate_refusal, ratelimit_headers, settle
@@ -96,9 +97,15 @@ class Exchange:
         self.uncosted: str | None = None  # the unknown_endpoints rule that let it through
 
     async def run(self) -> web.StreamResponse:
-        refusal = (
-            self._allowed() or self._authenticate() or await self._read() or await self._charge()
-        )
+        try:
+            refusal = (
+                self._allowed()
+                or self._authenticate()
+                or await self._read()
+                or await self._charge()
+            )
+        except Exception as exc:
+            refusal = failure(exc, self.gw)
         if refusal is not None:
             return self._refused(refusal)
         try:
@@ -106,6 +113,8 @@ class Exchange:
         except asyncio.CancelledError:
             self.outcome = Outcome.CLIENT_CLOSED
             raise
+        except Exception as exc:
+            return self._failed_after_charge(exc)
         finally:
             self._settle(self.gw.clock.now())
 
@@ -122,7 +131,10 @@ class Exchange:
     def _authenticate(self) -> web.Response | None:
         policy = self.live.policy
         key = api_key(self.request.headers)
-        self.tenant = policy.anonymous if key is None else policy.tenant_for_key(key)
+        try:
+            self.tenant = policy.anonymous if key is None else policy.tenant_for_key(key)
+        except UnicodeEncodeError:  # the header's bytes were not UTF-8: no key can match
+            self.tenant = None
         if self.tenant is not None:
             return None
         message = "Invalid or missing API key: send `Authorization: Bearer <key>` or `api-key`."
@@ -418,6 +430,17 @@ class Exchange:
         prior = self.gw.responses.tokens_of(tenant.name, response_id)
         if parsed is not None and prior:
             self.parsed = msgspec.structs.replace(parsed, token_ids=parsed.token_ids + prior)
+
+    def _failed_after_charge(self, exc: Exception) -> web.StreamResponse:
+        """An exception once admitted: the error answer, or, when the answer has started, the
+        connection cut (its client sees a truncated answer, never a second head)."""
+        response = failure(exc, self.gw)
+        self.outcome = Outcome(response.headers["x-kvgate-outcome"])
+        if self.relay.status:
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            return web.Response(status=self.relay.status)
+        return responses.shaped(response, self.route.errors)
 
     def _refused(self, response: web.Response) -> web.StreamResponse:
         """Count and log a request refused before admission, in its API's error shape."""
