@@ -238,7 +238,7 @@ headers = st.lists(
                 "Accept",
                 "Connection",
             ]
-        ),  # fmt: skip
+        ),
         header_bytes | header_bytes.map(lambda b: b"Bearer " + b),
     ),
     max_size=3,
