@@ -12,6 +12,7 @@ import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -223,6 +224,12 @@ def _model(name: str, m: schema.Model, source: str, env: Mapping[str, str]) -> M
         if b.api_key is not None:
             key = _secret(b.api_key, env, source, f"$.models.{name}.backends[{i}].api_key")
         url = b.url.rstrip("/")
+        if urlsplit(url).username is not None or urlsplit(url).password is not None:
+            raise PolicyError(
+                source,
+                f"at $.models.{name}.backends[{i}].url: credentials in a URL end up in logs, "
+                "metrics and /admin/state; give them as `api_key: env:VARIABLE`",
+            )
         config = BackendConfig(
             url=url,
             signals=Signals(b.signals),

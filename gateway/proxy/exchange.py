@@ -259,7 +259,7 @@ class Exchange:
                 refusals += 1
                 if refusals >= _CONNECT_ATTEMPTS * len(model.backends):
                     self.outcome = Outcome.UPSTREAM_ERROR
-                    return responses.error(self.outcome, str(exc), headers=headers)
+                    return responses.error(self.outcome, _summary(exc, model), headers=headers)
                 exclude = ticket.exclude | {lease.backend_url}
                 if len(exclude) >= len(model.backends):
                     exclude = frozenset()  # all down: wait for one to come back (admission)
@@ -269,7 +269,7 @@ class Exchange:
                 return responses.error(self.outcome, str(exc), headers=headers)
             except UpstreamError as exc:
                 self.outcome = Outcome.UPSTREAM_ERROR
-                return responses.error(self.outcome, str(exc), headers=headers)
+                return responses.error(self.outcome, _summary(exc, model), headers=headers)
 
     async def _forward(
         self, lease: Lease, body: bytes, strip_usage: bool, headers: dict[str, str]
@@ -491,3 +491,12 @@ class Exchange:
 def _too_large(limit: int) -> web.Response:
     message = f"Request body is larger than this gateway's limit of {limit} bytes."
     return responses.error(Outcome.TOO_LARGE, message, should_retry=False)
+
+
+def _summary(exc: UpstreamError, model: Model) -> str:
+    """A backend failure as its client may see it: the kind, never the backend's address or
+    its own words (the access log keeps those)."""
+    cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "error"
+    if isinstance(exc, UpstreamConnectError):
+        return f"No backend of `{model.name}` accepted the connection ({cause})."
+    return f"The backend of `{model.name}` answered badly ({cause})."
