@@ -32,7 +32,7 @@ from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.logs import AccessRecord
 from gateway.policy.compile import Backend, Model, Tenant
 from gateway.proxy import responses
-from gateway.proxy.apis import routes
+from gateway.proxy.apis import bounds, routes
 from gateway.proxy.apis.common import BadRequestBody, ParsedRequest
 from gateway.proxy.apis.openai import with_usage_requested
 from gateway.proxy.failures import failure
@@ -159,10 +159,16 @@ class Exchange:
         model_name: str | None = None
         if self.route.parse is not None:
             try:
+                bounds.check_body(self.body, server.limits)
                 self.parsed = self.route.parse(self.body, request.headers.get("Content-Type", ""))
+                bounds.check_texts(self.parsed.texts, server.limits)
             except BadRequestBody as exc:
                 return responses.error(
                     Outcome.BAD_REQUEST, exc.message, param=exc.param, should_retry=False
+                )
+            except bounds.LimitExceeded as exc:
+                return responses.error(
+                    Outcome.BAD_REQUEST, str(exc), code="limit_exceeded", should_retry=False
                 )
             model_name = self.parsed.model
         elif self.body:
