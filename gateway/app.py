@@ -226,6 +226,7 @@ async def _readyz(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     gw.metrics.store_degraded.set(1 if gw.live.store.degraded else 0)
+    gw.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
     return web.Response(
         body=generate_latest(gw.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )

@@ -119,6 +119,9 @@ class Metrics:
             "Requests that met an unexpected exception, answered 500 (logged, rate-limited).",
             registry=r,
         )
+        self.asyncio_tasks = Gauge(
+            "kvgate_asyncio_tasks", "Tasks on the event loop at the last scrape.", registry=r
+        )
         self.policy_info = Gauge(
             "kvgate_policy_info", "1 for the live policy.", ["fingerprint"], registry=r
         )
