@@ -271,7 +271,6 @@ def answers(draw: st.DrawFn) -> Answer:
 
 
 def _no_gateway_failures(rig: Rig, uncaught: _Uncaught) -> None:
-    print("FUZZ", sum(rig.statuses.values()), dict(rig.statuses), len(rig.failures))
     assert not rig.failures, "\n".join(rig.failures[:20])
     assert not uncaught.records, "\n".join(uncaught.records[:5])
     assert rig.metrics.registry.get_sample_value("kvgate_internal_errors_total") == 0.0
