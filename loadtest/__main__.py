@@ -83,8 +83,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     planned = plan(scenario)
-    results, failed = _run_loop(run_targets(scenario, planned, out, args.targets))
-    write_results(scenario, planned, out, results, failed)
+    results, failed, sweep = _run_loop(run_targets(scenario, planned, out, args.targets))
+    write_results(scenario, planned, out, results, failed, sweep)
     return 1 if failed else 0
 
 

@@ -1,5 +1,8 @@
-"""The best output-token throughput a simulated GPU can sustain for a request mix: the yardstick
-the load-test report holds goodput against.
+"""A steady-state throughput estimate for a request mix at its mean sizes, shown beside the trace
+shape (``trace.ceiling_tokens_per_s``). It is *not* an upper bound on goodput: a gateway that
+sheds picks a cheaper mix, means understate what long outputs hold, and loading, slow start and
+restarts are ignored. The report's yardstick is the LP bound (``loadtest.bound``) and the
+clairvoyant scheduler (``loadtest.oracle``).
 
 Derivation (steady state, warm-up over, P = mean prompt tokens, O = mean output tokens):
 
@@ -16,10 +19,10 @@ Derivation (steady state, warm-up over, P = mean prompt tokens, O = mean output 
   holds P + max_tokens tokens for its whole life, so B is at most
   ``kv_blocks * block_size / (P + M)`` with M the mean max_tokens; fragmentation only lowers it.
 
-Each link of the argument is an upper bound, so the result is one. What the engine loses below
-it: block rounding, preemption and recomputation (paged), fragmentation and OOMs (contiguous),
-and batches that are not full when the queue runs dry. Rates are per simulated second; a server
-runs ``time_scale`` simulated seconds per wall-clock second.
+For the mean request each link is an upper bound; for a mix it is not (see above). What the
+engine loses below it: block rounding, preemption and recomputation (paged), fragmentation and
+OOMs (contiguous), and batches that are not full when the queue runs dry. Rates are per
+simulated second; a server runs ``time_scale`` simulated seconds per wall-clock second.
 """
 
 from __future__ import annotations

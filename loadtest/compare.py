@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -17,20 +17,24 @@ import aiohttp
 import msgspec
 
 from loadtest import plots
+from loadtest.bound import upper_bound
 from loadtest.ceiling import ceiling_tokens_per_s
 from loadtest.generator import Extra, PlannedRequest, run_trace
+from loadtest.oracle import clairvoyant
 from loadtest.records import BackendSample, RequestRecord, Result, write_jsonl
 from loadtest.report import TargetSummary, render_markdown, render_table, summarise
 from loadtest.scenario import Scenario
-from loadtest.targets import TargetError, free_port, gateway, simulator
+from loadtest.targets import TargetError, free_port, gateway, limiter, simulator
 
-TargetName = Literal["direct", "count_limited", "kvgate"]
+TargetName = Literal["direct", "count_limited", "limiter", "kvgate"]
 TARGETS: tuple[TargetName, ...] = get_args(TargetName)
 SAMPLE_EVERY_S = 0.5
 
 
 class Comparison(msgspec.Struct, kw_only=True):
-    """summary.json: the names the lead's checks read are fixed; the rest is free to grow."""
+    """summary.json: the names the lead's checks read are fixed; the rest is free to grow.
+    ``ceiling_tokens_per_s`` is the LP bound (the steady-state estimate at mean sizes is
+    ``trace.ceiling_tokens_per_s``)."""
 
     scenario: str
     seed: int
@@ -38,6 +42,11 @@ class Comparison(msgspec.Struct, kw_only=True):
     targets: dict[str, TargetSummary]
     trace: TraceShape
     failed: dict[str, str] = {}  # target -> why it could not run
+    bound_tokens_per_s: float = 0.0  # no gateway's goodput can exceed it (loadtest.bound)
+    oracle_tokens_per_s: float = 0.0  # achieved by the clairvoyant scheduler (loadtest.oracle)
+    horizon_s: float = 0.0  # every goodput is per second of this
+    limiter_sweep: dict[str, float] = {}  # limit -> goodput tok/s; the best is "limiter"
+    limiter_limit: int | None = None
 
 
 class TraceShape(msgspec.Struct, kw_only=True, frozen=True):
@@ -104,7 +113,11 @@ def restarter(sim_url: str, at_s: float) -> Extra:
 
 
 async def run_target(
-    scenario: Scenario, planned: Sequence[PlannedRequest], target: TargetName, workdir: Path
+    scenario: Scenario,
+    planned: Sequence[PlannedRequest],
+    target: TargetName,
+    workdir: Path,
+    limit: int | None = None,
 ) -> tuple[list[RequestRecord], list[BackendSample]]:
     """One target on a fresh simulator. For a cold start (``backend_wait: listening``) the
     gateway starts first, so its start-up does not eat into the backend's load time and every
@@ -117,15 +130,23 @@ async def run_target(
     def sim() -> contextlib.AbstractAsyncContextManager[str]:
         return simulator(scenario.backend, workdir, target, wait, sim_port)
 
+    def front() -> contextlib.AbstractAsyncContextManager[str]:
+        if target == "limiter":
+            spec = scenario.limiter
+            return limiter(sim_url, limit or spec.limit, spec.max_wait_s, workdir)
+        if target == "direct":
+            raise ValueError("direct has no front")
+        return gateway(scenario, target, sim_url, workdir)
+
     async with contextlib.AsyncExitStack() as stack:
         if target == "direct":
             url = await stack.enter_async_context(sim())
         elif wait == "listening":
-            url = await stack.enter_async_context(gateway(scenario, target, sim_url, workdir))
+            url = await stack.enter_async_context(front())
             await stack.enter_async_context(sim())
         else:
             await stack.enter_async_context(sim())
-            url = await stack.enter_async_context(gateway(scenario, target, sim_url, workdir))
+            url = await stack.enter_async_context(front())
         extras = [sampler(sim_url, samples)]
         if scenario.restart_at_s is not None:
             extras.append(restarter(sim_url, scenario.restart_at_s))
@@ -134,46 +155,90 @@ async def run_target(
     return records, samples
 
 
-def write_results(
-    scenario: Scenario,
-    planned: Sequence[PlannedRequest],
-    out: Path,
-    results: dict[str, tuple[list[RequestRecord], list[BackendSample]]],
-    failed: dict[str, str],
-) -> Comparison:
-    """Write records, samples, summary.json, report.md and the plots into ``out``; print the
-    table on stdout."""
-    shape = trace_shape(scenario, planned)
+Results = dict[str, tuple[list[RequestRecord], list[BackendSample]]]
+
+
+def summarise_all(
+    scenario: Scenario, results: Results, bound: float = 0.0, oracle: float = 0.0
+) -> dict[str, TargetSummary]:
+    """Every target's summary over the one horizon, with its shares of the bound and oracle."""
     weights = {name: tenant.weight for name, tenant in scenario.tenants.items()}
     run_s = scenario.duration_s + scenario.drain_timeout_s
     summaries: dict[str, TargetSummary] = {}
     for target, (records, samples) in results.items():
+        summary = summarise(records, weights, scenario.duration_s, run_s, samples)
+        good = summary.goodput_tokens_per_s
+        summaries[target] = msgspec.structs.replace(
+            summary,
+            served_ceiling_tokens_per_s=served_ceiling(scenario, records),
+            bound_share=good / bound if bound > 0 else 0.0,
+            oracle_share=good / oracle if oracle > 0 else 0.0,
+        )
+    return summaries
+
+
+def write_results(
+    scenario: Scenario,
+    planned: Sequence[PlannedRequest],
+    out: Path,
+    results: Results,
+    failed: dict[str, str],
+    sweep: Mapping[int, float] | None = None,
+) -> Comparison:
+    """Write records, samples, summary.json, report.md and the plots into ``out``; print the
+    table on stdout."""
+    shape = trace_shape(scenario, planned)
+    bound = upper_bound(scenario, planned).tokens_per_s
+    oracle = clairvoyant(scenario, planned).tokens_per_s
+    for target, (records, samples) in results.items():
         write_jsonl(out / f"records-{target}.jsonl", records)
         write_jsonl(out / f"backend-{target}.jsonl", samples)
-        summary = summarise(records, weights, scenario.duration_s, run_s, samples)
-        summaries[target] = msgspec.structs.replace(
-            summary, served_ceiling_tokens_per_s=served_ceiling(scenario, records)
-        )
+    summaries = summarise_all(scenario, results, bound, oracle)
+    best = max(sweep, key=lambda k: sweep[k]) if sweep else None
     result = Comparison(
         scenario=scenario.name,
         seed=scenario.seed,
-        ceiling_tokens_per_s=shape.ceiling_tokens_per_s,
+        ceiling_tokens_per_s=bound,
         targets=summaries,
         trace=shape,
         failed=failed,
+        bound_tokens_per_s=bound,
+        oracle_tokens_per_s=oracle,
+        horizon_s=scenario.duration_s + scenario.drain_timeout_s,
+        limiter_sweep={str(k): v for k, v in (sweep or {}).items()},
+        limiter_limit=best if sweep else (scenario.limiter.limit if "limiter" in results else None),
     )
     (out / "summary.json").write_bytes(msgspec.json.format(msgspec.json.encode(result)) + b"\n")
     images = plots.draw_all(
         {t: r for t, (r, _) in results.items()},
         {t: s for t, (_, s) in results.items()},
-        shape.ceiling_tokens_per_s,
-        run_s,
+        bound,
+        result.horizon_s,
         out,
     )
-    report = render_markdown(scenario, shape.ceiling_tokens_per_s, summaries, failed, images)
+    report = render_markdown(scenario, bound, summaries, failed, images, oracle)
     (out / "report.md").write_text(report)
-    print(render_table(summaries, shape.ceiling_tokens_per_s))
+    print(render_table(summaries, bound, oracle))
     return result
+
+
+async def sweep_limiter(
+    scenario: Scenario, planned: Sequence[PlannedRequest], out: Path
+) -> tuple[tuple[list[RequestRecord], list[BackendSample]], dict[int, float]]:
+    """Run the limiter at each limit of ``scenario.limiter.sweep`` on the same trace; return the
+    best run (by goodput over the horizon) and every limit's goodput."""
+    weights = {name: tenant.weight for name, tenant in scenario.tenants.items()}
+    run_s = scenario.duration_s + scenario.drain_timeout_s
+    goodput: dict[int, float] = {}
+    best: tuple[list[RequestRecord], list[BackendSample]] | None = None
+    for limit in scenario.limiter.sweep:
+        print(f"--- limiter sweep: limit {limit}", file=sys.stderr)
+        run = await run_target(scenario, planned, "limiter", out, limit)
+        goodput[limit] = summarise(run[0], weights, scenario.duration_s, run_s).goodput_tokens_per_s
+        if best is None or goodput[limit] > max(v for k, v in goodput.items() if k != limit):
+            best = run
+    assert best is not None
+    return best, goodput
 
 
 async def run_targets(
@@ -181,15 +246,20 @@ async def run_targets(
     planned: Sequence[PlannedRequest],
     out: Path,
     targets: Sequence[TargetName] = TARGETS,
-) -> tuple[dict[str, tuple[list[RequestRecord], list[BackendSample]]], dict[str, str]]:
+) -> tuple[Results, dict[str, str], dict[int, float]]:
     """Run every target in turn (process logs and configs go into ``out``): (records and backend
-    samples by target, why by target that could not start). One failure does not stop the rest."""
-    results: dict[str, tuple[list[RequestRecord], list[BackendSample]]] = {}
+    samples by target, why by target that could not start, the limiter sweep's goodput by
+    limit). One failure does not stop the rest."""
+    results: Results = {}
     failed: dict[str, str] = {}
+    sweep: dict[int, float] = {}
     for target in targets:
         try:
-            results[target] = await run_target(scenario, planned, target, out)
+            if target == "limiter" and scenario.limiter.sweep:
+                results[target], sweep = await sweep_limiter(scenario, planned, out)
+            else:
+                results[target] = await run_target(scenario, planned, target, out)
         except TargetError as exc:
             failed[target] = str(exc)
             print(f"--- {target} failed: {exc}", file=sys.stderr)
-    return results, failed
+    return results, failed, sweep

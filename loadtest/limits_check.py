@@ -129,7 +129,7 @@ def scenarios(seed: int, duration_s: float) -> dict[str, Scenario]:
     }
 
 
-def policy(sim_urls: dict[str, str], port: int) -> dict[str, object]:
+def policy(sim_urls: dict[str, str], port: int, *, wait: bool = False) -> dict[str, object]:
     """The gateway's policy: one model (and GPU) per tenant, one limit per tenant."""
     speed = {
         "prefill_tokens_per_s": SIM.prefill_tokens_per_s * SIM.time_scale,
@@ -155,7 +155,12 @@ def policy(sim_urls: dict[str, str], port: int) -> dict[str, object]:
         for name, url in sim_urls.items()
     }
     limits = {
-        TOKENS: {"unit": "tokens", "rate": f"{TOKENS_PER_MIN:.0f}/min", "burst": TOKENS_BURST},
+        TOKENS: {
+            "unit": "tokens",
+            "rate": f"{TOKENS_PER_MIN:.0f}/min",
+            "burst": TOKENS_BURST,
+            "wait": wait,
+        },
         KV: {"unit": "kv_gib_seconds", "rate": f"{KV_GIB_S_PER_S:g}/s", "burst": KV_BURST},
     }
     tenants = {
@@ -357,7 +362,7 @@ class Run(msgspec.Struct, kw_only=True):
     outcomes: dict[str, dict[str, int]]
 
 
-async def run(scens: dict[str, Scenario], out: Path) -> Run:
+async def run(scens: dict[str, Scenario], out: Path, *, wait: bool = False) -> Run:
     """Start both simulators and the gateway, fire both traces at once, stop everything."""
     counters: dict[str, list[tuple[float, float]]] = {TOKENS: [], KV: []}
     sims: dict[str, list[BackendSample]] = {TOKENS: [], KV: []}
@@ -370,7 +375,7 @@ async def run(scens: dict[str, Scenario], out: Path) -> Run:
         }
         port = free_port()
         policy_path = out / "policy.yaml"
-        policy_path.write_text(yaml.safe_dump(policy(urls, port), sort_keys=False))
+        policy_path.write_text(yaml.safe_dump(policy(urls, port, wait=wait), sort_keys=False))
         args = [sys.executable, "-m", "gateway", "run", "-c", str(policy_path)]
         gateway = await Process.start("gateway", args, out / "gateway.log")
         stack.push_async_callback(gateway.stop)
@@ -563,13 +568,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=80.0, help="seconds of arrivals")
     parser.add_argument("--warmup", type=float, default=20.0, help="seconds left out at the start")
     parser.add_argument("--out", required=True, help="directory for limits.json, records, logs")
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="the token limit makes requests wait for their turn (wait: true) instead of a 429",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.warmup < args.duration - 10:
         parser.error("need 0 < --warmup < --duration - 10 (a window of 10 s at least)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scens = scenarios(args.seed, args.duration)
-    result = _run_loop(run(scens, out))
+    result = _run_loop(run(scens, out, wait=args.wait))
     for name in scens:
         write_jsonl(out / f"records-{name}.jsonl", result.records[name])
         write_jsonl(out / f"backend-{name}.jsonl", result.sims[name])

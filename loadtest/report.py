@@ -2,13 +2,14 @@
 percentiles, fairness, backend utilisation; and the table and markdown that show them.
 
 Definitions (the report repeats them):
-- *span*: from the run's start to the last answer; the full run (duration + drain) when any
-  request was still unfinished at the cut; never shorter than the scenario duration.
-- *goodput*: output tokens (from ``usage``) of requests that met their SLO, per second of span.
-- *steady goodput*: the same tokens of requests that finished inside the steady window (the last
-  three quarters of the scenario duration: no start-up, no drain tail), per second of window.
-  The ceiling is a steady-state rate, so this is the figure to hold against it; the span figure
-  also charges the ramp and the drain, which no gateway avoids.
+- *horizon*: the full run, scenario duration + drain timeout, the same for every target (and for
+  the bound and the clairvoyant scheduler). *span* (start to last answer) is shown, not used.
+- *goodput*: output tokens (from ``usage``) of requests that met their SLO, per second of
+  horizon.
+- *steady goodput*: the tokens of those requests *emitted* inside the steady window (the last
+  three quarters of the scenario duration), per second of window. A request's tokens are taken
+  as emitted evenly from its first token (streamed) or its send (not streamed) to its end, so a
+  request that finishes in the window brings only its share made there.
 - *percentiles*: nearest rank over successful requests (TTFT: streamed ones only), from the
   scheduled time; None when there is no sample.
 - *fairness*: Jain's index over each tenant's goodput share divided by its weight share;
@@ -81,6 +82,9 @@ class TargetSummary(msgspec.Struct, kw_only=True):
     # The ceiling for the mix this target actually served (a gateway that sheds large requests
     # serves a lighter mix than the trace's): set by the harness, which knows the backend.
     served_ceiling_tokens_per_s: float = 0.0
+    # goodput over the LP bound and over the clairvoyant scheduler's goodput (set by the harness)
+    bound_share: float = 0.0
+    oracle_share: float = 0.0
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -142,6 +146,18 @@ def _tokens(record: RequestRecord) -> int:
     return record.output_tokens or 0
 
 
+def _emitted_within(record: RequestRecord, w0: float, w1: float) -> float:
+    """Tokens of ``record`` made inside [w0, w1), spread evenly over its generation."""
+    end = record.done_s
+    start = record.first_token_s if record.first_token_s is not None else record.sent_s
+    if end is None or start is None:
+        return 0.0
+    if end <= start:
+        return float(_tokens(record)) if w0 <= end < w1 else 0.0
+    inside = max(0.0, min(end, w1) - max(start, w0))
+    return _tokens(record) * inside / (end - start)
+
+
 def summarise(
     records: Sequence[RequestRecord],
     weights: Mapping[str, float],
@@ -191,9 +207,9 @@ def summarise(
     )
     lags = [r.sent_s - r.scheduled_s for r in records if r.sent_s is not None]
     w0, w1 = duration_s * STEADY_FROM, duration_s
-    steady = sum(_tokens(r) for r in good if r.done_s is not None and w0 <= r.done_s < w1)
+    steady = sum(_emitted_within(r, w0, w1) for r in good)
     return TargetSummary(
-        goodput_tokens_per_s=good_total / span,
+        goodput_tokens_per_s=good_total / run_s,
         ok=len(ok),
         limited_429=kinds["limited_429"],
         shed_503=kinds["shed_503"],
@@ -207,7 +223,7 @@ def summarise(
         within_slo=len(good),
         other_failures=kinds["other"],
         unfinished=kinds["unfinished"],
-        output_tokens_per_s=sum(_tokens(r) for r in ok) / span,
+        output_tokens_per_s=sum(_tokens(r) for r in ok) / run_s,
         span_s=span,
         p90_ttft_s=percentile(ttfts, 90),
         p50_latency_s=percentile(latencies, 50),
@@ -269,38 +285,22 @@ def _trio(a: float | None, b: float | None, c: float | None) -> str:
     return "/".join(_num(v) for v in (a, b, c))
 
 
-def table_rows(summaries: Mapping[str, TargetSummary], ceiling: float) -> list[list[str]]:
+def table_rows(
+    summaries: Mapping[str, TargetSummary], bound: float, oracle: float = 0.0
+) -> list[list[str]]:
     """The comparison as rows of text: a header row, then one row per metric."""
 
     def backend(s: TargetSummary) -> BackendSummary:
         return s.backend or BackendSummary()
 
+    def share(value: float, of: float) -> str:
+        return _pct(value / of) if of > 0 else "-"
+
     rows: list[tuple[str, Callable[[TargetSummary], str]]] = [
-        (
-            "goodput tok/s (of ceiling)",
-            lambda s: (
-                f"{s.goodput_tokens_per_s:.0f} ({_pct(s.goodput_tokens_per_s / ceiling)})"
-                if ceiling > 0
-                else f"{s.goodput_tokens_per_s:.0f}"
-            ),
-        ),
-        (
-            "steady goodput tok/s (of ceiling)",
-            lambda s: (
-                f"{s.steady_goodput_tokens_per_s:.0f} "
-                f"({_pct(s.steady_goodput_tokens_per_s / ceiling)})"
-                if ceiling > 0
-                else f"{s.steady_goodput_tokens_per_s:.0f}"
-            ),
-        ),
-        (
-            "steady goodput of served-mix ceiling",
-            lambda s: (
-                _pct(s.steady_goodput_tokens_per_s / s.served_ceiling_tokens_per_s)
-                if s.served_ceiling_tokens_per_s > 0
-                else "-"
-            ),
-        ),
+        ("goodput tok/s", lambda s: f"{s.goodput_tokens_per_s:.0f}"),
+        ("of LP bound", lambda s: share(s.goodput_tokens_per_s, bound)),
+        ("of clairvoyant", lambda s: share(s.goodput_tokens_per_s, oracle)),
+        ("steady goodput tok/s", lambda s: f"{s.steady_goodput_tokens_per_s:.0f}"),
         ("output tok/s, all ok", lambda s: f"{s.output_tokens_per_s:.0f}"),
         ("requests", lambda s: str(s.requests)),
         ("ok", lambda s: str(s.ok)),
@@ -331,11 +331,14 @@ def table_rows(summaries: Mapping[str, TargetSummary], ceiling: float) -> list[l
     return [header] + [[label, *(cell(s) for s in summaries.values())] for label, cell in rows]
 
 
-def render_table(summaries: Mapping[str, TargetSummary], ceiling: float) -> str:
-    """Plain text for a terminal: aligned columns, the ceiling on the first line."""
-    rows = table_rows(summaries, ceiling)
+def render_table(summaries: Mapping[str, TargetSummary], bound: float, oracle: float = 0.0) -> str:
+    """Plain text for a terminal: aligned columns, the bound and the oracle first."""
+    rows = table_rows(summaries, bound, oracle)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [f"ceiling (best the simulated GPU can do on this trace): {ceiling:.0f} tok/s"]
+    lines = [
+        f"LP bound (no gateway can beat it on this trace): {bound:.0f} tok/s; "
+        f"clairvoyant scheduler: {oracle:.0f} tok/s"
+    ]
     for row in rows:
         cells = [row[0].ljust(widths[0])] + [
             c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
@@ -356,6 +359,7 @@ def render_markdown(
     summaries: Mapping[str, TargetSummary],
     failed: Mapping[str, str],
     images: Sequence[str],
+    oracle: float = 0.0,
 ) -> str:
     lines = [
         f"# Load test: {scenario.name}",
@@ -363,10 +367,11 @@ def render_markdown(
         scenario.description.strip(),
         "",
         f"Seed {scenario.seed}; arrivals over {scenario.duration_s:g} s, then up to "
-        f"{scenario.drain_timeout_s:g} s to drain. Ceiling (best the simulated GPU can do on "
-        f"this trace's mean sizes): **{ceiling:.0f} output tokens/s**.",
+        f"{scenario.drain_timeout_s:g} s to drain. Upper bound (LP, no gateway can beat it on "
+        f"this trace): **{ceiling:.0f} output tokens/s**; clairvoyant scheduler on the same "
+        f"engine: **{oracle:.0f} output tokens/s**.",
         "",
-        *_markdown_table(table_rows(summaries, ceiling)),
+        *_markdown_table(table_rows(summaries, ceiling, oracle)),
         "",
         "## Goodput share by tenant (share of goodput / share of weight)",
         "",
@@ -392,12 +397,13 @@ _DEFINITIONS = """\
 Every figure comes from the request records (records-<target>.jsonl) and, for the backend rows,
 the simulator's /sim/stats samples (backend-<target>.jsonl); nothing is taken from the targets'
 own claims.
-- Span: run start to the last answer (the whole run when requests were cut), at least the
-  scenario duration. Goodput = output tokens (from usage) of requests that met their SLO / span.
-  Steady goodput = the same tokens of requests that finished in the last three quarters of the
-  scenario duration / that window: the figure comparable with the (steady-state) ceiling. The
-  ceiling is computed for the trace's mix; "of served-mix ceiling" holds steady goodput against
-  the ceiling for the mix of requests that target served, since shedding changes the mix.
+- Horizon: scenario duration + drain timeout, the same for every target, the bound and the
+  clairvoyant scheduler. Goodput = output tokens (from usage) of requests that met their SLO /
+  horizon. Steady goodput = those requests' tokens emitted in the last three quarters of the
+  scenario duration (spread evenly over each request's generation) / that window.
+- LP bound: the optimum of a linear program over the simulator's cost model (loadtest/bound.py);
+  clairvoyant: a scheduler that knows true output lengths and never preempts, run on the same
+  engine (loadtest/oracle.py). The best possible goodput lies between the two.
 - SLO: success, latency <= the tenant's latency_s and, when streamed, TTFT <= ttft_s, both
   measured from the request's scheduled time (so generator lag and retry waits count).
 - Percentiles: nearest rank over successful requests; TTFT over streamed ones.

@@ -312,6 +312,15 @@ class GatewaySpec(_Spec, kw_only=True, frozen=True):
                         )
 
 
+class LimiterSpec(_Spec, kw_only=True, frozen=True):
+    """The concurrency-limiter target: ``limit`` requests in flight per backend, or, when a
+    comparison sweeps, each of ``sweep`` tried on the same trace and the best one reported."""
+
+    limit: Annotated[int, msgspec.Meta(ge=1)] = 16
+    sweep: list[Annotated[int, msgspec.Meta(ge=1)]] = []
+    max_wait_s: Positive | None = None
+
+
 class Scenario(_Spec, kw_only=True, frozen=True):
     name: str
     description: str
@@ -325,6 +334,7 @@ class Scenario(_Spec, kw_only=True, frozen=True):
     restart_at_s: NonNegative | None = None  # the harness POSTs /admin/restart at this time
     tenants: Annotated[dict[str, TenantSpec], msgspec.Meta(min_length=1)]
     gateway: GatewaySpec = GatewaySpec()
+    limiter: LimiterSpec = LimiterSpec()
 
     def __post_init__(self) -> None:
         unknown = {

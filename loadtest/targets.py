@@ -20,6 +20,7 @@ import aiohttp
 import msgspec
 import yaml
 
+from gateway.sim.__main__ import LOADING_LINE
 from gateway.sim.config import SimConfig
 from loadtest.scenario import PolicyFragment, Scenario
 
@@ -138,6 +139,41 @@ class Process:
                 await asyncio.sleep(0.1)
         raise TargetError(f"{self.name} not ready at {url} after {START_TIMEOUT_S:g}s")
 
+    async def wait_log(self, line: str) -> None:
+        """Poll the log until it holds ``line``."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + START_TIMEOUT_S
+        while loop.time() < give_up:
+            if self.proc.returncode is not None:
+                raise TargetError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            with contextlib.suppress(OSError):
+                if line in self.log.read_text(errors="replace"):
+                    return
+            await asyncio.sleep(0.05)
+        raise TargetError(f"{self.name} did not log {line!r} after {START_TIMEOUT_S:g}s")
+
+    async def wait_http_listening(self, url: str) -> None:
+        """Poll until something accepts a TCP connection at ``url``'s port."""
+        port = int(url.rsplit(":", 1)[1])
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + START_TIMEOUT_S
+        while loop.time() < give_up:
+            if self.proc.returncode is not None:
+                raise TargetError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+        raise TargetError(f"{self.name} not listening at {url} after {START_TIMEOUT_S:g}s")
+
     async def stop(self) -> None:
         if self.proc.returncode is not None:
             return
@@ -162,7 +198,10 @@ async def simulator(
     proc = await Process.start(f"simulator ({name})", args, workdir / f"sim-{name}.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        await proc.wait_http(url + "/health", frozenset({200}) if wait == "ready" else None)
+        if wait == "listening" and config.loading == "refuse" and config.load_time_s > 0:
+            await proc.wait_log(LOADING_LINE)  # its port stays shut while it loads
+        else:
+            await proc.wait_http(url + "/health", frozenset({200}) if wait == "ready" else None)
         yield url
     finally:
         await proc.stop()
@@ -184,6 +223,26 @@ async def gateway(
     ready = frozenset({200}) if scenario.backend_wait == "ready" else None
     try:
         await proc.wait_http(url + "/readyz", ready)
+        yield url
+    finally:
+        await proc.stop()
+
+
+@contextlib.asynccontextmanager
+async def limiter(
+    backend_url: str, limit: int, max_wait_s: float | None, workdir: Path, name: str = "limiter"
+) -> AsyncIterator[str]:
+    """The concurrency limiter (``loadtest.limiter``) in front of ``backend_url``; yields its base
+    URL once it answers anything (it proxies every path, so a loading backend's 503 counts)."""
+    port = free_port()
+    args = [sys.executable, "-m", "loadtest.limiter", "--backend", backend_url]
+    args += ["--limit", str(limit), "--port", str(port)]
+    if max_wait_s is not None:
+        args += ["--max-wait", str(max_wait_s)]
+    proc = await Process.start(f"limiter ({name})", args, workdir / f"{name}.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await proc.wait_http_listening(url)
         yield url
     finally:
         await proc.stop()

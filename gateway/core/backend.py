@@ -24,6 +24,7 @@ from gateway.core.overcommit import Overcommit
 from gateway.core.types import Phase
 
 _NEAR_FULL = 0.95
+_QUEUE_SLACK = 0.1  # beyond what a backend with a queue of its own runs, a share to keep it busy
 
 
 class Signals(enum.StrEnum):
@@ -285,6 +286,7 @@ class BackendRuntime:
                     target=1.0 - self.cap.headroom,
                     reserved_share=self.reserved_bytes / planned if planned > 0 else 0.0,
                     preempted=preempted,
+                    backend_queue=bool(sig.waiting),
                 )
         self.signals = sig
         self._reserved_at_scrape = self.reserved_bytes
@@ -422,6 +424,8 @@ class BackendRuntime:
             return None
         if self.config.max_concurrency is not None and self.inflight >= self.config.max_concurrency:
             return None
+        if self._runs_all_it_can(now):
+            return None
         v = self.view(now)
         if v.kind is not CapacityKind.BYTES:
             return None if v.free < 1 else Room(math.inf, v.free, by_bytes=False)
@@ -431,6 +435,19 @@ class BackendRuntime:
         elif v.fragmentation is not None and v.fragmentation > self.cap.shed_above:
             limit = min(limit, self.cap.large_request * v.usable)
         return None if limit < 0 else Room(limit, v.free, by_bytes=True)
+
+    def _runs_all_it_can(self, now: float) -> bool:
+        """The backend queues requests of its own (its scheduler is bound by compute, sequence
+        slots or memory): another request would only wait there, out of the gateway's order
+        and deadlines. While the last scrape shows such a queue, what is in flight there stays
+        at what the backend was running, plus a tenth to keep it busy as requests finish;
+        requests of others (its queue and running beyond this gateway's) count against it."""
+        sig = self.fresh_signals(now)
+        if sig is None or not sig.waiting or sig.running is None:
+            return False
+        foreign = max(0.0, sig.running + sig.waiting - self._inflight_at_scrape)
+        slack = max(1.0, _QUEUE_SLACK * sig.running)
+        return self.inflight + foreign >= sig.running + slack
 
     def too_fragmented(self, need_bytes: int, v: CapacityView) -> bool:
         """A large request avoids a backend whose fragmentation is above ``shed_above`` when

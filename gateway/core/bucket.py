@@ -8,6 +8,12 @@ TAT is ``None``); it holds ``B - (tat - now) * r`` otherwise. Taking ``a`` moves
 This module is the reference twin of ``gateway/store/lua/acquire.lua`` and ``adjust.lua``: the
 formulas and their order are kept identical (a differential test compares them), so change both.
 Comparisons allow ``EPSILON_S`` of float slack, so a retry exactly ``retry_after_s`` later passes.
+
+A bucket whose spec ``waits`` may also pass a take that would otherwise have to wait, up to the
+caller's ``max_wait_s``: the take is recorded at once (its TAT moves past the tolerance) and the
+verdict says how long to wait before going on (``wait_s``). Each later take then sees that TAT,
+so waiting requests are served in arrival order whatever their size: a large request reserves
+its place and is not starved by small ones that would each fit sooner.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class BucketSpec:
     unit: Unit
     rate_per_s: float
     burst: float
+    waits: bool = False  # a take may wait for this bucket (up to the caller's max_wait_s)
 
     def __post_init__(self) -> None:
         if not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
@@ -49,10 +56,12 @@ class Verdict(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """The answer to an all-or-nothing take across several buckets.
 
     ``retry_after_s`` is the exact wait until the same take would pass if nothing else touched
-    the buckets (0 when allowed, ``inf`` when ``never``). ``remaining`` and ``reset_s`` are per
-    spec, in the order given, after this decision: units left (below 0 only after a settled
-    overrun) and seconds until the bucket is full again. ``store_error`` marks a verdict made up by
-    a fallback policy because the limit store failed (allow: allowed; deny: refused, mapped to 503).
+    the buckets (0 when allowed, ``inf`` when ``never``); ``wait_s`` (allowed only) is how long
+    the caller waits before going on, for buckets that ``waits`` (the take is already recorded).
+    ``remaining`` and ``reset_s`` are per spec, in the order given, after this decision: units
+    left (below 0 after a settled overrun, or a take that waits) and seconds until the bucket is
+    full again. ``store_error`` marks a verdict made up by a fallback policy because the limit
+    store failed (allow: allowed; deny: refused, mapped to 503).
     """
 
     allowed: bool
@@ -62,6 +71,7 @@ class Verdict(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     remaining: tuple[float, ...] = ()
     reset_s: tuple[float, ...] = ()
     store_error: bool = False
+    wait_s: float = 0.0
 
 
 def _start(tat: float | None, now: float) -> float:
@@ -79,13 +89,16 @@ def try_take(
     specs: Sequence[BucketSpec],
     amounts: Sequence[float],
     now: float,
+    max_wait_s: float = 0.0,
 ) -> tuple[Verdict, tuple[float, ...] | None]:
     """Take ``amounts[i]`` from every bucket ``specs[i]`` (current TAT ``tats[i]``), or nothing.
 
     Returns the verdict and, when allowed, the new TAT of every bucket (``None`` when refused:
     no bucket changes). An amount of 0 always passes and changes nothing. An amount above a
     bucket's burst can never pass: ``never`` is set and ``blocking`` names that bucket. Otherwise
-    ``blocking`` is the bucket with the longest wait, which is the wait of the whole take.
+    ``blocking`` is the bucket with the longest wait, which is the wait of the whole take. A
+    bucket that ``waits`` passes a take whose wait is at most ``max_wait_s``; the longest such
+    wait is the verdict's ``wait_s``.
     """
     count = len(specs)
     if len(tats) != count or len(amounts) != count:
@@ -96,6 +109,7 @@ def try_take(
     never = False
     blocking: int | None = None
     worst = 0.0
+    waited = 0.0
     for i in range(count):
         spec = specs[i]
         amount = amounts[i]
@@ -114,15 +128,20 @@ def try_take(
             else:
                 wait = (new - now) - spec.burst / spec.rate_per_s
                 if wait > EPSILON_S:
-                    allowed = False
-                    if not never and wait > worst:
-                        worst = wait
-                        blocking = i
+                    if spec.waits and wait <= max_wait_s + EPSILON_S:
+                        if wait > waited:
+                            waited = wait
+                    else:
+                        allowed = False
+                        if not never and wait > worst:
+                            worst = wait
+                            blocking = i
     ends = news if allowed else starts
     remaining = tuple(specs[i].burst - (ends[i] - now) * specs[i].rate_per_s for i in range(count))
     reset_s = tuple(end - now for end in ends)
     if allowed:
-        return Verdict(allowed=True, remaining=remaining, reset_s=reset_s), tuple(news)
+        verdict = Verdict(allowed=True, remaining=remaining, reset_s=reset_s, wait_s=waited)
+        return verdict, tuple(news)
     verdict = Verdict(
         allowed=False,
         retry_after_s=math.inf if never else worst,

@@ -5,12 +5,15 @@ A paged server (vLLM, SGLang) grows a sequence's KV blocks as it decodes, so at 
 request holds its prompt plus what it has produced so far, about half of its final output on
 average, while admission reserves its whole likely size (prompt + a high quantile of output
 lengths). Counting reservations alone keeps such a GPU half full. So each scrape nudges a factor
-on the planned capacity: up (additively) while the gateway is bound by its reservations and the
-measured usage is below target; down (multiplicatively) when the backend preempts, and
-additively while usage is above target. It never goes below 1: reservations are then an upper
-bound of real usage, as for contiguous backends, which never overcommit. Between scrapes the
-usage gauge itself bounds what is admitted (``capacity.BackendRuntime``), so a wrong factor
-costs at most one scrape interval of admissions.
+on the planned capacity: up (additively) while the gateway is bound by its reservations, the
+measured usage is below target and the backend has no queue of its own; down (multiplicatively)
+when the backend preempts, and additively while usage is above target. Requests waiting inside
+the backend hold no KV yet, so a low gauge then says nothing of the reservations' size (on a CPU
+vLLM that prefills a few prompts a second the factor rose to 2 within 5 s and let a whole burst
+in). It never goes below 1: reservations are then an upper bound of real usage, as for
+contiguous backends, which never overcommit. Between scrapes the usage gauge itself bounds what
+is admitted (``BackendRuntime.view``), so a wrong factor costs at most one scrape interval of
+admissions.
 """
 
 from __future__ import annotations
@@ -28,13 +31,24 @@ class Overcommit:
     value: float = 1.0
 
     def observe(
-        self, *, usage: float, target: float, reserved_share: float, preempted: bool
+        self,
+        *,
+        usage: float,
+        target: float,
+        reserved_share: float,
+        preempted: bool,
+        backend_queue: bool = False,
     ) -> None:
         """One scrape: ``usage`` of the whole KV cache measured by the backend, ``target`` the
-        usage to aim for (1 - headroom), ``reserved_share`` = reserved bytes / planned bytes."""
+        usage to aim for (1 - headroom), ``reserved_share`` = reserved bytes / planned bytes,
+        ``backend_queue``: requests wait inside the backend (its own waiting gauge)."""
         if preempted:
             self.value = max(1.0, self.value * self.cut)
         elif usage > target:
             self.value = max(1.0, self.value - self.step)
-        elif usage < target - self.margin and reserved_share >= self.bound_share:
+        elif (
+            usage < target - self.margin
+            and reserved_share >= self.bound_share
+            and not backend_queue
+        ):
             self.value = min(self.max_factor, self.value + self.step)

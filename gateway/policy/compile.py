@@ -320,7 +320,9 @@ def _keys(
 def _spec(key: str, limit: schema.Limit) -> BucketSpec:
     amount, period_s = units.parse_rate(limit.rate)
     burst = units.parse_amount(limit.burst) if limit.burst is not None else amount
-    return BucketSpec(key=key, unit=limit.unit, rate_per_s=amount / period_s, burst=burst)
+    return BucketSpec(
+        key=key, unit=limit.unit, rate_per_s=amount / period_s, burst=burst, waits=limit.wait
+    )
 
 
 def _buckets(spec: schema.Policy, source: str) -> dict[tuple[str, str], tuple[BucketSpec, ...]]:

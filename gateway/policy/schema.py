@@ -207,6 +207,9 @@ class Limit(Base, frozen=True, kw_only=True):
     rate: Rate
     burst: Amount | None = None  # default: one period's worth
     model: str | None = None  # tenant limits: only requests for this model
+    # true: a request this limit would refuse waits for its turn instead, in arrival order,
+    # when that turn comes before the request's queue deadline (else it gets the 429)
+    wait: bool = False
 
     def __post_init__(self) -> None:
         amount, _ = _check(self, "rate", units.parse_rate)

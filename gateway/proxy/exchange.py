@@ -63,6 +63,7 @@ class Exchange:
         "backend",
         "body",
         "cost",
+        "deadline",
         "gw",
         "held",
         "live",
@@ -83,6 +84,8 @@ class Exchange:
         self.gw = gw
         self.live = gw.live  # the one read of the live state: see the module docstring
         self.started = gw.clock.now()
+        # the queue deadline, waiting for buckets included: the policy's max_wait, or less
+        self.deadline = self.started + asked_max_wait(request.headers, self.live.policy.max_wait_s)
         self.tenant: Tenant | None = None
         self.model: Model | None = None
         self.body = b""
@@ -206,6 +209,7 @@ class Exchange:
             self.live.policy.buckets(tenant.name, model.name),
             self.cost,
             orphaned=self._settle_charge_of,
+            max_wait_s=max(0.0, self.deadline - self.gw.clock.now()),
         )
         verdict = held.verdict
         if verdict.allowed:
@@ -225,6 +229,11 @@ class Exchange:
         refused it, it waits for them to come back, within its deadline, a few times."""
         tenant, model = self._who()
         headers = ratelimit_headers(self.held) if self.held is not None else {}
+        waited = self.held.verdict.wait_s if self.held is not None else 0.0
+        if waited > 0:
+            # a bucket that waits took this request in its turn: go on when that turn comes
+            await asyncio.sleep(waited)
+            self.queued_s = waited
         ticket = Ticket(
             tenant=tenant.name,
             model=model.name,
@@ -233,8 +242,7 @@ class Exchange:
             prompt_tokens=self.cost.input_tokens,
             max_output_tokens=self.cost.output_tokens,
             kv_bytes_per_token=model.profile.kv_bytes_per_token,
-            deadline=self.started
-            + asked_max_wait(self.request.headers, self.live.policy.max_wait_s),
+            deadline=self.deadline,
         )
         parsed = self.parsed
         strip_usage = (
@@ -257,7 +265,7 @@ class Exchange:
                     should_retry=shed.should_retry,
                     headers=headers,
                 )
-            self.queued_s = lease.queued_s
+            self.queued_s = waited + lease.queued_s
             self.gw.metrics.timed(self.gw.metrics.queue_wait, model.name, lease.queued_s)
             try:
                 return await self._forward(lease, body, strip_usage, headers)

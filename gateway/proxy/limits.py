@@ -44,16 +44,19 @@ async def charge(
     cost: Cost,
     *,
     orphaned: Callable[[Charge], None],
+    max_wait_s: float = 0.0,
 ) -> Charge:
-    """Take ``cost`` from every bucket of ``specs``. When the client leaves during a networked
-    store's round trip, the take may still land: ``orphaned`` gets that charge then, to undo."""
+    """Take ``cost`` from every bucket of ``specs``; buckets that wait may pass it with a wait
+    of up to ``max_wait_s`` (``Charge.verdict.wait_s``). When the client leaves during a
+    networked store's round trip, the take may still land: ``orphaned`` gets that charge then,
+    to undo."""
     amounts = tuple(cost.amount(spec.unit) for spec in specs)
     if not specs:
         return Charge(specs, amounts, Verdict(allowed=True))
-    verdict = store.acquire_now(specs, amounts)
+    verdict = store.acquire_now(specs, amounts, max_wait_s)
     if verdict is not None:
         return Charge(specs, amounts, verdict)
-    take = asyncio.ensure_future(store.acquire(specs, amounts))
+    take = asyncio.ensure_future(store.acquire(specs, amounts, max_wait_s))
     try:
         verdict = await asyncio.shield(take)
     except asyncio.CancelledError:

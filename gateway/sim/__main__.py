@@ -56,7 +56,13 @@ def load_config(args: argparse.Namespace) -> SimConfig:
     return config
 
 
+LOADING_LINE = "kvgate-sim loading"  # printed when the clock starts and the port stays shut
+
+
 async def _run(config: SimConfig, host: str, port: int) -> None:
+    if config.loading == "refuse" and config.load_time_s > 0:
+        wall_s = config.load_time_s / config.time_scale
+        print(f"{LOADING_LINE}: port {port} opens in {wall_s:g} s", flush=True)
     runner = await serve(config, host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,7 +18,12 @@ class SimConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
     prefill_tokens_per_s: float = 8000.0
     decode_step_s: float = 0.02  # time of one decode step with a batch of one
     step_per_seq_s: float = 0.0002  # extra step time per running sequence
-    load_time_s: float = 0.0  # answers 503 "loading" this long after (re)start
+    attend_s_per_token: float = 0.0  # extra step time per KV token a decoding sequence attends
+    max_num_batched_tokens: int = 0  # tokens one step may process (chunked prefill); 0: no cap
+    load_time_s: float = 0.0  # not ready this long after (re)start
+    # while loading: "503" answers 503 "Loading model" (llama.cpp); "refuse" does not listen
+    # until loaded, as vLLM's API server (only the first load: a restart keeps the port open)
+    loading: Literal["503", "refuse"] = "503"
     slow_start_s: float = 0.0  # after loading, steps are slower, easing to normal over this window
     slow_start_factor: float = 3.0  # step-time multiplier at the start of slow_start_s
     oom_crash_after: int = 0  # contiguous: crash and reload after this many OOMs in 10 s (0: never)

@@ -5,10 +5,17 @@ Pure and deterministic for a given ``SimConfig.seed``: no I/O, no clock. The eng
 engine forward. A driver (``gateway.sim.runtime``) paces the steps against wall time; a test or
 the ceiling check can run them back to back.
 
-A step is one forward pass: every running sequence gets one token. Newly admitted sequences are
-prefilled in the same step (their first token comes out of it). Step duration, in seconds::
+A step is one forward pass: every decoding sequence gets one token. Newly admitted sequences are
+prefilled, and a sequence's first token comes out of the step that prefills the last of its
+prompt. With ``max_num_batched_tokens`` a step processes at most that many tokens (one per
+decoding sequence, the rest prefill chunks, as vLLM's chunked prefill); without it a prompt is
+prefilled whole in the step that admits it. Step duration, in seconds::
 
-    (decode_step_s + step_per_seq_s * batch + prefill_tokens / prefill_tokens_per_s) * warm_up
+    (decode_step_s + step_per_seq_s * batch + attend_s_per_token * attended
+     + prefill_tokens / prefill_tokens_per_s) * warm_up
+
+where ``batch`` counts the sequences in the step and ``attended`` the KV tokens the decoding
+ones read (their context, the new token included).
 """
 
 from __future__ import annotations
@@ -74,9 +81,9 @@ class _Seq:
     __slots__ = (
         "blocks",
         "cap",
-        "fresh",
         "generated",
         "kv_tokens",
+        "needed",
         "prompt",
         "region",
         "seq_id",
@@ -90,9 +97,11 @@ class _Seq:
         self.target = target  # tokens it will generate, 1..cap
         self.generated = 0  # tokens sent to the client so far; survives preemption
         self.kv_tokens = 0  # tokens whose K and V are in the cache
+        self.needed = (
+            0  # tokens to prefill since its (re)admission; decoding once kv_tokens reach it
+        )
         self.blocks = 0  # blocks held (paged mode)
         self.region = -1  # first block of its region (contiguous mode)
-        self.fresh = False  # admitted (prefilled) in the current step
 
 
 def validate_config(config: SimConfig) -> None:
@@ -106,6 +115,8 @@ def validate_config(config: SimConfig) -> None:
         "prefill_tokens_per_s": cfg.prefill_tokens_per_s > 0,
         "decode_step_s": cfg.decode_step_s >= 0,
         "step_per_seq_s": cfg.step_per_seq_s >= 0,
+        "attend_s_per_token": cfg.attend_s_per_token >= 0,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens >= 0,
         "load_time_s": cfg.load_time_s >= 0,
         "slow_start_s": cfg.slow_start_s >= 0,
         "slow_start_factor": cfg.slow_start_factor >= 1,
@@ -147,7 +158,6 @@ class Engine:
         self._waiting: deque[_Seq] = deque()
         self._by_id: dict[int, _Seq] = {}
         self._oom_times: deque[float] = deque()
-        self._admitted = 0  # sequences admitted in the current step
         self.stats = StatsRecorder(start_s, self._ready_s)
 
     # ---- state ---------------------------------------------------------------------------
@@ -299,32 +309,43 @@ class Engine:
             raise RuntimeError("step() needs a ready engine with work")
         start = self._now
         failed: list[Failure] = []
-        self._admitted = 0
+        decoding = [seq for seq in self._running if seq.kv_tokens >= seq.needed]
+        budget = self.config.max_num_batched_tokens or math.inf
         if isinstance(self._alloc, PagedAllocator):
-            prefill = self._schedule_paged(self._alloc)
+            preempted = self._grow_paged(self._alloc)
+            decoding = [seq for seq in decoding if seq.blocks > 0]  # the preempted are gone
+            if not preempted:
+                self._admit_paged(self._alloc)
         else:
-            prefill = self._schedule_contiguous(self._alloc, failed)
+            self._admit_contiguous(self._alloc, failed)
         running = self._running
         batch = len(running)
         if batch == 0:  # every admission failed (contiguous OOM or crash): no pass ran
             if not self.has_work() and not self.is_loading():
                 self.stats.went_idle(start)
             return StepResult(start, 0.0, 0, [], [], failed)
+        prefill = self._prefill_chunks(max(0.0, budget - len(decoding)))
         cfg = self.config
+        attended = sum(seq.kv_tokens + 1 for seq in decoding)
         duration = (
-            cfg.decode_step_s + cfg.step_per_seq_s * batch + prefill / cfg.prefill_tokens_per_s
+            cfg.decode_step_s
+            + cfg.step_per_seq_s * batch
+            + cfg.attend_s_per_token * attended
+            + prefill / cfg.prefill_tokens_per_s
         ) * self.step_multiplier()
         # the decoding sequences write one more token's K and V during this step
-        self.stats.kv_tokens += batch - self._admitted
+        self.stats.kv_tokens += len(decoding)
         self.stats.ran_step(duration, batch, prefill, self._alloc.used_blocks)
         tokens: list[int] = []
         finished: list[tuple[int, FinishReason]] = []
         keep: list[_Seq] = []
+        was_decoding = {seq.seq_id for seq in decoding}
         for seq in running:
-            if seq.fresh:
-                seq.fresh = False
-            else:
+            if seq.seq_id in was_decoding:
                 seq.kv_tokens += 1
+            elif seq.kv_tokens < seq.needed:  # still prefilling: no token yet
+                keep.append(seq)
+                continue
             seq.generated += 1
             tokens.append(seq.seq_id)
             if seq.generated >= seq.target:
@@ -340,11 +361,26 @@ class Engine:
             self.stats.went_idle(self._now)
         return StepResult(start, duration, prefill, tokens, finished, failed)
 
-    def _schedule_paged(self, pool: PagedAllocator) -> int:
-        """Give each running sequence room for its next token, preempting the most recently
-        started ones when no block is free; then admit waiting ones FIFO while their blocks are
-        free. No admission in a step that preempted (as vLLM), so a victim is not readmitted
-        only to be preempted again. Returns the prefill tokens of this step."""
+    def _prefill_chunks(self, budget: float) -> int:
+        """Prefill the sequences that need it, oldest first, within ``budget`` tokens; returns
+        the tokens prefilled."""
+        done = 0
+        for seq in self._running:
+            if budget <= 0:
+                break
+            chunk = int(min(seq.needed - seq.kv_tokens, budget))
+            if chunk > 0:
+                seq.kv_tokens += chunk
+                self.stats.kv_tokens += chunk
+                budget -= chunk
+                done += chunk
+        return done
+
+    def _grow_paged(self, pool: PagedAllocator) -> bool:
+        """Give each decoding sequence room for its next token, preempting the most recently
+        started ones when no block is free; True if any was preempted. No admission follows in
+        a step that preempted (as vLLM), so a victim is not readmitted only to be preempted
+        again."""
         bs = self.config.block_size
         running = self._running
         preempted = False
@@ -362,29 +398,29 @@ class Engine:
                     break
                 seq.blocks += 1
             i += 1
-        if preempted:
-            return 0
-        prefill = 0
+        return preempted
+
+    def _admit_paged(self, pool: PagedAllocator) -> None:
+        """Admit waiting sequences FIFO while the blocks of their whole prompt are free (a
+        preempted one recomputes its output too)."""
+        bs = self.config.block_size
         waiting = self._waiting
         limit = self.config.max_num_seqs
-        while waiting and len(running) < limit:
+        while waiting and len(self._running) < limit:
             seq = waiting[0]
-            tokens = seq.prompt + seq.generated  # a preempted sequence recomputes its output too
+            tokens = seq.prompt + seq.generated
             blocks = -(-tokens // bs)
             if not pool.take(blocks):
                 break
             waiting.popleft()
             self._start(seq, tokens)
             seq.blocks = blocks
-            prefill += tokens
-        return prefill
 
-    def _schedule_contiguous(self, regions: ContiguousAllocator, failed: list[Failure]) -> int:
+    def _admit_contiguous(self, regions: ContiguousAllocator, failed: list[Failure]) -> None:
         """Start waiting requests FIFO while fewer than max_num_seqs run, each in one first-fit
         region of prompt + cap tokens; a request with no region large enough fails (OOM) at once,
-        and too many OOMs crash the engine. Returns the prefill tokens of this step."""
+        and too many OOMs crash the engine."""
         cfg = self.config
-        prefill = 0
         waiting = self._waiting
         while waiting and len(self._running) < cfg.max_num_seqs:
             seq = waiting.popleft()
@@ -399,22 +435,19 @@ class Engine:
                     failed.extend(self._fail_all("crash", "the engine crashed (CUDA OOM)"))
                     self.stats.crashes += 1
                     self._begin_loading()
-                    return 0
+                    return
                 continue
             seq.region = start
             self._start(seq, seq.prompt)
-            prefill += seq.prompt
-        return prefill
 
     # ---- helpers -------------------------------------------------------------------------
-    def _start(self, seq: _Seq, kv_tokens: int) -> None:
+    def _start(self, seq: _Seq, needed: int) -> None:
+        """Admit ``seq``: it holds its memory from now and prefills ``needed`` tokens."""
         if seq.generated == 0:  # not a preempted sequence coming back
             self.stats.prompt_tokens += seq.prompt
-        seq.kv_tokens = kv_tokens
-        seq.fresh = True
-        self._admitted += 1
+        seq.kv_tokens = 0
+        seq.needed = needed
         self._running.append(seq)
-        self.stats.kv_tokens += kv_tokens
         self.stats.max_running = max(self.stats.max_running, len(self._running))
 
     def _preempt(self, seq: _Seq) -> None:

@@ -10,12 +10,43 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gateway.sim.allocator import fragmentation_ratio
+from gateway.sim.config import SimConfig
 from gateway.sim.runtime import SimRuntime
+
+ENGINE = "0"  # vLLM labels every series with its engine's index; one engine here
+
+# vLLM's cache_config_info labels (0.32) that a simulated GPU has no value of of its own
+_CACHE_FIXED = {
+    "cache_dtype": "auto",
+    "calculate_kv_scales": "False",
+    "cpu_offload_gb": "0",
+    "gpu_memory_utilization": "0.9",
+    "is_attention_free": "False",
+    "num_cpu_blocks": "None",
+    "num_gpu_blocks_override": "None",
+    "prefix_caching_hash_algo": "builtin",
+    "sliding_window": "None",
+    "swap_space": "4",
+}
+
+
+def cache_config_labels(cfg: SimConfig) -> dict[str, str]:
+    """vLLM's ``cache_config_info`` label set for this configuration."""
+    tokens = cfg.kv_blocks * cfg.block_size
+    return {
+        **_CACHE_FIXED,
+        "block_size": str(cfg.block_size),
+        "enable_prefix_caching": "False",
+        "num_gpu_blocks": str(cfg.kv_blocks),
+        "kv_cache_size_tokens": str(tokens),
+        "kv_cache_memory_bytes": str(tokens * cfg.kv_bytes_per_token),
+        "swap_space_bytes": str(4 << 30),
+    }
 
 
 class SimCollector:
-    """Every series carries ``model_name``. Counters restart from zero after a crash or restart,
-    as a real server process's do."""
+    """Every series carries ``model_name`` and ``engine``. Counters restart from zero after a
+    crash or restart, as a real server process's do."""
 
     def __init__(self, runtime: SimRuntime) -> None:
         self._runtime = runtime
@@ -23,8 +54,8 @@ class SimCollector:
     def collect(self) -> Iterator[Metric]:
         engine = self._runtime.sync()
         cfg = engine.config
-        label = ["model_name"]
-        model = [cfg.model]
+        label = ["model_name", "engine"]
+        model = [cfg.model, ENGINE]
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             family = GaugeMetricFamily(name, doc, labels=label)
@@ -53,12 +84,11 @@ class SimCollector:
         yield counter("vllm:num_preemptions", "Preempted sequences.", counts.preemptions)
         yield counter("vllm:prompt_tokens", "Prompt tokens processed.", counts.prompt_tokens)
         yield counter("vllm:generation_tokens", "Generated tokens.", counts.generated_tokens)
+        cache = cache_config_labels(cfg)
         info = GaugeMetricFamily(
-            "vllm:cache_config_info",
-            "KV-cache configuration.",
-            labels=["model_name", "num_gpu_blocks", "block_size"],
+            "vllm:cache_config_info", "KV-cache configuration.", labels=[*label, *cache]
         )
-        info.add_metric([cfg.model, str(cfg.kv_blocks), str(cfg.block_size)], 1.0)
+        info.add_metric([*model, *cache.values()], 1.0)
         yield info
         yield gauge(
             "kvgate_gpu_fragmentation_ratio",

@@ -2,9 +2,11 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
 ``GET /health``, ``GET /metrics`` (vLLM names), and the simulator's own ``GET /sim/stats`` and
-``POST /admin/restart``. While loading, ``/health`` answers 503 ``{"status": "loading"}`` and the
-other OpenAI routes 503 "Loading model" (as llama.cpp does); ``/sim/*`` and ``/admin/*`` always
-answer, so a harness can watch and restart a server that is down.
+``POST /admin/restart``. With ``loading: refuse`` the port opens only after the first load (as
+vLLM's). Otherwise, and after a restart, while loading ``/health`` answers 503
+``{"status": "loading"}`` and the other OpenAI routes 503 "Loading model" (as llama.cpp does);
+``/sim/*`` and ``/admin/*`` always answer, so a harness can watch and restart a server that is
+down.
 
 Failures: OOM (contiguous mode) is 500 ``code: "oom"``; a crash or restart fails a request in
 flight with 500 ``code: "engine_dead"``, or drops the connection if its stream has started. A
@@ -71,9 +73,16 @@ def build_app(config: SimConfig) -> web.Application:
 
 
 async def serve(config: SimConfig, host: str, port: int) -> web.AppRunner:
-    """Listen on ``host:port``; the caller owns the runner (``await runner.cleanup()``)."""
-    runner = web.AppRunner(build_app(config), handler_cancellation=True, access_log=None)
+    """Listen on ``host:port``; the caller owns the runner (``await runner.cleanup()``). With
+    ``loading: refuse`` the engine's clock starts now but the port opens only once the first
+    load is over, so until then a client's connection is refused."""
+    app = build_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
+    if config.loading == "refuse":
+        runtime = app[RUNTIME]
+        ready_at = runtime.engine.ready_at
+        await asyncio.sleep(max(0.0, ready_at - runtime.sim_now()) / config.time_scale)
     await web.TCPSite(runner, host, port).start()
     return runner
 

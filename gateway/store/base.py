@@ -33,12 +33,18 @@ class LimitStore(Protocol):
         policy (``on_error``); always False for a store with no shared state."""
         ...
 
-    def acquire_now(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict | None:
+    def acquire_now(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> Verdict | None:
         """``acquire`` without suspending, or None when only a round trip can tell."""
         ...
 
-    async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
-        """Take every amount from its bucket, or none (see ``gateway.core.bucket.try_take``)."""
+    async def acquire(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> Verdict:
+        """Take every amount from its bucket, or none (see ``gateway.core.bucket.try_take``);
+        buckets that ``waits`` may pass a take that waits up to ``max_wait_s``
+        (``Verdict.wait_s``)."""
         ...
 
     def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:

@@ -92,7 +92,9 @@ class FallbackLimitStore:
         """True while the primary is considered down and the fallback policy answers."""
         return self._degraded
 
-    def acquire_now(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> None:
+    def acquire_now(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> None:
         return None  # the primary is asked first, even while degraded (a probe may be due)
 
     def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:
@@ -139,12 +141,14 @@ class FallbackLimitStore:
             _log.warning("limit store recovered; leaving on_error=%s", self._on_error)
         return result
 
-    async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
-        verdict = await self._call(lambda: self._primary.acquire(specs, amounts))
+    async def acquire(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> Verdict:
+        verdict = await self._call(lambda: self._primary.acquire(specs, amounts, max_wait_s))
         if verdict is not _Down.DOWN:
             return verdict
         if self._on_error == "local":
-            return self._local.acquire_now(self._share(specs), amounts)
+            return self._local.acquire_now(self._share(specs), amounts, max_wait_s)
         count = len(specs)
         if self._on_error == "allow":
             bursts = tuple(spec.burst for spec in specs)
@@ -181,7 +185,7 @@ class FallbackLimitStore:
                 self._shares.clear()
             n = self._replicas
             shared = self._shares[key] = tuple(
-                BucketSpec(s.key, s.unit, s.rate_per_s / n, s.burst / n) for s in key
+                BucketSpec(s.key, s.unit, s.rate_per_s / n, s.burst / n, s.waits) for s in key
             )
         return shared
 

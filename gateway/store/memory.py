@@ -35,10 +35,13 @@ class MemoryLimitStore:
     def degraded(self) -> bool:
         return False
 
-    def acquire_now(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
+    def acquire_now(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> Verdict:
         now = self._clock.now()
         tats = self._tats
-        verdict, news = try_take([tats.get(spec.key) for spec in specs], specs, amounts, now)
+        current = [tats.get(spec.key) for spec in specs]
+        verdict, news = try_take(current, specs, amounts, now, max_wait_s)
         if news is not None:
             for spec, new in zip(specs, news, strict=True):
                 self._store(spec.key, new, now)
@@ -59,8 +62,10 @@ class MemoryLimitStore:
         now = self._clock.now()
         return tuple(level(self._tats.get(spec.key), spec, now)[0] for spec in specs)
 
-    async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
-        return self.acquire_now(specs, amounts)
+    async def acquire(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> Verdict:
+        return self.acquire_now(specs, amounts, max_wait_s)
 
     async def adjust(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
         self.adjust_now(specs, deltas)

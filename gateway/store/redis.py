@@ -47,16 +47,22 @@ def bucket_key(prefix: str, spec: BucketSpec) -> str:
 
 
 def acquire_args(
-    specs: Sequence[BucketSpec], amounts: Sequence[float], now: _Arg, min_ttl_ms: int
+    specs: Sequence[BucketSpec],
+    amounts: Sequence[float],
+    now: _Arg,
+    min_ttl_ms: int,
+    max_wait_s: float = 0.0,
 ) -> list[_Arg]:
     """ARGV of ``acquire.lua``; ``now`` is seconds, or ``""`` for Redis time."""
     if len(amounts) != len(specs):
         raise ValueError("specs and amounts must have the same length")
-    args: list[_Arg] = [now, min_ttl_ms]
+    if not max_wait_s >= 0:
+        raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+    args: list[_Arg] = [now, min_ttl_ms, max_wait_s]
     for spec, amount in zip(specs, amounts, strict=True):
         if not amount >= 0:
             raise ValueError(f"bucket {spec.key!r}: amount must be >= 0, got {amount}")
-        args += (spec.rate_per_s, spec.burst, amount)
+        args += (spec.rate_per_s, spec.burst, amount, 1 if spec.waits else 0)
     return args
 
 
@@ -90,7 +96,8 @@ def verdict_from_reply(reply: Sequence[_ReplyItem], count: int) -> Verdict:
     remaining = tuple(float(item) for item in reply[4 : 4 + count])
     reset_s = tuple(float(item) for item in reply[4 + count : 4 + 2 * count])
     if allowed:
-        return Verdict(allowed=True, remaining=remaining, reset_s=reset_s)
+        wait_s = float(reply[4 + 2 * count])
+        return Verdict(allowed=True, remaining=remaining, reset_s=reset_s, wait_s=wait_s)
     return Verdict(
         allowed=False,
         retry_after_s=math.inf if never else float(reply[3]),
@@ -144,7 +151,9 @@ class RedisLimitStore:
     def degraded(self) -> bool:
         return False  # it raises StoreError instead; FallbackLimitStore decides what then
 
-    def acquire_now(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> None:
+    def acquire_now(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> None:
         return None
 
     def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:
@@ -153,10 +162,12 @@ class RedisLimitStore:
     def _now(self) -> _Arg:
         return "" if self._clock is None else self._clock.now()
 
-    async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
+    async def acquire(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> Verdict:
         if not specs:
             return Verdict(allowed=True)
-        args = acquire_args(specs, amounts, self._now(), self._min_ttl_ms)
+        args = acquire_args(specs, amounts, self._now(), self._min_ttl_ms, max_wait_s)
         keys = [self.key(spec) for spec in specs]
         try:
             reply: list[_ReplyItem] = await self._acquire(keys=keys, args=args)

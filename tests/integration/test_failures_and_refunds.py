@@ -169,8 +169,10 @@ class _RemoteStore:
         self.applied = asyncio.Event()
         self.reply = asyncio.Event()
 
-    async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
-        verdict = self.inner.acquire_now(specs, amounts)
+    async def acquire(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> Verdict:
+        verdict = self.inner.acquire_now(specs, amounts, max_wait_s)
         self.applied.set()
         await self.reply.wait()
         return verdict
@@ -179,7 +181,9 @@ class _RemoteStore:
     def degraded(self) -> bool:
         return False
 
-    def acquire_now(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> None:
+    def acquire_now(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> None:
         return None
 
     def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:

@@ -47,7 +47,9 @@ def scripts(redis_url: str) -> Iterator[Scripts]:
 
 fractions = st.floats(min_value=0.0, max_value=1.0)
 bucket_params = st.tuples(
-    st.floats(min_value=0.01, max_value=1e4), st.floats(min_value=0.1, max_value=1e5)
+    st.floats(min_value=0.01, max_value=1e4),
+    st.floats(min_value=0.1, max_value=1e5),
+    st.booleans(),  # the bucket lets a take wait for its turn
 )
 triples = st.tuples(fractions, fractions, fractions)
 ops = st.lists(
@@ -61,12 +63,13 @@ ops = st.lists(
 @given(st.lists(bucket_params, min_size=1, max_size=3), ops)
 def test_lua_matches_core_bucket(
     scripts: Scripts,
-    params: list[tuple[float, float]],
+    params: list[tuple[float, float, bool]],
     steps: list[tuple[str, tuple[float, float, float]]],
 ) -> None:
     prefix = f"diff-{uuid.uuid4().hex[:12]}"
     specs = [
-        BucketSpec(f"b{i}", Unit.TOKENS, rate, burst) for i, (rate, burst) in enumerate(params)
+        BucketSpec(f"b{i}", Unit.TOKENS, rate, burst, waits)
+        for i, (rate, burst, waits) in enumerate(params)
     ]
     keys = [bucket_key(prefix, spec) for spec in specs]
     longest_s = max(spec.burst / spec.rate_per_s for spec in specs)
@@ -81,9 +84,10 @@ def test_lua_matches_core_bucket(
                     0.0 if f < 0.1 else f * 1.2 * s.burst
                     for f, s in zip(fracs, specs, strict=False)
                 ]
-                expected, news = try_take(tats, specs, amounts, now)
+                max_wait_s = fracs[1] * longest_s  # some takes wait their turn, some may not
+                expected, news = try_take(tats, specs, amounts, now, max_wait_s)
                 reply = scripts.acquire(
-                    keys=keys, args=acquire_args(specs, amounts, now, MIN_TTL_MS)
+                    keys=keys, args=acquire_args(specs, amounts, now, MIN_TTL_MS, max_wait_s)
                 )
                 assert verdict_from_reply(reply, len(specs)) == expected
                 if news is not None:

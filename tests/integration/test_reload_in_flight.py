@@ -37,16 +37,20 @@ class _GatedStore:
     def degraded(self) -> bool:
         return False
 
-    def acquire_now(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> None:
+    def acquire_now(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> None:
         return None
 
     def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:
         return self.inner.adjust_now(specs, deltas)
 
-    async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
+    async def acquire(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> Verdict:
         self.entered.set()
         await self.gate.wait()
-        return self.inner.acquire_now(specs, amounts)
+        return self.inner.acquire_now(specs, amounts, max_wait_s)
 
     async def adjust(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
         self.inner.adjust_now(specs, deltas)

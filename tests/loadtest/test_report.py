@@ -130,9 +130,9 @@ def test_counts_goodput_and_percentiles_from_records() -> None:
     assert s.tenants["a"].offered_output_tokens == 100 + 50 + 80 + 100 + 100
     assert (s.retries, s.refused_after_honoured_wait) == (1, 1)
     assert s.max_send_lag_s == pytest.approx(0.5)
-    # steady window 2.5-10 s: of the good ones only #2 (done at 4) finished in it; #1 finished
-    # at 2 (start-up), #9 at 12 (drain): 50 tokens over 7.5 s
-    assert s.steady_goodput_tokens_per_s == pytest.approx(50 / 7.5)
+    # steady window 2.5-10 s, tokens spread over each request's generation: #1 (0.5-2) none;
+    # #2 (sent 1, done 4, not streamed) half of 50; #9 (first 9, done 12) a third of 60
+    assert s.steady_goodput_tokens_per_s == pytest.approx((25 + 20) / 7.5)
 
 
 def test_backend_figures_are_differences_within_the_span() -> None:
@@ -149,7 +149,7 @@ def test_span_is_last_answer_when_nothing_was_cut() -> None:
     finished = [r for r in RECORDS if r.result is not Result.UNFINISHED]
     s = summarise(finished, WEIGHTS, DURATION_S, RUN_S)
     assert s.span_s == 12.0  # request 9 answered at 12 s
-    assert s.goodput_tokens_per_s == pytest.approx(210 / 12)
+    assert s.goodput_tokens_per_s == pytest.approx(210 / 20)  # one horizon: the whole run
     assert s.backend is None
 
 
@@ -176,9 +176,11 @@ def test_fair_shares_fill_small_demands_first() -> None:
 
 def test_table_shows_the_summary_numbers() -> None:
     s = summarise(RECORDS, WEIGHTS, DURATION_S, RUN_S, SAMPLES)
-    rows = {row[0]: row[1:] for row in table_rows({"direct": s}, ceiling=42.0)}
+    rows = {row[0]: row[1:] for row in table_rows({"direct": s}, bound=42.0, oracle=21.0)}
     assert rows["metric"] == ["direct"]
-    assert rows["goodput tok/s (of ceiling)"] == ["10 (25%)"]
+    assert rows["goodput tok/s"] == ["10"]
+    assert rows["of LP bound"] == ["25%"]
+    assert rows["of clairvoyant"] == ["50%"]
     assert rows["429 rate limited"] == ["1"]
     assert rows["OOM"] == ["1"]
     assert rows["TTFT p50/p90/p99 s"] == ["0.50/2.50/2.50"]
@@ -186,7 +188,7 @@ def test_table_shows_the_summary_numbers() -> None:
     assert rows["Jain share/weight"] == ["0.845"]
     assert rows["backend KV utilisation"] == ["75%"]
     assert rows["backend idle share"] == ["25%"]
-    assert "ceiling" in render_table({"direct": s}, 42.0).splitlines()[0]
+    assert "bound" in render_table({"direct": s}, 42.0, 21.0).splitlines()[0]
 
 
 SCENARIO = msgspec.convert(
@@ -241,7 +243,10 @@ def test_summary_json_has_the_agreed_shape(tmp_path: Path) -> None:
         "jain_fairness": 196 / 232,
     }
     assert {k: direct[k] for k in agreed} == pytest.approx(agreed)
-    assert summary["ceiling_tokens_per_s"] > 0
+    assert summary["ceiling_tokens_per_s"] == summary["bound_tokens_per_s"] > 0
+    assert summary["bound_tokens_per_s"] >= summary["oracle_tokens_per_s"] > 0
+    assert direct["bound_share"] == pytest.approx(10.5 / summary["bound_tokens_per_s"])
+    assert direct["oracle_share"] == pytest.approx(10.5 / summary["oracle_tokens_per_s"])
     assert read_jsonl(tmp_path / "records-direct.jsonl", RequestRecord) == RECORDS
     report = (tmp_path / "report.md").read_text()
     assert "| ok | 5 |" in report

@@ -446,3 +446,46 @@ def test_ceiling_formula_and_wall_clock_scaling() -> None:
     assert ceiling(cfg, 40, 21, mean_max_tokens=60).batch == pytest.approx(20.0)  # paged: unused
     contiguous = msgspec.structs.replace(cfg, mode="contiguous")
     assert ceiling(contiguous, 40, 21, mean_max_tokens=60).batch == pytest.approx(10.0)
+
+
+# ---- chunked prefill and attention cost ------------------------------------------------------
+
+
+def test_chunked_prefill_spreads_a_prompt_over_steps_within_the_token_budget() -> None:
+    cfg = SimConfig(
+        kv_blocks=256,
+        decode_step_s=0.01,
+        step_per_seq_s=0.0,
+        prefill_tokens_per_s=1000.0,
+        max_num_batched_tokens=100,
+    )
+    engine = Engine(cfg)
+    decoder = engine.submit(prompt_tokens=10, max_tokens=50, output_tokens=50)
+    first = engine.step()  # the short prompt fits the budget: its first token at once
+    assert (first.prefill_tokens, first.tokens) == (10, [decoder])
+    long = engine.submit(prompt_tokens=250, max_tokens=5, output_tokens=5)
+    steps = [engine.step() for _ in range(3)]
+    # 99 + 99 + 52: the decoding sequence takes one token of each step's budget
+    assert [s.prefill_tokens for s in steps] == [99, 99, 52]
+    assert [long in s.tokens for s in steps] == [False, False, True]
+    assert all(decoder in s.tokens for s in steps)
+    assert steps[0].duration_s == pytest.approx(0.01 + 99 / 1000.0)
+
+
+def test_without_a_budget_a_prompt_is_prefilled_whole() -> None:
+    engine = Engine(SimConfig(kv_blocks=256))
+    seq = engine.submit(prompt_tokens=1000, max_tokens=5, output_tokens=5)
+    step = engine.step()
+    assert (step.prefill_tokens, step.tokens) == (1000, [seq])
+
+
+def test_decode_step_time_grows_with_the_tokens_attended() -> None:
+    cfg = SimConfig(kv_blocks=1024, decode_step_s=0.01, step_per_seq_s=0.0, attend_s_per_token=1e-5)
+    durations = {}
+    for prompt in (100, 2100):
+        engine = Engine(cfg)
+        engine.submit(prompt_tokens=prompt, max_tokens=3, output_tokens=3)
+        engine.step()  # prefill: attends nothing in the decode term
+        durations[prompt] = engine.step().duration_s  # context = prompt + 1 token
+    assert durations[100] == pytest.approx(0.01 + 1e-5 * 101)
+    assert durations[2100] - durations[100] == pytest.approx(1e-5 * 2000)

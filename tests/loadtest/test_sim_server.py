@@ -22,7 +22,7 @@ from pytest_aiohttp import AiohttpClient
 
 from gateway.sim.__main__ import build_parser, load_config, main
 from gateway.sim.config import SimConfig
-from gateway.sim.server import build_app
+from gateway.sim.server import RUNTIME, build_app, serve
 
 MODEL = "sim-model"
 FAST = SimConfig(model=MODEL, time_scale=1000.0)
@@ -208,13 +208,24 @@ async def test_metrics_parse_with_vllm_names(aiohttp_client: AiohttpClient) -> N
     assert samples["vllm:num_requests_waiting"].value == 0
     assert samples["vllm:kv_cache_usage_perc"].value == 0
     info = samples["vllm:cache_config_info"]
-    assert info.labels == {"model_name": MODEL, "num_gpu_blocks": "100", "block_size": "8"}
+    assert {
+        k: info.labels[k] for k in ("model_name", "engine", "num_gpu_blocks", "block_size")
+    } == {
+        "model_name": MODEL,
+        "engine": "0",
+        "num_gpu_blocks": "100",
+        "block_size": "8",
+    }
+    assert info.labels["kv_cache_size_tokens"] == "800"
+    assert info.labels["kv_cache_memory_bytes"] == str(800 * config.kv_bytes_per_token)
+    assert {"cache_dtype", "enable_prefix_caching", "gpu_memory_utilization"} <= set(info.labels)
     assert samples["kvgate_gpu_fragmentation_ratio"].value == 0
     assert (
         samples["kvgate_gpu_largest_free_block_bytes"].value == 100 * 8 * config.kv_bytes_per_token
     )
     assert samples["kvgate_sim_oom_errors_total"].value == 0
     assert all(s.labels["model_name"] == MODEL for s in samples.values())
+    assert all(s.labels["engine"] == "0" for s in samples.values())
 
 
 async def test_loading_answers_503_except_health_and_sim(aiohttp_client: AiohttpClient) -> None:
@@ -348,3 +359,29 @@ async def test_cli_serves_then_stops_cleanly_on_sigterm() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_refuse_mode_opens_the_port_only_once_loaded() -> None:
+    config = SimConfig(model=MODEL, load_time_s=200.0, time_scale=1000.0, loading="refuse")
+    runner = await serve(config, "127.0.0.1", 0)
+    try:
+        runtime = runner.app[RUNTIME]
+        assert not runtime.sync().is_loading()  # serve() returned only when the load was over
+        host, port = runner.addresses[0][:2]
+        async with aiohttp.ClientSession() as session:
+            resp = await session.get(f"http://{host}:{port}/health")
+            assert resp.status == 200
+    finally:
+        await runner.cleanup()
+
+
+async def test_503_mode_listens_while_loading() -> None:
+    runner = await serve(SimConfig(model=MODEL, load_time_s=3600.0), "127.0.0.1", 0)
+    try:
+        assert runner.app[RUNTIME].sync().is_loading()
+        host, port = runner.addresses[0][:2]
+        async with aiohttp.ClientSession() as session:
+            resp = await session.get(f"http://{host}:{port}/health")
+            assert resp.status == 503
+    finally:
+        await runner.cleanup()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.core.bucket import BucketSpec, adjust, level, try_take
 from gateway.core.types import Unit
@@ -120,3 +123,50 @@ def test_no_buckets_always_allows() -> None:
     verdict, tats = try_take([], [], [], NOW)
     assert verdict.allowed
     assert tats == ()
+
+
+WAITING = BucketSpec("t:a:*:tokens:60", Unit.TOKENS, rate_per_s=10.0, burst=100.0, waits=True)
+
+
+def test_a_bucket_that_waits_passes_a_take_with_its_turn_instead_of_refusing() -> None:
+    verdict, news = try_take([None], [WAITING], [100.0], 0.0, max_wait_s=30.0)
+    assert verdict.allowed
+    assert verdict.wait_s == 0.0
+    assert news is not None
+    # empty now: 50 more tokens refill in 5 s; with a budget of 30 s the take waits its turn
+    verdict, news = try_take(list(news), [WAITING], [50.0], 0.0, max_wait_s=30.0)
+    assert verdict.allowed
+    assert verdict.wait_s == pytest.approx(5.0)
+    assert news is not None
+    # a take whose turn comes after its budget is refused, and told when it would pass
+    refused, unchanged = try_take(list(news), [WAITING], [100.0], 0.0, max_wait_s=3.0)
+    assert not refused.allowed
+    assert unchanged is None
+    assert refused.retry_after_s == pytest.approx(15.0)
+
+
+def test_a_bucket_that_does_not_wait_refuses_whatever_the_budget() -> None:
+    spec = BucketSpec("k", Unit.TOKENS, rate_per_s=10.0, burst=100.0)
+    _, news = try_take([None], [spec], [100.0], 0.0, max_wait_s=30.0)
+    assert news is not None
+    verdict, _ = try_take(list(news), [spec], [50.0], 0.0, max_wait_s=30.0)
+    assert not verdict.allowed
+
+
+@given(st.lists(st.tuples(st.floats(1.0, 100.0), st.floats(0.0, 2.0)), min_size=1, max_size=40))
+def test_waiting_takes_are_served_in_arrival_order_whatever_their_size(
+    takes: list[tuple[float, float]],
+) -> None:
+    tat: float | None = None
+    now = 0.0
+    turns: list[float] = []
+    for amount, gap in takes:
+        now += gap
+        verdict, news = try_take([tat], [WAITING], [amount], now, max_wait_s=1e6)
+        assert verdict.allowed  # the budget is large: every take gets a turn
+        assert news is not None
+        tat = news[0]
+        turns.append(now + verdict.wait_s)
+    # each take goes on no earlier than the ones that arrived before it: a large one is never
+    # passed by small ones that came after it
+    assert all(a <= b + 1e-6 for a, b in itertools.pairwise(turns))

@@ -255,3 +255,33 @@ def _score(rt: BackendRuntime, need_bytes: int, now: float) -> float | None:
     """Free bytes left after placing a request of ``need_bytes`` on ``rt``; None: no fit."""
     room = rt.room(now)
     return None if room is None else room.score(need_bytes)
+
+
+def test_a_backend_with_a_queue_of_its_own_gets_no_more_than_it_runs() -> None:
+    clock = FakeClock()
+    rt = runtime(clock)
+    for _ in range(30):
+        rt.place(GIB // 100)
+    # it runs 20 of our 30 and queues 10: memory is plentiful, compute is not
+    rt.apply_signals(BackendSignals(at=clock.now(), running=20, waiting=10), clock.now())
+    assert rt.room(clock.now()) is None
+    for _ in range(9):
+        rt.unplace(GIB // 100)  # 21 in flight: under 20 running + a tenth
+    assert rt.room(clock.now()) is not None
+    # its queue emptied: memory decides again
+    for _ in range(20):
+        rt.place(GIB // 100)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=40, waiting=0), clock.now())
+    assert rt.room(clock.now()) is not None
+
+
+def test_requests_of_others_in_its_queue_count_against_this_gateway() -> None:
+    clock = FakeClock()
+    rt = runtime(clock)
+    for _ in range(5):
+        rt.place(GIB // 100)
+    # another gateway's 30 requests run or wait there beside our 5
+    rt.apply_signals(BackendSignals(at=clock.now(), running=20, waiting=15), clock.now())
+    assert rt.room(clock.now()) is None
+    clock.advance(10.0)  # the scrape went stale: nothing is known of its queue any more
+    assert rt.room(clock.now()) is not None

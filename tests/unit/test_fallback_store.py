@@ -33,9 +33,11 @@ class FlakyStore:
         if self.down:
             raise StoreError("primary is down")
 
-    async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
+    async def acquire(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> Verdict:
         await self._enter()
-        return await self.inner.acquire(specs, amounts)
+        return await self.inner.acquire(specs, amounts, max_wait_s)
 
     async def adjust(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
         await self._enter()

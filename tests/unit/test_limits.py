@@ -48,12 +48,16 @@ class NetworkedStore:
     def degraded(self) -> bool:
         return False
 
-    def acquire_now(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> None:
+    def acquire_now(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> None:
         return None
 
-    async def acquire(self, specs: Sequence[BucketSpec], amounts: Sequence[float]) -> Verdict:
+    async def acquire(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> Verdict:
         self.acquired.append(tuple(amounts))
-        verdict = self.inner.acquire_now(specs, amounts)
+        verdict = self.inner.acquire_now(specs, amounts, max_wait_s)
         self.applied.set()
         await self.reply.wait()
         if self.fails:

@@ -1,8 +1,10 @@
 -- units: seconds (now, TATs, waits; float), amount per second (rate), bucket units (burst, amount); replies are %.17g strings
 -- Twin of gateway/core/bucket.py try_take: keep the formulas and their order identical.
 -- KEYS: one per bucket. ARGV[1]: now, or '' to read Redis TIME (less EPOCH_S);
--- ARGV[2]: least TTL in ms; then per bucket: rate_per_s, burst, amount.
--- Reply: {allowed 0|1, never 0|1, blocking (1-based, 0 none), retry_after_s, remaining..., reset_s...}
+-- ARGV[2]: least TTL in ms; ARGV[3]: max_wait_s; then per bucket: rate_per_s, burst, amount,
+-- waits (1: a take may wait for this bucket up to max_wait_s, 0: it may not).
+-- Reply: {allowed 0|1, never 0|1, blocking (1-based, 0 none), retry_after_s, remaining..., reset_s...,
+-- wait_s}
 local EPSILON_S = 1e-6
 local EPOCH_S = 1700000000
 local MAX_TTL_MS = 1e15 -- PX takes an integer; a longer debt is not worth keeping exactly
@@ -14,13 +16,15 @@ else
   now = tonumber(ARGV[1])
 end
 local min_ttl_ms = tonumber(ARGV[2])
+local max_wait_s = tonumber(ARGV[3])
 local count = #KEYS
 local rates, bursts, amounts, starts, news = {}, {}, {}, {}, {}
-local allowed, never, blocking, worst = true, false, 0, 0.0
+local allowed, never, blocking, worst, waited = true, false, 0, 0.0, 0.0
 for i = 1, count do
-  local rate = tonumber(ARGV[3 * i])
-  local burst = tonumber(ARGV[3 * i + 1])
-  local amount = tonumber(ARGV[3 * i + 2])
+  local rate = tonumber(ARGV[4 * i])
+  local burst = tonumber(ARGV[4 * i + 1])
+  local amount = tonumber(ARGV[4 * i + 2])
+  local waits = ARGV[4 * i + 3] == '1'
   local tat = tonumber(redis.call('GET', KEYS[i]))
   local start = now
   if tat ~= nil and tat >= now then
@@ -38,10 +42,16 @@ for i = 1, count do
     else
       local wait = (new - now) - burst / rate
       if wait > EPSILON_S then
-        allowed = false
-        if not never and wait > worst then
-          worst = wait
-          blocking = i
+        if waits and wait <= max_wait_s + EPSILON_S then
+          if wait > waited then
+            waited = wait
+          end
+        else
+          allowed = false
+          if not never and wait > worst then
+            worst = wait
+            blocking = i
+          end
         end
       end
     end
@@ -62,4 +72,8 @@ for i = 1, count do
   reply[4 + i] = string.format('%.17g', bursts[i] - (ends[i] - now) * rates[i])
   reply[4 + count + i] = string.format('%.17g', ends[i] - now)
 end
+if not allowed then
+  waited = 0.0
+end
+reply[5 + 2 * count] = string.format('%.17g', waited)
 return reply
