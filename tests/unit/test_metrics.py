@@ -135,6 +135,16 @@ kvgate_kv_gib_seconds_total{model="qwen",tenant="beta"} 1e-06
 kvgate_policy_reloads_total{result="ok"} 1.0
 # HELP kvgate_uncosted_requests_total Requests on paths without cost rules let through by server.unknown_endpoints.
 # TYPE kvgate_uncosted_requests_total counter
+# HELP kvgate_connections_refused_total Client connections answered 503 and closed at a cap (per_client, global).
+# TYPE kvgate_connections_refused_total counter
+# HELP kvgate_connections_timed_out_total Client connections closed at a phase deadline (first_request, headers, idle).
+# TYPE kvgate_connections_timed_out_total counter
+# HELP kvgate_internal_errors_total Requests that met an unexpected exception, answered 500 (logged, rate-limited).
+# TYPE kvgate_internal_errors_total counter
+kvgate_internal_errors_total 0.0
+# HELP kvgate_asyncio_tasks Tasks on the event loop at the last scrape.
+# TYPE kvgate_asyncio_tasks gauge
+kvgate_asyncio_tasks 0.0
 # HELP kvgate_policy_info 1 for the live policy.
 # TYPE kvgate_policy_info gauge
 kvgate_policy_info{fingerprint="abc123"} 1.0
@@ -177,8 +187,13 @@ def test_exposition_is_the_one_prometheus_client_made() -> None:
 
 
 def test_fresh_exposition_is_the_one_prometheus_client_made() -> None:
-    headers = [line for line in OLD_EXPOSITION.splitlines() if line.startswith("# ")]
-    assert _lines(Metrics()) == [*headers, "kvgate_store_degraded 0.0"]
+    # the unlabelled series are there from the start, at zero
+    zero = {"kvgate_internal_errors_total 0.0", "kvgate_asyncio_tasks 0.0"}
+    zero.add("kvgate_store_degraded 0.0")
+    expected = [
+        line for line in OLD_EXPOSITION.splitlines() if line.startswith("# ") or line in zero
+    ]
+    assert _lines(Metrics()) == expected
 
 
 def test_request_path_series_have_no_created_samples() -> None:
