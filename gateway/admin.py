@@ -10,6 +10,7 @@ policy, so a reload can rotate it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -106,6 +107,7 @@ def _presented(request: web.Request, token: str) -> bool:
 async def _metrics(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     gw.metrics.store_degraded.set(1 if gw.live.store.degraded else 0)
+    gw.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
     return web.Response(
         body=generate_latest(gw.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )

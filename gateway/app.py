@@ -32,6 +32,7 @@ from gateway.metrics import Metrics
 from gateway.policy.compile import Model, Policy
 from gateway.policy.schema import RedisStore
 from gateway.policy.watcher import PolicyWatcher
+from gateway.proxy.connections import ConnectionGuard
 from gateway.proxy.exchange import handle
 from gateway.state import GATEWAY, Gateway, Live
 from gateway.store.base import LimitStore
@@ -43,6 +44,7 @@ from gateway.tracing import RequestTracer, otlp_tracer
 log = logging.getLogger("kvgate")
 
 _WATCH = web.AppKey("watch", tuple)
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)
 
 
 def build_app(
@@ -65,9 +67,17 @@ def build_app(
     )
     metrics.set_policy(policy.fingerprint)
     metrics.watch_admission(gw.admitter.snapshot)
-    app = web.Application(client_max_size=policy.server.max_body_bytes)
+    guard = ConnectionGuard(
+        policy.server.connections,
+        refused=lambda reason: metrics.connections_refused.labels(reason).inc(),
+        timed_out=lambda phase: metrics.connections_timed_out.labels(phase).inc(),
+    )
+    app = web.Application(
+        client_max_size=policy.server.max_body_bytes, middlewares=[guard.middleware]
+    )
     app[GATEWAY] = gw
     app[CONTROL] = Control()
+    app[CONNECTIONS] = guard
     if watch is not None:
         app[_WATCH] = watch
     if policy.spec.server.access_log:

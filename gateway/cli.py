@@ -30,6 +30,7 @@ from gateway.policy.units import excerpt
 from gateway.policy.watcher import read_policy
 from gateway.proxy.apis.common import BadRequestBody
 from gateway.proxy.apis.routes import parse_request
+from gateway.proxy.connections import ConnectionGuard, GuardedSite
 
 # ``kvgate demo``'s ports: clear of what model servers and their neighbours listen on by default
 # (vLLM 8000, llama-server and TGI 8080, SGLang 30000, Ollama 11434, LM Studio 1234, LiteLLM
@@ -263,7 +264,7 @@ async def _run(
     policy: Policy, listen: Listen, *, watch: tuple[Path, bytes] | None, demo: bool
 ) -> None:
     from gateway.admin import CONTROL, build_admin_app
-    from gateway.app import build_app
+    from gateway.app import CONNECTIONS, build_app
 
     log = logging.getLogger("kvgate")
     stop = asyncio.Event()
@@ -289,7 +290,7 @@ async def _run(
         )
         await runner.setup()
         runners.insert(0, runner)
-        await _listen(runner, listen.host, listen.port, "--port", backlog=1024)
+        await _listen(runner, listen.host, listen.port, "--port", guard=app[CONNECTIONS])
         admin = web.AppRunner(build_admin_app(app), access_log=None)
         await admin.setup()
         runners.insert(0, admin)
@@ -330,10 +331,17 @@ async def _run(
 
 
 async def _listen(
-    runner: web.AppRunner, host: str, port: int, flag: str, backlog: int = 128
+    runner: web.AppRunner, host: str, port: int, flag: str, guard: ConnectionGuard | None = None
 ) -> None:
+    """Listen; the proxy's listener is guarded (connection caps and deadlines), the admin one
+    serves operators only."""
+    site: web.BaseSite
+    if guard is None:
+        site = web.TCPSite(runner, host, port)
+    else:
+        site = GuardedSite(runner, host, port, guard, backlog=1024)
     try:
-        await web.TCPSite(runner, host, port, backlog=backlog).start()
+        await site.start()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise PortInUse(host, port, flag) from None

@@ -106,6 +106,26 @@ class Metrics:
             ["tenant", "model", "rule"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "kvgate_connections_refused",
+            "Client connections answered 503 and closed at a cap (per_client, global).",
+            ["reason"],
+            registry=r,
+        )
+        self.connections_timed_out = Counter(
+            "kvgate_connections_timed_out",
+            "Client connections closed at a phase deadline (first_request, headers, idle).",
+            ["phase"],
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "kvgate_internal_errors",
+            "Requests that met an unexpected exception, answered 500 (logged, rate-limited).",
+            registry=r,
+        )
+        self.asyncio_tasks = Gauge(
+            "kvgate_asyncio_tasks", "Tasks on the event loop at the last scrape.", registry=r
+        )
         self.policy_info = Gauge(
             "kvgate_policy_info", "1 for the live policy.", ["fingerprint"], registry=r
         )

@@ -16,6 +16,8 @@ class Outcome(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     NOT_FOUND = "not_found"
     FORBIDDEN = "forbidden"  # the tenant may not use this model
+    REQUEST_TIMEOUT = "request_timeout"  # the body did not arrive in time: 408
+    INTERNAL_ERROR = "internal_error"  # an unexpected exception: 500, counted and logged
     TOO_LARGE = "too_large"  # body over max_body, or cost over what any limit/backend can ever hold
     RATE_LIMITED = "rate_limited"  # a token bucket is empty: 429, retry later
     SHED_QUEUE_FULL = "shed_queue_full"

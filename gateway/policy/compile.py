@@ -13,6 +13,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -51,6 +52,28 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Caps and deadlines (seconds) for client connections; ``max_open`` None: half the
+    file limit at start."""
+
+    max_open: int | None = None
+    per_client: int = 256
+    first_request_s: float = 10.0
+    headers_s: float = 10.0
+    body_s: float = 30.0
+    idle_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Bounds on what parsing one body may cost (``server.limits``)."""
+
+    messages: int = 10_000
+    depth: int = 64
+    part_chars: int = 4_000_000
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     host: str
     port: int
@@ -61,6 +84,9 @@ class ServerSettings:
     unknown_endpoints: str = "estimate"  # deny | estimate | free
     admin: AdminSettings = field(default_factory=AdminSettings)
     drain_delay_s: float = 0.0  # /readyz fails this long on SIGTERM before the listener closes
+    connections: ConnectionLimits = ConnectionLimits()
+    limits: RequestLimits = RequestLimits()
+    allow_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +257,24 @@ def _server(server: schema.Server, admin: AdminSettings) -> ServerSettings:
         unknown_endpoints=server.unknown_endpoints,
         admin=admin,
         drain_delay_s=units.parse_duration(server.drain_delay),
+        connections=_connections(server.connections),
+        limits=RequestLimits(
+            messages=server.limits.messages,
+            depth=server.limits.depth,
+            part_chars=server.limits.part_chars,
+        ),
+        allow_paths=server.allow_paths,
+    )
+
+
+def _connections(c: schema.Connections) -> ConnectionLimits:
+    return ConnectionLimits(
+        max_open=c.max,
+        per_client=c.per_client,
+        first_request_s=units.parse_duration(c.first_request),
+        headers_s=units.parse_duration(c.headers),
+        body_s=units.parse_duration(c.body),
+        idle_s=units.parse_duration(c.idle),
     )
 
 
@@ -256,6 +300,12 @@ def _model(name: str, m: schema.Model, source: str, env: Mapping[str, str]) -> M
         if b.api_key is not None:
             key = _secret(b.api_key, env, source, f"$.models.{name}.backends[{i}].api_key")
         url = b.url.rstrip("/")
+        if urlsplit(url).username is not None or urlsplit(url).password is not None:
+            raise PolicyError(
+                source,
+                f"at $.models.{name}.backends[{i}].url: credentials in a URL end up in logs, "
+                "metrics and /admin/state; give them as `api_key: env:VARIABLE`",
+            )
         config = BackendConfig(
             url=url,
             signals=Signals(b.signals),

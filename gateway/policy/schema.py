@@ -83,6 +83,32 @@ class Tracing(Base, frozen=True, kw_only=True):
     service_name: str = "kvgate"
 
 
+class Connections(Base, frozen=True, kw_only=True):
+    """Client connections: caps (``max`` omitted: half the file limit at start) and the
+    deadline of each phase (SECURITY.md). Take effect at restart."""
+
+    max: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
+    per_client: Positive = 256
+    first_request: Duration = "10s"
+    headers: Duration = "10s"
+    body: Duration = "30s"
+    idle: Duration = "30s"
+
+    def __post_init__(self) -> None:
+        for name in ("first_request", "headers", "body", "idle"):
+            if _check(self, name, units.parse_duration) <= 0:
+                raise ValueError(f"`{name}`: must be > 0")
+
+
+class RequestLimits(Base, frozen=True, kw_only=True):
+    """What parsing one body may cost: refused with a 400 naming the limit before the full
+    parse (``messages``: messages or other JSON objects; ``depth``: nesting)."""
+
+    messages: Positive = 10_000
+    depth: Annotated[int, Meta(ge=2, le=512)] = 64
+    part_chars: Positive = 4_000_000
+
+
 class Server(Base, frozen=True, kw_only=True):
     """The listener and upstream timeouts; host, port, grace_period, access_log, the admin
     listener's address and a larger max_body take effect at restart, the rest on reload."""
@@ -103,6 +129,10 @@ class Server(Base, frozen=True, kw_only=True):
     # On SIGTERM /readyz answers 503 this long before the listener closes, so load balancers
     # stop sending new requests while the old ones are still accepted.
     drain_delay: Duration = "5s"
+    connections: Connections = msgspec.field(default_factory=Connections)
+    limits: RequestLimits = msgspec.field(default_factory=RequestLimits)
+    # Paths proxied besides each flavor's API paths (exact, or a prefix ending in `*`).
+    allow_paths: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(self, "max_body", units.parse_size)

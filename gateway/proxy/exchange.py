@@ -33,9 +33,10 @@ from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.logs import AccessRecord
 from gateway.policy.compile import Backend, Model, Tenant
 from gateway.proxy import responses
-from gateway.proxy.apis import routes
+from gateway.proxy.apis import bounds, routes
 from gateway.proxy.apis.common import BadRequestBody, ParsedRequest
 from gateway.proxy.apis.openai import with_usage_requested
+from gateway.proxy.failures import failure
 from gateway.proxy.forward import Answer, Relay, forward
 from gateway.proxy.headers import (
     api_key,
@@ -119,7 +120,15 @@ class Exchange:
         self.span = None if tracer is None else tracer.start(request.path, request.headers)
 
     async def run(self) -> web.StreamResponse:
-        refusal = self._authenticate() or await self._read() or await self._charge()
+        try:
+            refusal = (
+                self._allowed()
+                or self._authenticate()
+                or await self._read()
+                or await self._charge()
+            )
+        except Exception as exc:
+            refusal = failure(exc, self.gw)
         if refusal is not None:
             return self._refused(refusal)
         try:
@@ -131,15 +140,28 @@ class Exchange:
         except asyncio.CancelledError:
             self.outcome = Outcome.CLIENT_CLOSED
             raise
+        except Exception as exc:
+            return self._failed_after_charge(exc)
         finally:
             self._settle(self.gw.clock.now())
 
     # -- the steps, in order ------------------------------------------------------------------
 
+    def _allowed(self) -> web.Response | None:
+        """Only the API paths a client may call are proxied (``routes.allowed``)."""
+        request = self.request
+        if routes.allowed(request.method, request.path, self.live.policy.server.allow_paths):
+            return None
+        message = f"{request.method} {request.path} is not a path this gateway proxies."
+        return responses.error(Outcome.NOT_FOUND, message, should_retry=False)
+
     def _authenticate(self) -> web.Response | None:
         policy = self.live.policy
         key = api_key(self.request.headers)
-        self.tenant = policy.anonymous if key is None else policy.tenant_for_key(key)
+        try:
+            self.tenant = policy.anonymous if key is None else policy.tenant_for_key(key)
+        except UnicodeEncodeError:  # the header's bytes were not UTF-8: no key can match
+            self.tenant = None
         if self.tenant is not None:
             return None
         message = "Invalid or missing API key: send `Authorization: Bearer <key>` or `api-key`."
@@ -150,7 +172,11 @@ class Exchange:
         request = self.request
         server = self.live.policy.server
         try:
-            self.body = await request.read()
+            async with asyncio.timeout(server.connections.body_s):
+                self.body = await request.read()
+        except TimeoutError:
+            message = f"The request body did not arrive within {server.connections.body_s:g} s."
+            return responses.error(Outcome.REQUEST_TIMEOUT, message, should_retry=False)
         except web.HTTPRequestEntityTooLarge:
             # aiohttp stops at the max_body the gateway started with; a smaller reloaded one is
             # checked below
@@ -160,10 +186,16 @@ class Exchange:
         model_name: str | None = None
         if self.route.parse is not None:
             try:
+                bounds.check_body(self.body, server.limits)
                 self.parsed = self.route.parse(self.body, request.headers.get("Content-Type", ""))
+                bounds.check_texts(self.parsed.texts, server.limits)
             except BadRequestBody as exc:
                 return responses.error(
                     Outcome.BAD_REQUEST, exc.message, param=exc.param, should_retry=False
+                )
+            except bounds.LimitExceeded as exc:
+                return responses.error(
+                    Outcome.BAD_REQUEST, str(exc), code="limit_exceeded", should_retry=False
                 )
             model_name = self.parsed.model
         elif self.body:
@@ -269,7 +301,7 @@ class Exchange:
                 refusals += 1
                 if refusals >= _CONNECT_ATTEMPTS * len(model.backends):
                     self.outcome = Outcome.UPSTREAM_ERROR
-                    return responses.error(self.outcome, str(exc), headers=headers)
+                    return responses.error(self.outcome, _summary(exc, model), headers=headers)
                 exclude = ticket.exclude | {lease.backend_url}
                 if len(exclude) >= len(model.backends):
                     exclude = frozenset()  # all down: wait for one to come back (admission)
@@ -279,7 +311,7 @@ class Exchange:
                 return responses.error(self.outcome, str(exc), headers=headers)
             except UpstreamError as exc:
                 self.outcome = Outcome.UPSTREAM_ERROR
-                return responses.error(self.outcome, str(exc), headers=headers)
+                return responses.error(self.outcome, _summary(exc, model), headers=headers)
 
     async def _forward(
         self, lease: Lease, body: bytes, strip_usage: bool, headers: dict[str, str]
@@ -445,6 +477,17 @@ class Exchange:
         if parsed is not None and prior:
             self.parsed = msgspec.structs.replace(parsed, token_ids=parsed.token_ids + prior)
 
+    def _failed_after_charge(self, exc: Exception) -> web.StreamResponse:
+        """An exception once admitted: the error answer, or, when the answer has started, the
+        connection cut (its client sees a truncated answer, never a second head)."""
+        response = failure(exc, self.gw)
+        self.outcome = Outcome(response.headers["x-kvgate-outcome"])
+        if self.relay.status:
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            return web.Response(status=self.relay.status)
+        return responses.shaped(response, self.route.errors)
+
     def _refused(self, response: web.Response) -> web.StreamResponse:
         """Count and log a request refused before admission, in its API's error shape."""
         response = responses.shaped(response, self.route.errors)  # type: ignore[assignment]
@@ -540,3 +583,12 @@ class Exchange:
 def _too_large(limit: int) -> web.Response:
     message = f"Request body is larger than this gateway's limit of {limit} bytes."
     return responses.error(Outcome.TOO_LARGE, message, should_retry=False)
+
+
+def _summary(exc: UpstreamError, model: Model) -> str:
+    """A backend failure as its client may see it: the kind, never the backend's address or
+    its own words (the access log keeps those)."""
+    cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "error"
+    if isinstance(exc, UpstreamConnectError):
+        return f"No backend of `{model.name}` accepted the connection ({cause})."
+    return f"The backend of `{model.name}` answered badly ({cause})."

@@ -168,7 +168,7 @@ class UsageTap:
 def _has_choices(data: bytes) -> bool:
     try:
         return bool(_chunk.decode(data).choices)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return True
 
 

@@ -280,7 +280,7 @@ def usage_in_tail(shape: AnswerShape, tail: bytes) -> Usage | None:
         return None
     try:
         usage = _block.decode(tail[start:end]).usage()
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     return usage if usage != Usage() else None
 

@@ -19,8 +19,13 @@ ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
 def _with_fallback(text: str) -> str:
-    """The policy with `fallback_model: m1`: paths without a JSON model are proxied to m1."""
-    return text.replace("anonymous_tenant: anon", "anonymous_tenant: anon\n  fallback_model: m1")
+    """The policy with `fallback_model: m1`: paths without a JSON model are proxied to m1
+    (the echo backend's paths opened by `allow_paths`)."""
+    return text.replace(
+        "allow_paths: [/v1/custom]",
+        "fallback_model: m1\n  allow_paths: ['/files/*', '/v1/files/*', '/redirect',"
+        " '/no-content', '/not-modified']",
+    )
 
 
 @dataclass

@@ -200,7 +200,7 @@ async def test_unknown_path_without_a_model_is_404(
     make_gateway: MakeGateway, stub_url: str
 ) -> None:
     client, _ = await make_gateway(policy_text([stub_url]))
-    response = await client.get("/tokenize")
+    response = await client.get("/version")
     assert response.status == 404
     assert "No route" in (await response.json())["error"]["message"]
 

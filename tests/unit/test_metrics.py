@@ -136,6 +136,16 @@ kvgate_kv_byte_seconds_total{model="qwen",tenant="beta"} 1073.741824
 kvgate_policy_reloads_total{result="ok"} 1.0
 # HELP kvgate_uncosted_requests_total Requests on paths without cost rules let through by server.unknown_endpoints.
 # TYPE kvgate_uncosted_requests_total counter
+# HELP kvgate_connections_refused_total Client connections answered 503 and closed at a cap (per_client, global).
+# TYPE kvgate_connections_refused_total counter
+# HELP kvgate_connections_timed_out_total Client connections closed at a phase deadline (first_request, headers, idle).
+# TYPE kvgate_connections_timed_out_total counter
+# HELP kvgate_internal_errors_total Requests that met an unexpected exception, answered 500 (logged, rate-limited).
+# TYPE kvgate_internal_errors_total counter
+kvgate_internal_errors_total 0.0
+# HELP kvgate_asyncio_tasks Tasks on the event loop at the last scrape.
+# TYPE kvgate_asyncio_tasks gauge
+kvgate_asyncio_tasks 0.0
 # HELP kvgate_policy_info 1 for the live policy.
 # TYPE kvgate_policy_info gauge
 kvgate_policy_info{fingerprint="abc123"} 1.0
@@ -202,15 +212,23 @@ def test_exposition_is_the_one_prometheus_client_made() -> None:
 
 def test_fresh_exposition_is_the_one_prometheus_client_made() -> None:
     expected = _expected(loaded=False)
-    kept = ("# ", "kvgate_store_degraded", "kvgate_build_info", "kvgate_policy_last_reload")
-    assert _lines(Metrics()) == [line for line in expected if line.startswith(kept)]
+    kept = (
+        "# ",
+        "kvgate_store_degraded",
+        "kvgate_build_info",
+        "kvgate_policy_last_reload",
+        "kvgate_internal_errors_total",
+        "kvgate_asyncio_tasks",
+    )
+    assert _without_created(_lines(Metrics())) == [x for x in expected if x.startswith(kept)]
 
 
 def test_request_path_series_have_no_created_samples() -> None:
     m = Metrics()
     _record(m)
     created = {name for name in _scrape(m) if name.endswith("_created")}
-    assert created == {"kvgate_policy_reloads_created"}
+    # prometheus_client counters outside the hot path keep theirs
+    assert created == {"kvgate_policy_reloads_created", "kvgate_internal_errors_created"}
 
 
 def test_requests_are_counted_per_label_set() -> None:

@@ -109,7 +109,7 @@ class Texts:
     def add_raw(self, raw: msgspec.Raw) -> None:
         """A JSON value the model reads as text (tool definitions, tool-call arguments)."""
         if len(raw):
-            self.texts.append(bytes(raw).decode())
+            self.texts.append(raw_text(raw, "tools"))
 
     def segment(self) -> None:
         """Close one counted segment (a message, a prompt, the tool definitions)."""
@@ -142,6 +142,20 @@ def decode(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
         raise BadRequestBody(str(exc), param_of(str(exc))) from exc
     except msgspec.DecodeError as exc:
         raise BadRequestBody(f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadRequestBody(TOO_DEEP) from exc
+
+
+TOO_DEEP = "the body nests JSON too deeply"
+
+
+def raw_text(raw: msgspec.Raw, field: str) -> str:
+    """A raw JSON value as the text the model reads; invalid UTF-8 is the client's error
+    (msgspec checks strings it decodes, not values it keeps raw)."""
+    try:
+        return bytes(raw).decode()
+    except UnicodeDecodeError as exc:
+        raise BadRequestBody(f"`{field}` is not valid UTF-8 (byte {exc.start})", field) from exc
 
 
 def check_model(model: str) -> None:
@@ -177,6 +191,10 @@ def prompt_form(raw: msgspec.Raw, field: str) -> tuple[list[str], int, int]:
     except msgspec.ValidationError as exc:
         message = str(exc).replace(" - at `$", f" - at `$.{field}", 1)
         raise BadRequestBody(message, param_of(message)) from exc
+    except msgspec.DecodeError as exc:
+        raise BadRequestBody(f"`{field}` is not valid JSON: {exc}", field) from exc
+    except RecursionError as exc:
+        raise BadRequestBody(TOO_DEEP, field) from exc
 
 
 def max_tokens_of(value: int | None) -> int | None:

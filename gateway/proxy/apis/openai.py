@@ -17,6 +17,7 @@ from gateway.proxy.apis.common import (
     check_model,
     decode,
     prompt_form,
+    raw_text,
 )
 
 
@@ -104,9 +105,9 @@ def chat(body: bytes, content_type: str = "") -> ParsedRequest:
                     texts.append(call.function.name)
                     texts.append(call.function.arguments)
         char_counts.append(sum(map(len, texts[first:])))
-    for raw in (req.tools, req.functions):
+    for raw, field in ((req.tools, "tools"), (req.functions, "functions")):
         if len(raw):
-            texts.append(bytes(raw).decode())
+            texts.append(raw_text(raw, field))
             char_counts.append(len(texts[-1]))
     stream = bool(req.stream)
     max_tokens = req.max_completion_tokens

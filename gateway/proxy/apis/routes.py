@@ -96,6 +96,54 @@ _FREE_PATHS: dict[str, Route] = {
 _FREE_PATHS["/v1/messages/count_tokens"] = Route(None, errors=ErrorShape.ANTHROPIC)
 
 
+# Paths a client may call besides the costed ones, by method: each flavor's read-only API
+# (model lists, tokenizers, health). A GET on a costed path (a stored response) is allowed too.
+_OPEN_GET = frozenset(
+    (*(p for p in _FREE_PATHS if p not in ("/tokenize", "/detokenize")), "/v1/props")
+)
+_OPEN_POST = frozenset(
+    ("/tokenize", "/detokenize", "/v1/messages/count_tokens", "/api/show", "/apply-template")
+)
+_OPEN_PREFIXES = ("/v1/models/", "/v1/responses/")
+# Backend administration, never proxied whatever the policy opens: model weights, caches,
+# memory, profiling, adapters, shutdown (vLLM, SGLang, llama.cpp, Ollama, the simulator).
+_ADMIN = re.compile(
+    r"^/(v1/)?("
+    r"sleep|wake_up|is_sleeping|reset_prefix_cache|reset_mm_cache|collective_rpc"
+    r"|start_profile|stop_profile|scale_elastic_ep|pause|resume|shutdown"
+    r"|(v1/)?(load|unload)_lora_adapter|update_weights\w*|init_weights_update_group"
+    r"|get_weights_by_name|flush_cache|release_memory_occupation|resume_memory_occupation"
+    r"|configure_logging|abort_request|slow_down|set_internal_state|freeze_gc|dump_\w*"
+    r"|slots/.*|lora-adapters|api/(pull|push|create|copy|delete|blobs/.*)"
+    r"|admin(/.*)?|sim(/.*)?"
+    r")/?$"
+)
+
+
+def admin_path(path: str) -> bool:
+    """A backend's administration path (never proxied)."""
+    return _ADMIN.match(path) is not None
+
+
+def allowed(method: str, path: str, extra: tuple[str, ...] = ()) -> bool:
+    """Whether the proxy forwards ``method path``: an API path of a flavor the table knows, or
+    one the policy opens (``server.allow_paths``: exact, or a prefix ending in ``*``); never a
+    backend administration path."""
+    path = path.rstrip("/") or "/"
+    if admin_path(path):
+        return False
+    if method == "POST" and route(method, path) is not UNKNOWN:
+        return path not in _OPEN_GET or path in _OPEN_POST
+    if method in ("GET", "HEAD") and (path in _OPEN_GET or path in _POST):
+        return True
+    if path.startswith(_OPEN_PREFIXES) or (method == "POST" and path in _OPEN_POST):
+        return True
+    return any(
+        path.startswith(rule[:-1]) if rule.endswith("*") else path == rule.rstrip("/")
+        for rule in extra
+    )
+
+
 def route(method: str, path: str) -> Route:
     """The route of a request; ``UNKNOWN`` for a path without cost rules (or a method other
     than POST on a costed path)."""

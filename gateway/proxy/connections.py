@@ -1,0 +1,255 @@
+"""What one client may hold open: caps on connections (per client address and in all) and
+deadlines on each phase of a connection's life, enforced below aiohttp's request handler.
+
+aiohttp's server closes nothing that sends slowly or not at all (its keep-alive timer runs
+only between requests), so each accepted connection is wrapped in a ``GuardedProtocol`` that
+forwards every event to aiohttp's own handler and closes the socket when a phase outlives
+its deadline:
+
+- first request: from accept to the first byte of a request;
+- headers: from a request's first byte to its headers being parsed (slow headers);
+- idle: from the end of an answer to the first byte of the next request (keep-alive);
+- body: the request path reads a body within ``body_s`` (``Exchange`` enforces it, a 408).
+
+A connection past a cap is answered ``503`` with ``Connection: close`` before aiohttp sees
+it, so it costs one write and a close. The global cap defaults to half the process's soft
+file limit, read at start: the other half is for upstream sockets, Redis and files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import resource
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+from aiohttp import web
+
+from gateway.policy.compile import ConnectionLimits
+from gateway.proxy.failures import quiet_malformed_requests
+
+# File descriptors a gateway needs besides client sockets when the cap is "auto": upstream
+# sockets (one per request in flight), Redis, the policy file, logs.
+_AUTO_SHARE = 0.5
+
+
+def open_files_limit() -> int:
+    """The process's soft RLIMIT_NOFILE (the one ``accept`` fails beyond)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def global_cap(limits: ConnectionLimits, files: int) -> int:
+    """The most client connections to hold open, always below ``files``."""
+    auto = max(1, int(files * _AUTO_SHARE))
+    return auto if limits.max_open is None else max(1, min(limits.max_open, files - 16))
+
+
+class Phase(enum.Enum):
+    WAITING = "first_request"  # accepted, nothing received
+    HEADERS = "headers"  # a request's first bytes arrived, headers not parsed yet
+    BUSY = "busy"  # a request is being handled: no connection deadline
+    IDLE = "idle"  # between requests (keep-alive)
+
+
+_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Connection: close\r\n"
+    b"Retry-After: 1\r\n"
+    b"x-kvgate-outcome: connections_full\r\n"
+    b"Content-Length: %d\r\n\r\n%s"
+)
+
+
+def _refusal(reason: str) -> bytes:
+    message = (
+        b'{"error":{"message":"Too many open connections (%s); retry on an open one or later.",'
+        b'"type":"overloaded","param":null,"code":"connections_full"}}' % reason.encode()
+    )
+    return _REFUSAL % (len(message), message)
+
+
+class ConnectionGuard:
+    """Counts open connections by client address and arms each one's deadline.
+
+    ``refused(reason)`` is called for each connection refused at a cap ("per_client",
+    "global"), ``timed_out(phase)`` for each closed at a deadline.
+    """
+
+    def __init__(
+        self,
+        limits: ConnectionLimits,
+        *,
+        refused: Callable[[str], None] = lambda reason: None,
+        timed_out: Callable[[str], None] = lambda phase: None,
+        files: int | None = None,
+    ) -> None:
+        self.limits = limits
+        self.max_open = global_cap(limits, open_files_limit() if files is None else files)
+        self.by_client: Counter[str] = Counter()
+        self.open = 0
+        self.refused = refused
+        self.timed_out = timed_out
+        self.by_transport: dict[asyncio.BaseTransport, GuardedProtocol] = {}
+
+    def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory for ``loop.create_server`` wrapping ``inner`` (aiohttp's
+        ``web.Server``)."""
+        return lambda: GuardedProtocol(self, inner)
+
+    def admit(self, client: str) -> str | None:
+        """None and the connection counted, or the cap it is over."""
+        if self.open >= self.max_open:
+            return "global"
+        if self.by_client[client] >= self.limits.per_client:
+            return "per_client"
+        self.open += 1
+        self.by_client[client] += 1
+        return None
+
+    def release(self, client: str) -> None:
+        self.open -= 1
+        left = self.by_client[client] - 1
+        if left > 0:
+            self.by_client[client] = left
+        else:
+            del self.by_client[client]
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Marks a connection busy while its request is handled (no deadline then), idle after."""
+        guarded = self.by_transport.get(request.transport) if request.transport else None
+        if guarded is not None:
+            guarded.enter(Phase.BUSY)
+        try:
+            return await handler(request)
+        finally:
+            if guarded is not None:
+                guarded.enter(Phase.IDLE)
+
+
+class GuardedProtocol(asyncio.Protocol):
+    """aiohttp's request handler for one connection, behind a cap and a phase deadline."""
+
+    def __init__(self, guard: ConnectionGuard, inner: Callable[[], asyncio.Protocol]) -> None:
+        self._guard = guard
+        self._make_inner = inner
+        self._inner: asyncio.Protocol | None = None
+        self._transport: asyncio.Transport | None = None
+        self._client = ""
+        self._phase = Phase.WAITING
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream server's transport (uvloop's does not subclass asyncio.Transport)
+        transport = self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._client = str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
+        over = self._guard.admit(self._client)
+        if over is not None:
+            self._guard.refused(over)
+            transport.write(_refusal(over))
+            transport.close()
+            return
+        self._guard.by_transport[transport] = self
+        inner = self._inner = self._make_inner()
+        inner.connection_made(transport)
+        self.enter(Phase.WAITING)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is None:
+            return
+        if self._phase in (Phase.WAITING, Phase.IDLE):
+            self.enter(Phase.HEADERS)
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        inner = self._inner
+        if inner is None:
+            return
+        self._inner = None
+        if self._transport is not None:
+            self._guard.by_transport.pop(self._transport, None)
+        self._guard.release(self._client)
+        inner.connection_lost(exc)
+
+    def enter(self, phase: Phase) -> None:
+        """Move to ``phase`` and arm its deadline (none while busy)."""
+        self._phase = phase
+        self._disarm()
+        limits = self._guard.limits
+        seconds = {
+            Phase.WAITING: limits.first_request_s,
+            Phase.HEADERS: limits.headers_s,
+            Phase.IDLE: limits.idle_s,
+        }.get(phase)
+        if seconds is not None:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(seconds, self._expire, phase)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self, phase: Phase) -> None:
+        self._deadline = None
+        if self._phase is not phase or self._transport is None:
+            return
+        self._guard.timed_out(phase.value)
+        # abort, not close: a peer that reads nothing must not keep the socket in our table
+        self._transport.abort()
+
+
+class GuardedSite(web.BaseSite):
+    """A TCP listener whose connections pass a ``ConnectionGuard``; the runner's cleanup stops
+    it like any site."""
+
+    __slots__ = ("_bound", "_guard", "_host", "_port")
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, backlog: int
+    ) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._bound = port
+        self._guard = guard
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._bound}"
+
+    @property
+    def port(self) -> int:
+        return self._bound
+
+    async def start(self) -> None:
+        await super().start()
+        quiet_malformed_requests()
+        server = self._runner.server
+        if server is None:
+            raise RuntimeError("the runner is set up before its site starts")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._guard.factory(server), self._host, self._port, backlog=self._backlog
+        )
+        if self._server.sockets:
+            self._bound = self._server.sockets[0].getsockname()[1]
