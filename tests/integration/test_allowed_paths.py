@@ -39,8 +39,13 @@ async def test_backend_admin_paths_never_reach_the_backend(
     client, metrics = await make_gateway(text)
     response = await client.request(method, path, json={"model": "m1"})
     assert response.status == 404
-    assert "not a path this gateway proxies" in (await response.json())["error"]["message"]
     assert not stub.requests
+    message = (await response.json())["error"]["message"]
+    if path.startswith("/admin"):
+        # the gateway's own admin paths answer that they live on the admin listener
+        assert "admin listener" in message
+        return
+    assert "not a path this gateway proxies" in message
     labels = {"tenant": "unknown", "model": "unknown", "outcome": "not_found", "status": "404"}
     assert metrics.registry.get_sample_value("kvgate_requests_total", labels) == 1.0
 
