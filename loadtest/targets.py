@@ -86,7 +86,8 @@ def build_policy(
         admission["enabled"] = False
     policy: dict[str, object] = {
         "version": 1,
-        "server": {"host": "127.0.0.1", "port": port},
+        # no load balancer to drain away from: the harness stops a gateway at once
+        "server": {"host": "127.0.0.1", "port": port, "drain_delay": "0s"},
         "store": {"kind": "memory"},
         "models": {scenario.model: model},
         "tenants": tenants,
@@ -217,7 +218,9 @@ async def gateway(
     policy_path = workdir / f"policy-{target}.yaml"
     policy = build_policy(scenario, target, backend_url, port)
     policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
-    args = [sys.executable, "-m", "gateway", "run", "-c", str(policy_path)]
+    # an admin port of its own: gateways of other runs on this machine may hold the default
+    admin = ["--admin-port", str(free_port())]
+    args = [sys.executable, "-m", "gateway", "run", "-c", str(policy_path), *admin]
     proc = await Process.start(f"gateway ({target})", args, workdir / f"gateway-{target}.log")
     url = f"http://127.0.0.1:{port}"
     ready = frozenset({200}) if scenario.backend_wait == "ready" else None
