@@ -83,20 +83,11 @@ def parse(body: bytes, content_type: str = "") -> ParsedRequest:
                 _inner(texts, block.content)
         texts.segment()
         messages += 1
-    if len(req.tools):
-        texts.add_raw(req.tools)
-        texts.segment()
-    return ParsedRequest(
-        endpoint=Endpoint.MESSAGES,
-        model=req.model,
+    return texts.conversation(
+        Endpoint.MESSAGES,
+        req.model,
         stream=bool(req.stream),
-        include_usage=False,
-        texts=tuple(texts.texts),
-        char_counts=tuple(texts.char_counts),
         messages=messages,
-        media=texts.media,
-        token_ids=0,
-        prompts=1,
+        tools=req.tools,
         max_tokens=req.max_tokens,
-        n=1,
     )

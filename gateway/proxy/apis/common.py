@@ -116,6 +116,38 @@ class Texts:
         self.char_counts.append(sum(map(len, self.texts[self._start :])))
         self._start = len(self.texts)
 
+    def conversation(
+        self,
+        endpoint: Endpoint,
+        model: str,
+        *,
+        stream: bool,
+        messages: int,
+        tools: msgspec.Raw,
+        max_tokens: int | None,
+        previous_response_id: str | None = None,
+    ) -> ParsedRequest:
+        """One conversation's request (Responses, Messages): what was collected, the tool
+        definitions as a last segment, one prompt, one sequence."""
+        if len(tools):
+            self.add_raw(tools)
+            self.segment()
+        return ParsedRequest(
+            endpoint=endpoint,
+            model=model,
+            stream=stream,
+            include_usage=False,
+            texts=tuple(self.texts),
+            char_counts=tuple(self.char_counts),
+            messages=messages,
+            media=self.media,
+            token_ids=0,
+            prompts=1,
+            max_tokens=max_tokens,
+            n=1,
+            previous_response_id=previous_response_id,
+        )
+
 
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")

@@ -81,21 +81,12 @@ def parse(body: bytes, content_type: str = "") -> ParsedRequest:
         texts.add(item.arguments)
         texts.segment()
         messages += 1
-    if len(req.tools):
-        texts.add_raw(req.tools)
-        texts.segment()
-    return ParsedRequest(
-        endpoint=Endpoint.RESPONSES,
-        model=req.model,
+    return texts.conversation(
+        Endpoint.RESPONSES,
+        req.model,
         stream=bool(req.stream),
-        include_usage=False,
-        texts=tuple(texts.texts),
-        char_counts=tuple(texts.char_counts),
         messages=messages,
-        media=texts.media,
-        token_ids=0,
-        prompts=1,
+        tools=req.tools,
         max_tokens=req.max_output_tokens,
-        n=1,
         previous_response_id=req.previous_response_id,
     )
