@@ -29,7 +29,7 @@ from gateway.core.capacity import CapacityConfig
 from gateway.core.cost import DTYPE_BYTES, ModelProfile
 from gateway.core.pool import AdmissionConfig, ModelPool
 from gateway.core.queueing import QueueConfig
-from gateway.core.types import Priority
+from gateway.core.types import Priority, Unit
 from gateway.errors import PolicyError
 from gateway.policy import schema, units
 
@@ -141,6 +141,18 @@ class Policy:
     def buckets(self, tenant: str, model: str) -> tuple[BucketSpec, ...]:
         """Every bucket a request of ``tenant`` for ``model`` must pass, all or nothing."""
         return self._buckets.get((tenant, model), ())
+
+    def request_buckets(self, tenant: str) -> tuple[BucketSpec, ...]:
+        """The tenant's own limits on requests that hold whatever the model: what a request
+        refused for its body is still charged, so a flood of bad requests is limited like any
+        other (only refusals read them: no table is kept for it)."""
+        prefix = f"t:{tenant}:*:"
+        for (name, _), specs in self._buckets.items():
+            if name == tenant:
+                return tuple(
+                    s for s in specs if s.unit is Unit.REQUESTS and s.key.startswith(prefix)
+                )
+        return ()
 
 
 def store_kind(policy: Policy) -> str:

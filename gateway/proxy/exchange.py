@@ -51,6 +51,10 @@ from gateway.state import GATEWAY, Gateway
 
 # The status logged and counted for a client that left before any answer (nginx's convention).
 _CLIENT_CLOSED_STATUS = 499
+# Refusals for what a body is, which still count as requests of the tenant that sent them.
+_BODY_REFUSALS = frozenset(
+    (Outcome.BAD_REQUEST.value, Outcome.TOO_LARGE.value, Outcome.REQUEST_TIMEOUT.value)
+)
 # Times each backend may refuse one request's connection before it gets a 502.
 _CONNECT_ATTEMPTS = 3
 # A request on a path without cost rules (no prompt to read) costs one request and no memory.
@@ -121,12 +125,12 @@ class Exchange:
 
     async def run(self) -> web.StreamResponse:
         try:
-            refusal = (
-                self._allowed()
-                or self._authenticate()
-                or await self._read()
-                or await self._charge()
-            )
+            refusal = self._allowed() or self._authenticate()
+            if refusal is None:
+                refusal = await self._read()
+                if refusal is not None:
+                    refusal = await self._count_refused(refusal)
+            refusal = refusal or await self._charge()
         except Exception as exc:
             refusal = failure(exc, self.gw)
         if refusal is not None:
@@ -228,6 +232,21 @@ class Exchange:
                 should_retry=False,
             )
         return None
+
+    async def _count_refused(self, refusal: web.Response) -> web.Response:
+        """A request refused for its body (malformed, over a parse limit, too large, too slow)
+        still counts against its tenant's request limits; past them it gets the 429 instead,
+        so bad bodies cost a hostile tenant its own limit while they cost the gateway little."""
+        outcome = refusal.headers.get("x-kvgate-outcome")
+        if self.tenant is None or self.tenant.shadow or outcome not in _BODY_REFUSALS:
+            return refusal
+        specs = self.live.policy.request_buckets(self.tenant.name)
+        if not specs:
+            return refusal
+        held = await charge(self.live.store, specs, _PLAIN_COST, orphaned=lambda _: None)
+        if held.verdict.allowed or held.verdict.store_error:
+            return refusal
+        return rate_refusal(held, ratelimit_headers(held), self.live.policy.limit_words)
 
     async def _charge(self) -> web.Response | None:
         tenant, model = self._who()

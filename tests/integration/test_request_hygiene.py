@@ -108,3 +108,21 @@ async def test_headers_the_backend_lists_in_connection_do_not_reach_the_client(
     response = await client.post("/v1/chat/completions", json=CHAT)
     assert response.status == 200
     assert "X-Backend-Hop" not in response.headers
+
+
+async def test_bad_bodies_count_against_the_tenants_request_limit(
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str
+) -> None:
+    limits = "      - {unit: requests, rate: 2/min, burst: 2}"
+    client, _ = await make_gateway(policy_text([stub_url], acme_limits=limits))
+    acme = {"Authorization": "Bearer sk-acme", "Content-Type": "application/json"}
+    statuses = []
+    for _ in range(3):
+        bad = await client.post("/v1/chat/completions", data=b"{not json", headers=acme)
+        statuses.append(bad.status)
+    # the first two are answered for what they are; the third is past the tenant's limit
+    assert statuses == [400, 400, 429]
+    chat = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    good = await client.post("/v1/chat/completions", json=chat, headers=acme)
+    assert good.status == 429  # the bad ones spent what the tenant may send
+    assert not stub.requests
