@@ -443,7 +443,7 @@ class BackendRuntime:
         at what the backend was running, plus a tenth to keep it busy as requests finish;
         requests of others (its queue and running beyond this gateway's) count against it."""
         sig = self.fresh_signals(now)
-        if sig is None or sig.running is None or sig.waiting is None or not _queues(sig):
+        if sig is None or sig.running is None or not sig.waiting:
             return False
         foreign = max(0.0, sig.running + sig.waiting - self._inflight_at_scrape)
         return self.inflight + foreign >= sig.running + _slack(sig.running)

@@ -9,11 +9,12 @@ This module is the reference twin of ``gateway/store/lua/acquire.lua`` and ``adj
 formulas and their order are kept identical (a differential test compares them), so change both.
 Comparisons allow ``EPSILON_S`` of float slack, so a retry exactly ``retry_after_s`` later passes.
 
-A bucket whose spec ``waits`` may also pass a take that would otherwise have to wait, up to the
-caller's ``max_wait_s``: the take is recorded at once (its TAT moves past the tolerance) and the
-verdict says how long to wait before going on (``wait_s``). Each later take then sees that TAT,
-so waiting requests are served in arrival order whatever their size: a large request reserves
-its place and is not starved by small ones that would each fit sooner.
+A bucket whose spec ``waits`` may also pass a take that would otherwise have to wait, when its
+turn begins within the caller's ``max_wait_s`` (it may end later by at most the take's own
+refill time): the take is recorded at once (its TAT moves past the tolerance) and the verdict
+says how long to wait before going on (``wait_s``). Each later take then sees that TAT, so
+waiting requests are served in arrival order whatever their size: a large request reserves its
+place and is not starved by small ones that would each fit sooner.
 """
 
 from __future__ import annotations
@@ -128,7 +129,10 @@ def try_take(
             else:
                 wait = (new - now) - spec.burst / spec.rate_per_s
                 if wait > EPSILON_S:
-                    if spec.waits and wait <= max_wait_s + EPSILON_S:
+                    # a turn is granted when it *begins* within the budget, whatever the size
+                    # of the take: judged by its end, small takes would keep the queue just
+                    # short enough for themselves and large ones would never get a turn
+                    if spec.waits and wait - amount / spec.rate_per_s <= max_wait_s + EPSILON_S:
                         if wait > waited:
                             waited = wait
                     else:

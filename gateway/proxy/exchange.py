@@ -279,8 +279,10 @@ class Exchange:
         waited = self.held.verdict.wait_s if self.held is not None else 0.0
         if waited > 0:
             # a bucket that waits took this request in its turn: go on when that turn comes
+            # (it began before the deadline; admission gets what is left, or at least now)
             await asyncio.sleep(waited)
             self.queued_s = waited
+            self.deadline = max(self.deadline, self.gw.clock.now())
         ticket = Ticket(
             tenant=tenant.name,
             model=model.name,

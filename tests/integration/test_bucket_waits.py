@@ -44,10 +44,14 @@ async def test_a_turn_after_the_deadline_is_refused_at_once(
     client, _ = await make_gateway(policy_text([stub_url], acme_limits=WAITING))
     stub.completion_tokens = 64
     assert (await client.post("/v1/chat/completions", json=_chat(), headers=ACME)).status == 200
-    short = {**ACME, "x-request-timeout": "0.5"}  # its turn is about 3 s away
+    # the next one takes a turn that begins at once and ends in about 2 s: it waits
+    waiting = asyncio.ensure_future(client.post("/v1/chat/completions", json=_chat(), headers=ACME))
+    await asyncio.sleep(0.2)
+    short = {**ACME, "x-request-timeout": "0.5"}  # its turn would begin in about 2 s
     refused = await client.post("/v1/chat/completions", json=_chat(), headers=short)
     assert refused.status == 429
     assert float(refused.headers["retry-after-ms"]) > 500
+    assert (await waiting).status == 200
 
 
 async def test_a_client_that_leaves_while_waiting_is_refunded(

@@ -138,11 +138,16 @@ def test_a_bucket_that_waits_passes_a_take_with_its_turn_instead_of_refusing() -
     assert verdict.allowed
     assert verdict.wait_s == pytest.approx(5.0)
     assert news is not None
-    # a take whose turn comes after its budget is refused, and told when it would pass
+    # the bucket is 5 s in debt: a take whose turn would begin after its budget is refused,
+    # and told when it would pass
     refused, unchanged = try_take(list(news), [WAITING], [100.0], 0.0, max_wait_s=3.0)
     assert not refused.allowed
     assert unchanged is None
     assert refused.retry_after_s == pytest.approx(15.0)
+    # one whose turn begins within it is taken, though its end is later (its own refill time)
+    late, _ = try_take(list(news), [WAITING], [100.0], 0.0, max_wait_s=5.0)
+    assert late.allowed
+    assert late.wait_s == pytest.approx(15.0)
 
 
 def test_a_bucket_that_does_not_wait_refuses_whatever_the_budget() -> None:

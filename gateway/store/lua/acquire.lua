@@ -42,7 +42,7 @@ for i = 1, count do
     else
       local wait = (new - now) - burst / rate
       if wait > EPSILON_S then
-        if waits and wait <= max_wait_s + EPSILON_S then
+        if waits and wait - amount / rate <= max_wait_s + EPSILON_S then
           if wait > waited then
             waited = wait
           end
