@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.backends.admitter import Admitter
+from gateway.backends.shared import SharedLink
 from gateway.core.clock import Clock, MonotonicClock
 from gateway.core.tokens import (
     TokenCounter,
@@ -35,6 +39,7 @@ from gateway.store.base import LimitStore
 from gateway.store.fallback import FallbackLimitStore
 from gateway.store.memory import MemoryLimitStore
 from gateway.store.redis import RedisLimitStore
+from gateway.store.reservations import RedisReservations
 
 log = logging.getLogger("kvgate")
 
@@ -47,13 +52,18 @@ def build_app(
     clock: Clock | None = None,
     metrics: Metrics | None = None,
     watch: tuple[Path, bytes] | None = None,
+    share: float = 1.0,
 ) -> web.Application:
-    """The gateway as an aiohttp app; ``watch`` = (policy file, digest of its text) hot-reloads."""
+    """The gateway as an aiohttp app; ``watch`` = (policy file, digest of its text) hot-reloads;
+    ``share``: the part of every backend and limit this process plans (1/workers for workers
+    without a shared store)."""
     clock = clock or MonotonicClock()
     metrics = metrics or Metrics()
     gw = Gateway(
         live=build_live(policy, clock, None),
-        admitter=Admitter(policy.admission, clock),
+        admitter=Admitter(
+            policy.admission, clock, shared=build_shared(policy, metrics), share=share
+        ),
         metrics=metrics,
         clock=clock,
     )
@@ -96,6 +106,24 @@ def build_store(policy: Policy, clock: Clock) -> LimitStore:
         local,
         spec.on_error,
         replicas=spec.replicas,
+    )
+
+
+def build_shared(policy: Policy, metrics: Metrics) -> SharedLink | None:
+    """The link to shared reservations the policy's ``admission.shared`` asks for, if any.
+    Changing it takes a restart: a reload keeps the link the process started with."""
+    s = policy.shared
+    if s is None:
+        return None
+    replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    store = RedisReservations(
+        s.url, replica, prefix=s.prefix, lease_s=s.lease_s, timeout_s=s.timeout_s
+    )
+    return SharedLink(
+        store,
+        replicas=s.replicas,
+        refresh_s=s.refresh_s,
+        on_switch=metrics.shared_admission_switched,
     )
 
 

@@ -54,6 +54,18 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedAdmission:
+    """``admission.shared`` resolved against ``store:`` (always Redis)."""
+
+    url: str
+    prefix: str
+    replicas: int
+    lease_s: float
+    refresh_s: float
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
     priority: Priority
@@ -91,6 +103,7 @@ class Policy:
     admission: AdmissionConfig
     _by_key: Mapping[bytes, Tenant] = field(repr=False)
     _buckets: Mapping[tuple[str, str], tuple[BucketSpec, ...]] = field(repr=False)
+    shared: SharedAdmission | None = None  # admission.shared: reservations shared in Redis
 
     def tenant_for_key(self, key: str) -> Tenant | None:
         return self._by_key.get(hashlib.sha256(key.encode()).digest())
@@ -137,6 +150,26 @@ def compile_policy(
         admission=_admission(spec.admission, models),
         _by_key=_keys(spec, tenants, source, env),
         _buckets=_buckets(spec, source),
+        shared=_shared(spec, source),
+    )
+
+
+def _shared(spec: schema.Policy, source: str) -> SharedAdmission | None:
+    shared = spec.admission.shared
+    if shared is None:
+        return None
+    store = spec.store
+    if not isinstance(store, schema.RedisStore):
+        raise PolicyError(
+            source, "at $.admission.shared: shared admission needs `store: {kind: redis}`"
+        )
+    return SharedAdmission(
+        url=store.url,
+        prefix=store.prefix,
+        replicas=store.replicas,
+        lease_s=units.parse_duration(shared.lease),
+        refresh_s=units.parse_duration(shared.refresh),
+        timeout_s=units.parse_duration(shared.timeout),
     )
 
 

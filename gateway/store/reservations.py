@@ -1,0 +1,103 @@
+"""Shared in-flight reservations: what every replica holds on each backend, in Redis.
+
+One Lua call confirms a placement (``reserve.lua``: check every live replica's figure against the
+backend's limit and record this replica's new one) and one records a release or a heartbeat
+(``beat.lua``); ``gateway.core.shared.LeaseBook`` is their pure twin and documents the
+semantics. Keys are ``kvgate:{<prefix>|<backend url>}:held``, ``:seqs`` and ``:beats``: the hash
+tag is per backend, so in Redis Cluster each call touches one slot and backends spread across
+the cluster. Time comes from Redis ``TIME`` unless a ``clock`` is given (tests). Every Redis or
+socket failure is raised as ``gateway.errors.StoreError``; ``timeout_s`` bounds each reply, so a
+dead Redis costs a request at most that long before the caller falls back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway.core.clock import Clock
+from gateway.store.base import StoreError
+from gateway.store.redis import script_source
+
+_Arg = str | float | int
+
+
+def backend_keys(prefix: str, url: str) -> list[str]:
+    """The three keys of one backend, in the order the scripts take them."""
+    tag = f"kvgate:{{{prefix}|{url.replace('{', '%7B').replace('}', '%7D')}}}"
+    return [f"{tag}:held", f"{tag}:seqs", f"{tag}:beats"]
+
+
+def call_args(
+    now: _Arg, replica: str, seq: int, nbytes: int, lease_s: float, limit: float | None = None
+) -> list[_Arg]:
+    """ARGV of ``beat.lua`` (``limit`` None) or ``reserve.lua``."""
+    ttl_ms = max(1000, math.ceil(lease_s * 2000))  # keys outlive every heartbeat they hold
+    args: list[_Arg] = [now, replica, seq, nbytes, lease_s, ttl_ms]
+    if limit is not None:
+        args.append(limit if math.isfinite(limit) else 2**62)
+    return args
+
+
+class RedisReservations:
+    """This replica's view of the shared reservations at ``url`` (Redis)."""
+
+    def __init__(
+        self,
+        url: str,
+        replica: str,
+        *,
+        prefix: str = "kvgate",
+        lease_s: float = 5.0,
+        timeout_s: float = 0.2,
+        clock: Clock | None = None,
+    ) -> None:
+        if lease_s <= 0:
+            raise ValueError("lease_s must be > 0")
+        self.replica = replica
+        self.lease_s = lease_s
+        self._prefix = prefix
+        self._clock = clock
+        self._seq = 0
+        # No retry: a failure must reach the fallback within one timeout, not two.
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._reserve = self._redis.register_script(script_source("reserve"))
+        self._beat = self._redis.register_script(script_source("beat"))
+
+    def _next(self) -> tuple[_Arg, int]:
+        self._seq += 1
+        return ("" if self._clock is None else self._clock.now()), self._seq
+
+    async def reserve(self, backend: str, nbytes: int, limit: float) -> tuple[bool, int]:
+        """Record ``nbytes`` as this replica's figure on ``backend`` if every live replica's
+        figure fits under ``limit``; (recorded, other replicas' bytes)."""
+        now, seq = self._next()
+        args = call_args(now, self.replica, seq, nbytes, self.lease_s, limit)
+        try:
+            reply = await self._reserve(keys=backend_keys(self._prefix, backend), args=args)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StoreError(f"shared admission: reserve failed: {exc}") from exc
+        return reply[0] == 1, int(reply[1])
+
+    async def beat(self, backend: str, nbytes: int) -> int:
+        """Record ``nbytes`` as this replica's figure on ``backend`` and renew its heartbeat;
+        the other replicas' bytes there."""
+        now, seq = self._next()
+        args = call_args(now, self.replica, seq, nbytes, self.lease_s)
+        try:
+            reply = await self._beat(keys=backend_keys(self._prefix, backend), args=args)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StoreError(f"shared admission: heartbeat failed: {exc}") from exc
+        return int(reply)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
