@@ -82,14 +82,14 @@ class SharedLink:
         try:
             foreign = await self.store.beat(backend, nbytes)
         except StoreError as exc:
-            if not self._degraded:
-                self._switch(True, exc)
+            self._switch(True, exc)
             return None
-        if self._degraded:
-            self._switch(False, None)
+        self._switch(False, None)
         return foreign
 
     def _switch(self, degraded: bool, exc: StoreError | None) -> None:
+        if degraded == self._degraded:
+            return  # calls in flight when the state changed report it again
         self._degraded = degraded
         if degraded:
             _log.warning(

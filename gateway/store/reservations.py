@@ -63,12 +63,11 @@ class RedisReservations:
         self._prefix = prefix
         self._clock = clock
         self._seq = 0
-        # No retry: a failure must reach the fallback within one timeout, not two.
+        # A broken pooled connection (Redis restarted) is retried once on a fresh one; a timeout
+        # is not, so a dead Redis reaches the fallback within one timeout.
+        retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
         self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=retry
         )
         self._reserve = self._redis.register_script(script_source("reserve"))
         self._beat = self._redis.register_script(script_source("beat"))
