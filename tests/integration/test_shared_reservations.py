@@ -109,3 +109,40 @@ async def test_two_replicas_never_hold_more_than_the_backend_together(
     second: Lease = await asyncio.wait_for(waiting, 5)
     assert second.reserved_bytes == 600 * KVT
     second.release()
+
+
+async def test_a_redis_that_never_answers_costs_one_request_one_timeout() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)  # accepts, reads, never answers
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    clock = FakeClock()
+    switches: list[bool] = []
+    store = RedisReservations(f"redis://127.0.0.1:{port}/0", "r1", timeout_s=0.2)
+    link = SharedLink(store, replicas=2, on_switch=switches.append)
+    adm = Admitter(config(backend("http://gpu", 1000)), clock, shared=link)
+    adm.observe_health(M, "http://gpu", Health.OK)
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        first = await asyncio.wait_for(adm.acquire(ticket(clock, 400)), 5)
+        assert loop.time() - t0 < 1.0  # one timeout (0.2 s), then decided on the share
+        assert switches == [True]
+        assert adm.shared_degraded
+        # half of the backend is this replica's now: 400 tokens of 500 held, no room for more,
+        # and no call to the silent Redis delays the decision
+        waiting = asyncio.ensure_future(adm.acquire(ticket(clock, 400)))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        snap = adm.snapshot()[M]
+        assert isinstance(snap, dict)
+        assert snap["queue_depth"] == 1
+        first.release()
+        lease = await asyncio.wait_for(waiting, 5)
+        assert lease.reserved_bytes == 400 * KVT
+        lease.release()
+    finally:
+        await adm.close()
+        server.close()
