@@ -40,10 +40,14 @@ from gateway.store.fallback import FallbackLimitStore
 from gateway.store.memory import MemoryLimitStore
 from gateway.store.redis import RedisLimitStore
 from gateway.store.reservations import RedisReservations
+from gateway.store.scaled import ScaledLimitStore
+from gateway.workers import Group
 
 log = logging.getLogger("kvgate")
 
 _WATCH = web.AppKey("watch", tuple)
+_WORKERS = web.AppKey("workers", int)
+_GROUP = web.AppKey("group", Group)
 
 
 def build_app(
@@ -52,17 +56,22 @@ def build_app(
     clock: Clock | None = None,
     metrics: Metrics | None = None,
     watch: tuple[Path, bytes] | None = None,
-    share: float = 1.0,
+    workers: int = 1,
+    group: Group | None = None,
 ) -> web.Application:
     """The gateway as an aiohttp app; ``watch`` = (policy file, digest of its text) hot-reloads;
-    ``share``: the part of every backend and limit this process plans (1/workers for workers
-    without a shared store)."""
+    ``workers``: processes of this replica (what is not shared through Redis is split in that
+    many shares, ``gateway.workers``); ``group``: its worker group, whose metrics /metrics
+    merges."""
     clock = clock or MonotonicClock()
     metrics = metrics or Metrics()
     gw = Gateway(
-        live=build_live(policy, clock, None),
+        live=build_live(policy, clock, None, workers),
         admitter=Admitter(
-            policy.admission, clock, shared=build_shared(policy, metrics), share=share
+            policy.admission,
+            clock,
+            shared=build_shared(policy, metrics, workers),
+            share=1.0 if policy.shared is not None else 1.0 / workers,
         ),
         metrics=metrics,
         clock=clock,
@@ -71,6 +80,9 @@ def build_app(
     metrics.watch_admission(gw.admitter.snapshot)
     app = web.Application(client_max_size=policy.server.max_body_bytes)
     app[GATEWAY] = gw
+    app[_WORKERS] = workers
+    if group is not None:
+        app[_GROUP] = group
     if watch is not None:
         app[_WATCH] = watch
     if policy.spec.server.access_log:
@@ -85,31 +97,33 @@ def build_app(
     return app
 
 
-def build_live(policy: Policy, clock: Clock, previous: Live | None) -> Live:
+def build_live(policy: Policy, clock: Clock, previous: Live | None, workers: int = 1) -> Live:
     """The store and token counters for ``policy``; reuses the previous store when its
     configuration did not change, so bucket state survives a reload."""
     if previous is not None and previous.policy.spec.store == policy.spec.store:
         store = previous.store
     else:
-        store = build_store(policy, clock)
+        store = build_store(policy, clock, workers)
     counters = {name: _counter(m, policy.source) for name, m in policy.models.items()}
     return Live(policy=policy, store=store, counters=counters)
 
 
-def build_store(policy: Policy, clock: Clock) -> LimitStore:
+def build_store(policy: Policy, clock: Clock, workers: int = 1) -> LimitStore:
+    """The policy's limit store; with ``workers`` > 1, a memory store keeps this worker's
+    share and a Redis one falls back to a share of every worker of every replica."""
     spec = policy.spec.store
     local = MemoryLimitStore(clock)
     if not isinstance(spec, RedisStore):
-        return local
+        return local if workers == 1 else ScaledLimitStore(local, 1.0 / workers)
     return FallbackLimitStore(
         RedisLimitStore(spec.url, prefix=spec.prefix),
         local,
         spec.on_error,
-        replicas=spec.replicas,
+        replicas=spec.replicas * workers,
     )
 
 
-def build_shared(policy: Policy, metrics: Metrics) -> SharedLink | None:
+def build_shared(policy: Policy, metrics: Metrics, workers: int = 1) -> SharedLink | None:
     """The link to shared reservations the policy's ``admission.shared`` asks for, if any.
     Changing it takes a restart: a reload keeps the link the process started with."""
     s = policy.shared
@@ -121,7 +135,7 @@ def build_shared(policy: Policy, metrics: Metrics) -> SharedLink | None:
     )
     return SharedLink(
         store,
-        replicas=s.replicas,
+        replicas=s.replicas * workers,
         refresh_s=s.refresh_s,
         on_switch=metrics.shared_admission_switched,
     )
@@ -146,7 +160,7 @@ async def apply_policy(app: web.Application, policy: Policy) -> None:
     """Swap in a new policy whole; requests in flight finish on the one they started with."""
     gw = app[GATEWAY]
     old = gw.live
-    live = await asyncio.to_thread(build_live, policy, gw.clock, old)
+    live = await asyncio.to_thread(build_live, policy, gw.clock, old, app[_WORKERS])
     gw.admitter.reconfigure(policy.admission)
     gw.live = live
     gw.metrics.set_policy(policy.fingerprint)
@@ -242,10 +256,27 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
+    body = _own_metrics(gw)
+    if _GROUP in request.app:
+        body = (await request.app[_GROUP].metrics(body.decode())).encode()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _own_metrics(gw: Gateway) -> bytes:
     gw.metrics.store_degraded.set(1 if gw.live.store.degraded else 0)
-    return web.Response(
-        body=generate_latest(gw.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    return generate_latest(gw.metrics.registry)
+
+
+def worker_metrics_app(app: web.Application) -> web.Application:
+    """This worker's own /metrics, for the other workers of its group to gather."""
+    gw = app[GATEWAY]
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=_own_metrics(gw), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    own = web.Application()
+    own.router.add_get("/metrics", metrics)
+    return own
 
 
 async def _state(request: web.Request) -> web.Response:

@@ -9,9 +9,13 @@ import gc
 import importlib.resources
 import json
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -24,6 +28,9 @@ from gateway.policy.watcher import read_policy
 from gateway.proxy.apis.common import BadRequestBody
 from gateway.proxy.apis.routes import parse_request
 
+if TYPE_CHECKING:
+    from gateway.workers import Group
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvgate", description=__doc__)
@@ -32,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-c", "--config", type=Path, help="default: the bundled demo policy")
     run.add_argument("--host", help="listen here instead of the policy's server.host")
     run.add_argument("--port", type=int, help="listen here instead of the policy's server.port")
+    run.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes on the port (SO_REUSEPORT); default: one per core with a Redis "
+        "store, 1 with the in-memory one (where each of N workers keeps 1/N of every limit "
+        "and backend)",
+    )
     validate = sub.add_parser("validate", help="check policy files; exit 1 on the first error")
     validate.add_argument("files", type=Path, nargs="+")
     explain = sub.add_parser("explain", help="show a request's cost and the limits that apply")
@@ -52,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return _serve(args.config or _bundled_policy(), demo=True)
         config = args.config or _bundled_policy()
-        return _serve(config, demo=False, host=args.host, port=args.port)
+        return _serve(config, demo=False, host=args.host, port=args.port, workers=args.workers)
     except PolicyError as exc:
         print(f"kvgate: {exc}", file=sys.stderr)
         return 1
@@ -137,9 +151,20 @@ def _bundled_policy() -> Path:
     return path
 
 
-def _serve(config: Path, *, demo: bool, host: str | None = None, port: int | None = None) -> int:
+def _serve(
+    config: Path,
+    *,
+    demo: bool,
+    host: str | None = None,
+    port: int | None = None,
+    workers: int | None = None,
+) -> int:
     policy, digest = read_policy(config)
     listen = (host or policy.server.host, policy.server.port if port is None else port)
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if store_kind(policy) == "redis" else 1
+    if workers < 1:
+        raise PolicyError("--workers", f"must be at least 1, got {workers}")
     logs.configure()
     try:
         import uvloop
@@ -147,14 +172,39 @@ def _serve(config: Path, *, demo: bool, host: str | None = None, port: int | Non
         runner = asyncio.run
     else:
         runner = uvloop.run
-    runner(_run(policy, config.resolve(), digest, listen, demo=demo))
-    return 0
+    if workers == 1:
+        runner(_run(policy, config.resolve(), digest, listen, demo=demo))
+        return 0
+    from gateway.workers import Group, supervise
+
+    if store_kind(policy) == "memory":
+        logging.getLogger("kvgate").warning(
+            "%d workers with the in-memory store: each keeps 1/%d of every limit and backend",
+            workers,
+            workers,
+        )
+    directory = Path(tempfile.mkdtemp(prefix="kvgate-workers-"))
+
+    def worker(index: int) -> None:
+        group = Group(directory, index, workers)
+        runner(_run(policy, config.resolve(), digest, listen, demo=False, group=group))
+
+    try:
+        return supervise(workers, worker, policy.server.grace_period_s)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def _run(
-    policy: Policy, config: Path, digest: bytes, listen: tuple[str, int], *, demo: bool
+    policy: Policy,
+    config: Path,
+    digest: bytes,
+    listen: tuple[str, int],
+    *,
+    demo: bool,
+    group: Group | None = None,
 ) -> None:
-    from gateway.app import build_app
+    from gateway.app import build_app, worker_metrics_app
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -164,7 +214,8 @@ async def _run(
     runners: list[web.AppRunner] = []
     if demo:
         runners.append(await _start_simulator(policy))
-    app = build_app(policy, watch=(config, digest))
+    workers = 1 if group is None else group.workers
+    app = build_app(policy, watch=(config, digest), workers=workers, group=group)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
@@ -172,7 +223,16 @@ async def _run(
         access_log=None,
     )
     await runner.setup()
-    await web.TCPSite(runner, listen[0], listen[1], backlog=1024).start()
+    await web.TCPSite(
+        runner, listen[0], listen[1], backlog=1024, reuse_port=group is not None or None
+    ).start()
+    if group is not None:
+        own = web.AppRunner(worker_metrics_app(app), access_log=None)
+        await own.setup()
+        path = group.socket_of(group.index)
+        path.unlink(missing_ok=True)
+        await web.UnixSite(own, str(path)).start()
+        runners.append(own)
     # Each request allocates a few hundred short-lived objects, so the default gen-0 threshold
     # (700) runs the cycle collector every few requests over the whole young heap; the request
     # path makes no cycles worth chasing that often. Startup objects are frozen out of it.
