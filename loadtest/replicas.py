@@ -27,6 +27,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "llama-3.1-8b"
+KEYS = {"heavy": "sk-fleet-heavy", "light": "sk-fleet-light"}  # tenants of weight 2 and 1
 
 POLICY = """\
 version: 1
@@ -44,6 +45,8 @@ models:
         probe_interval: 200ms
 tenants:
   anon: {{priority: standard}}
+  heavy: {{keys: ["env:KVGATE_FLEET_HEAVY"], weight: 2}}
+  light: {{keys: ["env:KVGATE_FLEET_LIGHT"], weight: 1}}
 admission:
   queue: {{max_wait: 30s}}
 {shared}"""
@@ -164,7 +167,12 @@ class Fleet:
         )
         path = Path(self._dir.name) / f"gateway{i}.yaml"
         path.write_text(text)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "KVGATE_FLEET_HEAVY": KEYS["heavy"],
+            "KVGATE_FLEET_LIGHT": KEYS["light"],
+        }
         with (self.log_dir / f"gateway{i}.log").open("ab") as log:
             self.gateways[i] = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -223,6 +231,7 @@ async def drive(
     max_tokens: int = 256,
     prompt_chars: int = 800,
     timeout_s: float = 40.0,
+    tenant: str | None = None,
 ) -> Tally:
     """Closed-loop clients, each sending to the gateways in turn until ``duration_s`` passed;
     a shed answer waits a little (no Retry-After honoured: the load stays an overload)."""
@@ -233,6 +242,7 @@ async def drive(
         "max_tokens": max_tokens,
     }
     end = time.monotonic() + duration_s
+    headers = {} if tenant is None else {"Authorization": f"Bearer {KEYS[tenant]}"}
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -244,7 +254,7 @@ async def drive(
                 i += 1
                 t0 = time.monotonic()
                 try:
-                    async with session.post(url, json=body) as resp:
+                    async with session.post(url, json=body, headers=headers) as resp:
                         data = await resp.read()
                 except (aiohttp.ClientError, TimeoutError):
                     tally.failed += 1
@@ -305,7 +315,28 @@ async def _stop(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
             await proc.wait()
 
 
+async def weights(replicas: int, clients: int, duration_s: float) -> tuple[Tally, Tally]:
+    """Tenants of weight 2 and 1 under overload, each on its own replica (or both on one):
+    what each was served."""
+    async with Fleet(replicas) as fleet:
+        heavy_urls, light_urls = fleet.urls[:1], fleet.urls[-1:]
+        heavy, light = await asyncio.gather(
+            drive(heavy_urls, clients=clients, duration_s=duration_s, tenant="heavy"),
+            drive(light_urls, clients=clients, duration_s=duration_s, tenant="light"),
+        )
+    return heavy, light
+
+
 async def _main(args: argparse.Namespace) -> None:
+    if args.weights:
+        for replicas in (1, 2):
+            heavy, light = await weights(replicas, args.clients // 2, args.duration)
+            ratio = heavy.output_tokens / max(light.output_tokens, 1)
+            print(
+                f"replicas {replicas}: weight 2 got {heavy.output_tokens} tokens, weight 1 got "
+                f"{light.output_tokens}: {ratio:.2f}:1"
+            )
+        return
     async with Fleet(args.replicas, shared=not args.no_shared) as fleet:
         tally = await drive(fleet.urls, clients=args.clients, duration_s=args.duration)
         print(f"replicas {args.replicas} shared {not args.no_shared}: {tally.line(args.duration)}")
@@ -318,6 +349,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=48)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--no-shared", action="store_true")
+    parser.add_argument(
+        "--weights",
+        action="store_true",
+        help="tenants of weight 2 and 1, on one replica, then each on its own of two",
+    )
     asyncio.run(_main(parser.parse_args()))
 
 

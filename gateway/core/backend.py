@@ -251,6 +251,8 @@ class BackendRuntime:
             "usable": v.usable,
             "free": v.free,
             "reserved_bytes": self.reserved_bytes,
+            "foreign_bytes": self.foreign_bytes,
+            "share": self.share,
             "inflight": self.inflight,
             "fragmentation": v.fragmentation,
             "stale": v.stale,
