@@ -181,6 +181,8 @@ class Fleet:
                 "run",
                 "-c",
                 str(path),
+                "--workers",  # one process per replica: a replica here is one gateway
+                "1",
                 cwd=ROOT,
                 env=env,
                 stderr=log,

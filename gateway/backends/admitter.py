@@ -133,7 +133,7 @@ class Admitter:
         """Wait for room on a backend; raise ``Shed`` when admission refuses."""
         while True:
             lease = await self._admit(ticket)
-            if self._shared is None or await self._confirm(self._shared, lease):
+            if self._shared is None or await self._confirm(self._shared, lease, ticket.weight):
                 return lease
 
     async def _admit(self, ticket: Ticket) -> Lease:
@@ -164,7 +164,7 @@ class Admitter:
             raise Shed.of(result)
         return Lease(self, result)
 
-    async def _confirm(self, shared: SharedLink, lease: Lease) -> bool:
+    async def _confirm(self, shared: SharedLink, lease: Lease, weight: float) -> bool:
         """Record the placement in the shared store; False when it was refused there (the
         lease is then gone and the request is to be offered again)."""
         url = lease.backend_url
@@ -172,7 +172,8 @@ class Admitter:
         if limit is None:
             return True  # capacity not counted in bytes: nothing shared to check against
         try:
-            recorded, foreign = await shared.confirm(url, self._core.held_bytes(url), limit)
+            held = self._core.held_bytes(url)
+            recorded, foreign = await shared.confirm(url, held, limit, weight)
         except asyncio.CancelledError:
             lease.release()  # the next figure published corrects one recorded just now
             raise
@@ -298,6 +299,7 @@ class Admitter:
     async def _beat_forever(self, shared: SharedLink) -> None:
         while True:
             await self._beat({bc.url for _, bc in self._core.backends()})
+            # a replica with requests waiting hears of freed memory sooner
             await asyncio.sleep(shared.refresh_s)
 
     async def _beat(self, urls: set[str]) -> None:
@@ -305,8 +307,17 @@ class Admitter:
         if shared is None:
             return
         ordered = sorted(urls)
+        now = self._clock.now()
         answers = await asyncio.gather(
-            *(shared.beat(url, self._core.held_bytes(url)) for url in ordered)
+            *(
+                shared.beat(
+                    url,
+                    self._core.held_bytes(url),
+                    self._core.waiting_weight(url),
+                    self._core.url_ceiling(url, now),
+                )
+                for url in ordered
+            )
         )
         now = self._clock.now()
         for url, foreign in zip(ordered, answers, strict=True):

@@ -216,6 +216,24 @@ class Admission:
             rt.reserved_bytes for pool in self._pools.values() if (rt := pool.backends.get(url))
         )
 
+    def waiting_weight(self, url: str) -> float:
+        """The summed weights of the tenants queued for a model the backend at ``url`` serves
+        (each tenant once): this replica's demand there, for fairness across replicas."""
+        weights: dict[str, float] = {}
+        for pool in self._pools.values():
+            if url in pool.backends:
+                for e in pool.queue:
+                    weights[e.tenant] = e.weight
+        return sum(weights.values())
+
+    def url_ceiling(self, url: str, now: float) -> float | None:
+        """``ceiling`` of the backend at ``url`` (the first model's that has it)."""
+        for pool in self._pools.values():
+            rt = pool.backends.get(url)
+            if rt is not None:
+                return rt.ceiling(now)
+        return None
+
     def ceiling(self, model: str, url: str, now: float) -> float | None:
         """``BackendRuntime.ceiling`` of one backend; None if unknown or not in bytes."""
         rt = self._runtime(model, url)

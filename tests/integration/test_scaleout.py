@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.store.reservations import backend_keys
-from loadtest.replicas import Fleet, drive
+from loadtest.replicas import Fleet, drive, weights
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -52,12 +52,13 @@ async def test_three_replicas_never_overfill_the_backend_and_serve_as_much_as_on
 
 async def test_a_killed_replica_frees_its_reservations_within_the_lease() -> None:
     async with Fleet(3, lease="2s") as fleet:
-        load = asyncio.ensure_future(drive(fleet.urls, clients=CLIENTS, duration_s=6.0))
-        await asyncio.sleep(2.0)
+        load = asyncio.ensure_future(drive(fleet.urls, clients=CLIENTS, duration_s=12.0))
         victim = fleet.gateways[0]
         assert victim is not None
         mine = f":{victim.pid}:".encode()
-        assert any(mine in r and int(n) > 0 for r, n in (await _held(fleet)).items())
+        async with asyncio.timeout(8):  # until the victim holds something to free
+            while not any(mine in r and int(n) > 0 for r, n in (await _held(fleet)).items()):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
         await fleet.kill_gateway(0)
         killed = time.monotonic()
         while any(mine in r for r in await _held(fleet)):
@@ -96,3 +97,12 @@ async def test_redis_lost_and_back_mid_run_sheds_to_shares_and_returns() -> None
     assert tally.failed == tally.other == tally.oom == 0, tally
     assert max(tally.latencies) < 30.0
     assert tally.ok > 0
+
+
+async def test_weights_hold_across_replicas() -> None:
+    # a tenant of weight 2 on one replica and one of weight 1 on another, both overloading
+    heavy, light = await weights(2, clients=16, duration_s=20.0)
+    assert heavy.oom == light.oom == 0
+    # 10% is the goal (measured 1.87:1 over 15 s); output lengths are random, so a run this
+    # short needs a wider band not to fail on their draw alone
+    assert 1.7 <= heavy.output_tokens / light.output_tokens <= 2.3, (heavy, light)

@@ -19,7 +19,7 @@ from gateway.core.clock import FakeClock
 from gateway.core.lifecycle import Health
 from gateway.core.shared import LeaseBook
 from gateway.store.redis import script_source
-from gateway.store.reservations import RedisReservations, backend_keys, call_args
+from gateway.store.reservations import RedisReservations, backend_keys, beat_args, reserve_args
 from tests.unit.test_admission import KVT, M, backend, config, ticket
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
@@ -43,6 +43,7 @@ ops = st.lists(
         st.integers(0, 1500),
         st.floats(0, 3),
         st.integers(-2, 1),  # added to the sequence number: late and repeated writes too
+        st.sampled_from([0, 0, 1, 2, 3]),  # demand (beat) or tenant weight (reserve)
     ),
     min_size=1,
     max_size=30,
@@ -52,23 +53,26 @@ ops = st.lists(
 @settings(max_examples=100)
 @given(ops=ops)
 def test_lua_and_the_pure_twin_agree(
-    client: redis.Redis, ops: list[tuple[str, str, int, float, int]]
+    client: redis.Redis, ops: list[tuple[str, str, int, float, int, int]]
 ) -> None:
     reserve = client.register_script(script_source("reserve"))
     beat = client.register_script(script_source("beat"))
     keys = backend_keys(f"diff-{uuid.uuid4().hex}", "http://gpu:8000")
     book = LeaseBook()
     now, seq, limit = 0.0, 10, 1000
-    for op, replica, nbytes, dt, skew in ops:
+    for op, replica, nbytes, dt, skew, w in ops:
         now += dt
         seq += 2
         s = seq + skew
         if op == "reserve":
-            got = reserve(keys=keys, args=call_args(now, replica, s, nbytes, LEASE, limit))
-            assert (got[0] == 1, got[1]) == book.reserve(replica, s, nbytes, limit, LEASE, now)
+            weight = max(w, 1)
+            args = reserve_args(now, replica, s, nbytes, LEASE, limit, weight)
+            got = reserve(keys=keys, args=args)
+            want = book.reserve(replica, s, nbytes, limit, LEASE, now, weight)
+            assert (got[0] == 1, got[1]) == want
         else:
-            got = beat(keys=keys, args=call_args(now, replica, s, nbytes, LEASE))
-            assert got == book.beat(replica, s, nbytes, LEASE, now)
+            got = beat(keys=keys, args=beat_args(now, replica, s, nbytes, LEASE, w, limit))
+            assert got == book.beat(replica, s, nbytes, LEASE, now, w, limit)
     client.delete(*keys)
 
 

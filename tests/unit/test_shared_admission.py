@@ -62,6 +62,25 @@ def test_replicas_that_grow_only_through_reserve_never_pass_the_limit(
         assert book.total(now) <= limit
 
 
+def test_a_waiting_replica_is_not_kept_below_its_weighted_share() -> None:
+    book = LeaseBook()
+    book.reserve("a", 1, 900, 1000, LEASE, 0.0)
+    book.beat("b", 1, 0, LEASE, 0.0, want=1.0)  # b has a tenant of weight 1 waiting
+    book.beat("a", 2, 400, LEASE, 0.0)  # a released 500: it may not take them all back
+    # held to its half while b waits with less: the other half is not a's to plan on
+    assert book.reserve("a", 3, 600, 1000, LEASE, 0.0) == (False, 500)
+    assert book.reserve("a", 4, 500, 1000, LEASE, 0.0) == (True, 500)
+    assert book.reserve("b", 2, 500, 1000, LEASE, 0.0) == (True, 500)
+    # weights: a tenant of weight 2 at a holds up to two thirds while b waits with weight 1
+    book.beat("b", 3, 200, LEASE, 0.0, want=1.0)
+    book.beat("a", 5, 0, LEASE, 0.0)
+    assert book.reserve("a", 6, 700, 1000, LEASE, 0.0, weight=2.0) == (False, 333)
+    assert book.reserve("a", 7, 660, 1000, LEASE, 0.0, weight=2.0) == (True, 333)
+    # nobody waits below its share: the rest of the memory is not held back (work-conserving)
+    book.beat("b", 4, 340, LEASE, 0.0, want=1.0)
+    assert book.reserve("a", 8, 660, 1000, LEASE, 0.0, weight=2.0) == (True, 340)
+
+
 def test_other_replicas_bytes_are_not_planned() -> None:
     clock = FakeClock()
     adm = Admission(config(backend("a", 1000)), clock.now())
