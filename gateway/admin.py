@@ -2,6 +2,10 @@
 default). ``/metrics``, ``/admin/state`` (JSON), ``/status`` (the same as a page that refreshes
 itself), ``POST /admin/reload`` and the probes ``/healthz`` and ``/readyz``.
 
+Under ``kvgate run --workers N`` every worker binds the admin port too, with SO_REUSEPORT as on
+the proxy port, so whichever worker is alive answers; its /metrics is the whole group's page
+(``gateway.workers``), while /admin/state, /status and /admin/reload are that worker's own.
+
 Bound anywhere but loopback the policy must name a token (``server.admin.token``); every path
 then asks for it as ``Authorization: Bearer <token>``, or as the password of HTTP Basic (what a
 browser can send for the status page, after asking once). The token is read from the live
@@ -27,6 +31,7 @@ from gateway.errors import StoreError
 from gateway.policy.compile import Policy, store_kind
 from gateway.policy.watcher import PolicyWatcher
 from gateway.state import GATEWAY, Gateway
+from gateway.workers import Group
 
 _REALM = 'realm="kvgate admin"'
 # the probes answer anyone, as on the proxy port: an orchestrator probes without a token
@@ -43,6 +48,7 @@ class Control:
 
 
 CONTROL = web.AppKey("control", Control)
+GROUP = web.AppKey("group", Group)  # set on the proxy app of a worker of ``--workers N``
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -52,6 +58,8 @@ def build_admin_app(proxy: web.Application) -> web.Application:
     app = web.Application(middlewares=[_authorized])
     app[GATEWAY] = proxy[GATEWAY]
     app[CONTROL] = proxy[CONTROL]
+    if GROUP in proxy:
+        app[GROUP] = proxy[GROUP]
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", _metrics)
@@ -105,12 +113,29 @@ def _presented(request: web.Request, token: str) -> bool:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    body = _own_metrics(request.app[GATEWAY])
+    if GROUP in request.app:
+        body = (await request.app[GROUP].metrics(body.decode())).encode()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _own_metrics(gw: Gateway) -> bytes:
     gw.metrics.store_degraded.set(1 if gw.live.store.degraded else 0)
     gw.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
-    return web.Response(
-        body=generate_latest(gw.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    return generate_latest(gw.metrics.registry)
+
+
+def worker_metrics_app(proxy: web.Application) -> web.Application:
+    """This worker's own /metrics, on its private Unix socket, for the other workers of its group
+    to gather (no token: only the group's directory reaches it)."""
+    gw = proxy[GATEWAY]
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=_own_metrics(gw), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    own = web.Application()
+    own.router.add_get("/metrics", metrics)
+    return own
 
 
 async def _state(request: web.Request) -> web.Response:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.admin import CONTROL, Control, healthz, readyz
+from gateway.admin import CONTROL, GROUP, Control, healthz, readyz
 from gateway.backends.admitter import Admitter
+from gateway.backends.shared import SharedLink
 from gateway.core.clock import Clock, MonotonicClock
 from gateway.core.tokens import (
     TokenCounter,
@@ -39,12 +43,16 @@ from gateway.store.base import LimitStore
 from gateway.store.fallback import FallbackLimitStore
 from gateway.store.memory import MemoryLimitStore
 from gateway.store.redis import RedisLimitStore
+from gateway.store.reservations import RedisReservations
+from gateway.store.scaled import ScaledLimitStore
 from gateway.tracing import RequestTracer, otlp_tracer
+from gateway.workers import Group
 
 log = logging.getLogger("kvgate")
 
 _WATCH = web.AppKey("watch", tuple)
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)
+_WORKERS = web.AppKey("workers", int)
 
 
 def build_app(
@@ -54,14 +62,24 @@ def build_app(
     metrics: Metrics | None = None,
     watch: tuple[Path, bytes] | None = None,
     tracer: RequestTracer | None = None,
+    workers: int = 1,
+    group: Group | None = None,
 ) -> web.Application:
     """The gateway as an aiohttp app; ``watch`` = (policy file, digest of its text) hot-reloads;
-    ``tracer`` replaces the OTLP one ``server.tracing`` asks for (tests use an in-memory one)."""
+    ``tracer`` replaces the OTLP one ``server.tracing`` asks for (tests use an in-memory one);
+    ``workers``: processes of this replica (what is not shared through Redis is split in that
+    many shares, ``gateway.workers``); ``group``: its worker group, whose metrics the admin
+    listener's /metrics merges."""
     clock = clock or MonotonicClock()
     metrics = metrics or Metrics()
     gw = Gateway(
-        live=build_live(policy, clock, None),
-        admitter=Admitter(policy.admission, clock),
+        live=build_live(policy, clock, None, workers),
+        admitter=Admitter(
+            policy.admission,
+            clock,
+            shared=build_shared(policy, metrics, workers),
+            share=1.0 if policy.shared is not None else 1.0 / workers,
+        ),
         metrics=metrics,
         clock=clock,
     )
@@ -78,6 +96,9 @@ def build_app(
     app[GATEWAY] = gw
     app[CONTROL] = Control()
     app[CONNECTIONS] = guard
+    app[_WORKERS] = workers
+    if group is not None:
+        app[GROUP] = group
     if watch is not None:
         app[_WATCH] = watch
     if policy.spec.server.access_log:
@@ -97,27 +118,47 @@ def build_app(
     return app
 
 
-def build_live(policy: Policy, clock: Clock, previous: Live | None) -> Live:
+def build_live(policy: Policy, clock: Clock, previous: Live | None, workers: int = 1) -> Live:
     """The store and token counters for ``policy``; reuses the previous store when its
     configuration did not change, so bucket state survives a reload."""
     if previous is not None and previous.policy.spec.store == policy.spec.store:
         store = previous.store
     else:
-        store = build_store(policy, clock)
+        store = build_store(policy, clock, workers)
     counters = {name: _counter(m, policy.source) for name, m in policy.models.items()}
     return Live(policy=policy, store=store, counters=counters)
 
 
-def build_store(policy: Policy, clock: Clock) -> LimitStore:
+def build_store(policy: Policy, clock: Clock, workers: int = 1) -> LimitStore:
+    """The policy's limit store; with ``workers`` > 1, a memory store keeps this worker's
+    share and a Redis one falls back to a share of every worker of every replica."""
     spec = policy.spec.store
     local = MemoryLimitStore(clock)
     if not isinstance(spec, RedisStore):
-        return local
+        return local if workers == 1 else ScaledLimitStore(local, 1.0 / workers)
     return FallbackLimitStore(
         RedisLimitStore(spec.url, prefix=spec.prefix),
         local,
         spec.on_error,
-        replicas=spec.replicas,
+        replicas=spec.replicas * workers,
+    )
+
+
+def build_shared(policy: Policy, metrics: Metrics, workers: int = 1) -> SharedLink | None:
+    """The link to shared reservations the policy's ``admission.shared`` asks for, if any.
+    Changing it takes a restart: a reload keeps the link the process started with."""
+    s = policy.shared
+    if s is None:
+        return None
+    replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    store = RedisReservations(
+        s.url, replica, prefix=s.prefix, lease_s=s.lease_s, timeout_s=s.timeout_s
+    )
+    return SharedLink(
+        store,
+        replicas=s.replicas * workers,
+        refresh_s=s.refresh_s,
+        on_switch=metrics.shared_admission_switched,
     )
 
 
@@ -140,7 +181,7 @@ async def apply_policy(app: web.Application, policy: Policy) -> None:
     """Swap in a new policy whole; requests in flight finish on the one they started with."""
     gw = app[GATEWAY]
     old = gw.live
-    live = await asyncio.to_thread(build_live, policy, gw.clock, old)
+    live = await asyncio.to_thread(build_live, policy, gw.clock, old, app[_WORKERS])
     gw.admitter.reconfigure(policy.admission)
     gw.live = live
     gw.metrics.set_policy(policy.fingerprint)

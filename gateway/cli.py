@@ -10,12 +10,16 @@ import gc
 import importlib.resources
 import json
 import logging
+import os
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
@@ -31,6 +35,9 @@ from gateway.policy.watcher import read_policy
 from gateway.proxy.apis.common import BadRequestBody
 from gateway.proxy.apis.routes import parse_request
 from gateway.proxy.connections import ConnectionGuard, GuardedSite
+
+if TYPE_CHECKING:
+    from gateway.workers import Group
 
 # ``kvgate demo``'s ports: clear of what model servers and their neighbours listen on by default
 # (vLLM 8000, llama-server and TGI 8080, SGLang 30000, Ollama 11434, LM Studio 1234, LiteLLM
@@ -67,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--admin-host", help="the admin listener's address instead of the policy's")
     run.add_argument(
         "--admin-port", type=int, help="the admin listener's port instead of the policy's"
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes on the port and the admin port (SO_REUSEPORT); default: one per "
+        "core with a Redis store, 1 with the in-memory one (where each of N workers keeps 1/N "
+        "of every limit and backend)",
     )
     validate = sub.add_parser(
         "validate", help="check policy files, reporting every error; exit 1 if any has one"
@@ -225,8 +239,68 @@ def _serve(config: Path, args: argparse.Namespace) -> int:
         admin_host=args.admin_host or server.admin.host,
         admin_port=server.admin.port if args.admin_port is None else args.admin_port,
     )
-    _loop_runner()(_run(policy, listen, watch=(config.resolve(), digest), demo=False))
-    return 0
+    workers = args.workers
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if store_kind(policy) == "redis" else 1
+    if workers < 1:
+        raise PolicyError("--workers", f"must be at least 1, got {workers}")
+    runner = _loop_runner()
+    watch = (config.resolve(), digest)
+    if workers == 1:
+        runner(_run(policy, listen, watch=watch, demo=False))
+        return 0
+    return _supervise(policy, listen, watch, workers, runner)
+
+
+def _supervise(
+    policy: Policy,
+    listen: Listen,
+    watch: tuple[Path, bytes],
+    workers: int,
+    runner: Callable[[Coroutine[Any, Any, None]], None],
+) -> int:
+    """``workers`` processes, each the whole gateway with both listeners (SO_REUSEPORT)."""
+    from gateway.workers import Group, supervise
+
+    # a port taken by another program would fail every worker, restarted forever: say it once
+    _check_free(listen.host, listen.port, "--port")
+    _check_free(listen.admin_host, listen.admin_port, "--admin-port")
+    if store_kind(policy) == "memory":
+        logging.getLogger("kvgate").warning(
+            "%d workers with the in-memory store: each keeps 1/%d of every limit and backend",
+            workers,
+            workers,
+        )
+    directory = Path(tempfile.mkdtemp(prefix="kvgate-workers-"))
+
+    def worker(index: int) -> None:
+        group = Group(directory, index, workers)
+        runner(_run(policy, listen, watch=watch, demo=False, group=group))
+
+    try:
+        # each worker fails readiness for drain_delay on SIGTERM before it drains
+        grace = policy.server.grace_period_s + policy.server.drain_delay_s
+        return supervise(workers, worker, grace)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _check_free(host: str, port: int, flag: str) -> None:
+    """Raise ``PortInUse`` unless the workers can bind ``host:port`` with SO_REUSEPORT."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # the workers report it
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(host, port, flag) from None
+            raise
 
 
 def _demo(config: Path, args: argparse.Namespace) -> int:
@@ -261,9 +335,16 @@ def _loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
 
 
 async def _run(
-    policy: Policy, listen: Listen, *, watch: tuple[Path, bytes] | None, demo: bool
+    policy: Policy,
+    listen: Listen,
+    *,
+    watch: tuple[Path, bytes] | None,
+    demo: bool,
+    group: Group | None = None,
 ) -> None:
-    from gateway.admin import CONTROL, build_admin_app
+    """The gateway's listeners until a signal; ``group``: this process is one worker of
+    ``--workers N`` and shares both ports with the others (SO_REUSEPORT)."""
+    from gateway.admin import CONTROL, build_admin_app, worker_metrics_app
     from gateway.app import CONNECTIONS, build_app
 
     log = logging.getLogger("kvgate")
@@ -281,7 +362,9 @@ async def _run(
     try:
         if demo:
             runners.append(await _start_simulator(policy))
-        app = build_app(policy, watch=watch)
+        workers = 1 if group is None else group.workers
+        app = build_app(policy, watch=watch, workers=workers, group=group)
+        shared_port = group is not None
         runner = web.AppRunner(
             app,
             handler_cancellation=True,
@@ -290,11 +373,27 @@ async def _run(
         )
         await runner.setup()
         runners.insert(0, runner)
-        await _listen(runner, listen.host, listen.port, "--port", guard=app[CONNECTIONS])
+        await _listen(
+            runner,
+            listen.host,
+            listen.port,
+            "--port",
+            guard=app[CONNECTIONS],
+            reuse_port=shared_port,
+        )
         admin = web.AppRunner(build_admin_app(app), access_log=None)
         await admin.setup()
         runners.insert(0, admin)
-        await _listen(admin, listen.admin_host, listen.admin_port, "--admin-port")
+        await _listen(
+            admin, listen.admin_host, listen.admin_port, "--admin-port", reuse_port=shared_port
+        )
+        if group is not None:
+            own = web.AppRunner(worker_metrics_app(app), access_log=None)
+            await own.setup()
+            runners.append(own)
+            path = group.socket_of(group.index)
+            path.unlink(missing_ok=True)  # left by this worker's previous life
+            await web.UnixSite(own, str(path)).start()
         # Each request allocates a few hundred short-lived objects, so the default gen-0
         # threshold (700) runs the cycle collector every few requests over the whole young heap;
         # the request path makes no cycles worth chasing that often. Startup objects are frozen
@@ -331,15 +430,21 @@ async def _run(
 
 
 async def _listen(
-    runner: web.AppRunner, host: str, port: int, flag: str, guard: ConnectionGuard | None = None
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    flag: str,
+    guard: ConnectionGuard | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> None:
     """Listen; the proxy's listener is guarded (connection caps and deadlines), the admin one
-    serves operators only."""
+    serves operators only; ``reuse_port``: shared with the other workers of a group."""
     site: web.BaseSite
     if guard is None:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     else:
-        site = GuardedSite(runner, host, port, guard, backlog=1024)
+        site = GuardedSite(runner, host, port, guard, backlog=1024, reuse_port=reuse_port)
     try:
         await site.start()
     except OSError as exc:

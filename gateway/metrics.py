@@ -77,6 +77,8 @@ class Metrics:
         r = self.registry
         self._requests: defaultdict[tuple[str, str, str, str], float] = defaultdict(float)
         self._settled: defaultdict[tuple[str, str], _Settled] = defaultdict(_Settled)
+        self._shared_degraded: Gauge | None = None
+        self._shared_switches: Counter | None = None
         self.duration = RequestHistogram(
             "kvgate_request_duration_seconds",
             "Time from request to the last byte of the answer, admitted requests.",
@@ -166,6 +168,24 @@ class Metrics:
     def watch_admission(self, snapshot: Callable[[], Mapping[str, object]]) -> None:
         """Export the admission state (read at scrape time, nothing on the request path)."""
         self.registry.register(_AdmissionCollector(snapshot))
+
+    def shared_admission_switched(self, degraded: bool) -> None:
+        """Shared admission lost Redis (``degraded``) or reached it again. Its series exist only
+        where ``admission.shared`` is on."""
+        if self._shared_degraded is None or self._shared_switches is None:
+            self._shared_degraded = Gauge(
+                "kvgate_shared_admission_degraded",
+                "1 while shared admission cannot reach Redis and plans 1/replicas of each backend.",
+                registry=self.registry,
+            )
+            self._shared_switches = Counter(
+                "kvgate_shared_admission_switches",
+                "Switches of shared admission to (degraded) and from (shared) its fallback.",
+                ["to"],
+                registry=self.registry,
+            )
+        self._shared_degraded.set(1 if degraded else 0)
+        self._shared_switches.labels("degraded" if degraded else "shared").inc()
 
     def set_policy(self, fingerprint: str) -> None:
         """``fingerprint`` is live, loaded now."""

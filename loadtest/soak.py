@@ -200,7 +200,9 @@ async def soak(minutes: float, clients: int, sample_s: float) -> dict[str, objec
     redis_proc = await _spawn(*redis_args)
     sim = await _spawn(*sim_args)
     gateway = await _spawn(
-        sys.executable, "-m", "gateway", "run", "-c", str(policy), env=dict(os.environ)
+        # one process: the soak samples this pid's memory (a Redis store defaults to one a core)
+        *(sys.executable, "-m", "gateway", "run", "-c", str(policy), "--workers", "1"),
+        env=dict(os.environ),
     )
     url = f"http://127.0.0.1:{ports['port']}"
     run = Run()

@@ -2,7 +2,9 @@
 answer the image's health check on that same port.
 
 ``KVGATE_POLICY`` (default /etc/kvgate/policy.yaml), ``KVGATE_HOST`` (0.0.0.0) and ``KVGATE_PORT``
-(8080) say what ``kvgate run`` serves. A policy holding ``${NAME}`` or ``${NAME:-default}``
+(8080) say what ``kvgate run`` serves; ``KVGATE_WORKERS`` (1) how many worker processes share
+its ports (``--workers``: explicit here, where kvgate alone would run one per core it sees, and a
+container's CPU limit is not what it sees). A policy holding ``${NAME}`` or ``${NAME:-default}``
 placeholders is filled from the environment into a private copy first (the shipped example is such
 a template), since the policy language reads only secrets (``env:``) from the environment; a file
 without placeholders is served as it is, so kvgate hot-reloads it when it changes.
@@ -64,6 +66,7 @@ def command(env: Mapping[str, str]) -> list[str]:
     policy = policy_to_serve(Path(env.get("KVGATE_POLICY") or DEFAULT_POLICY), env)
     host = env.get("KVGATE_HOST") or "0.0.0.0"
     port = env.get("KVGATE_PORT") or "8080"
+    workers = env.get("KVGATE_WORKERS") or "1"
     return [
         sys.executable,
         "-m",
@@ -75,6 +78,8 @@ def command(env: Mapping[str, str]) -> list[str]:
         host,
         "--port",
         port,
+        "--workers",
+        workers,
     ]
 
 

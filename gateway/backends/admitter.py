@@ -7,6 +7,11 @@ runs one ``BackendMonitor`` per backend. Everything runs on one event loop; no l
 
 Cancellation: when the task awaiting ``acquire`` is cancelled (the client left), its entry leaves
 the queue; if a placement raced the cancellation, it is released at once. Nothing leaks.
+
+With a ``SharedLink`` (``admission.shared``), every placement on a backend counted in bytes is
+confirmed in Redis before ``acquire`` returns; a refused one (other replicas filled the backend
+first) is offered again with the foreign figure Redis answered. Releases and a heartbeat every
+``refresh_s`` publish this replica's figure per backend and refresh the other replicas'.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import aiohttp
 
 from gateway.backends.monitor import BackendMonitor
+from gateway.backends.shared import SharedLink
 from gateway.core.admission import Admission, Placement, Queued, Rejection
 from gateway.core.backend import BackendConfig, BackendSignals, Failure
 from gateway.core.clock import Clock
@@ -52,15 +58,28 @@ class Lease:
     """A placement on one backend. ``release`` must be called once the upstream exchange is
     over; further calls do nothing."""
 
-    __slots__ = ("_admitter", "_released", "backend_url", "lease_id", "queued_s", "reserved_bytes")
+    __slots__ = (
+        "_admitter",
+        "_released",
+        "backend_url",
+        "lease_id",
+        "model",
+        "queued_s",
+        "reserved_bytes",
+    )
 
     def __init__(self, admitter: Admitter, placement: Placement) -> None:
         self._admitter = admitter
         self._released = False
         self.lease_id = placement.lease_id
         self.backend_url = placement.backend_url
+        self.model = placement.model
         self.reserved_bytes = placement.reserved_bytes
         self.queued_s = placement.queued_s
+
+    def discard(self) -> None:
+        """Forget the lease without releasing it (the core already took it back)."""
+        self._released = True
 
     def started(self) -> None:
         """The backend's response began: what it allocates for the request is allocated."""
@@ -90,9 +109,19 @@ class Admitter:
         clock: Clock,
         *,
         session: aiohttp.ClientSession | None = None,
+        shared: SharedLink | None = None,
+        share: float = 1.0,
     ) -> None:
         self._clock = clock
         self._core = Admission(config, clock.now())
+        self._base_share = share  # this process's share when nothing is shared (workers)
+        self._core.set_share(share, clock.now())
+        self._shared = shared
+        if shared is not None:
+            shared.listen(self._on_shared_switch)
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._publish: asyncio.Task[None] | None = None
+        self._dirty: set[str] = set()
         self._waiters: dict[int, asyncio.Future[Placement | Rejection]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._monitors: dict[tuple[str, str], BackendMonitor] = {}
@@ -102,6 +131,12 @@ class Admitter:
 
     async def acquire(self, ticket: Ticket) -> Lease:
         """Wait for room on a backend; raise ``Shed`` when admission refuses."""
+        while True:
+            lease = await self._admit(ticket)
+            if self._shared is None or await self._confirm(self._shared, lease, ticket.weight):
+                return lease
+
+    async def _admit(self, ticket: Ticket) -> Lease:
         verdict = self._core.offer(ticket, self._clock.now())
         self._dispatch()
         if isinstance(verdict, Placement):
@@ -129,6 +164,28 @@ class Admitter:
             raise Shed.of(result)
         return Lease(self, result)
 
+    async def _confirm(self, shared: SharedLink, lease: Lease, weight: float) -> bool:
+        """Record the placement in the shared store; False when it was refused there (the
+        lease is then gone and the request is to be offered again)."""
+        url = lease.backend_url
+        limit = self._core.ceiling(lease.model, url, self._clock.now())
+        if limit is None:
+            return True  # capacity not counted in bytes: nothing shared to check against
+        try:
+            held = self._core.held_bytes(url)
+            recorded, foreign = await shared.confirm(url, held, limit, weight)
+        except asyncio.CancelledError:
+            lease.release()  # the next figure published corrects one recorded just now
+            raise
+        if foreign is not None:
+            self._core.observe_foreign(url, foreign, self._clock.now())
+        if recorded is False:
+            lease.discard()
+            self._core.refused(lease.lease_id, self._clock.now())
+            self._mark_dirty(url)  # the figure Redis may hold includes the refused bytes
+        self._dispatch()
+        return recorded is not False
+
     def reconfigure(self, config: AdmissionConfig) -> None:
         """Hot reload: state, queue and leases of backends whose URL persists are kept."""
         self._core.reconfigure(config, self._clock.now())
@@ -141,11 +198,23 @@ class Admitter:
             self._session = aiohttp.ClientSession()
         self._started = True
         self._sync_monitors()
+        if self._shared is not None:
+            self._heartbeat = asyncio.get_running_loop().create_task(
+                self._beat_forever(self._shared)
+            )
 
     async def close(self) -> None:
         self._started = False
         monitors, self._monitors = self._monitors, {}
         await asyncio.gather(*(m.stop() for m in monitors.values()))
+        for task in (self._heartbeat, self._publish):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._heartbeat = self._publish = None
+        if self._shared is not None:
+            await self._shared.close()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -190,6 +259,7 @@ class Admitter:
         ttft_s: float | None,
         failure: Failure | None,
     ) -> None:
+        url = self._core.lease_url(lease_id) if self._shared is not None else None
         self._core.release(
             lease_id,
             output_tokens=output_tokens,
@@ -197,6 +267,62 @@ class Admitter:
             failure=failure,
             now=self._clock.now(),
         )
+        if url is not None:
+            self._mark_dirty(url)
+        self._dispatch()
+
+    # -- shared reservations ------------------------------------------------------------------
+
+    @property
+    def shared_degraded(self) -> bool:
+        return self._shared is not None and self._shared.degraded
+
+    def _mark_dirty(self, url: str) -> None:
+        """Publish this replica's lower figure soon: releases in one loop turn share a call."""
+        self._dirty.add(url)
+        if self._publish is None and self._started:
+            self._publish = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._dirty:
+                urls, self._dirty = self._dirty, set()
+                await self._beat(urls)
+        finally:
+            self._publish = None
+
+    def _on_shared_switch(self, degraded: bool) -> None:
+        replicas = self._shared.replicas if self._shared is not None and degraded else 1
+        self._core.set_share(self._base_share / replicas, self._clock.now())
+        self._dispatch()
+
+    async def _beat_forever(self, shared: SharedLink) -> None:
+        while True:
+            await self._beat({bc.url for _, bc in self._core.backends()})
+            # a replica with requests waiting hears of freed memory sooner
+            await asyncio.sleep(shared.refresh_s)
+
+    async def _beat(self, urls: set[str]) -> None:
+        shared = self._shared
+        if shared is None:
+            return
+        ordered = sorted(urls)
+        now = self._clock.now()
+        answers = await asyncio.gather(
+            *(
+                shared.beat(
+                    url,
+                    self._core.held_bytes(url),
+                    self._core.waiting_weight(url),
+                    self._core.url_ceiling(url, now),
+                )
+                for url in ordered
+            )
+        )
+        now = self._clock.now()
+        for url, foreign in zip(ordered, answers, strict=True):
+            if foreign is not None and not shared.degraded:
+                self._core.observe_foreign(url, foreign, now)
         self._dispatch()
 
     # -- plumbing -----------------------------------------------------------------------------

@@ -5,10 +5,15 @@ Several samples of one name (labels per engine, per model) combine as: counts an
 add up, shares (usage, fragmentation) take the maximum, the largest free block the maximum.
 Before that, the flavor's per-rank copies are merged into one sample and its breakdowns of
 an exported total are dropped (``MetricMap.mirror_labels``, ``MetricMap.breakdown_labels``).
+
+A vLLM page holds some 570 lines, almost all histogram buckets no signal reads: only the lines
+of the sample names a flavor reads are kept before the parser sees the page (``needed_lines``),
+which cuts a scrape's parse from milliseconds of event-loop time to a fraction of one.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable
 
@@ -50,6 +55,53 @@ def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def wanted_names(names: MetricMap) -> frozenset[str]:
+    """Every sample name a signal of ``names`` may read (an info metric also as ``_info``)."""
+    wanted = {
+        n
+        for group in (
+            names.kv_usage,
+            names.running,
+            names.waiting,
+            names.preemptions,
+            names.capacity_tokens,
+            names.used_tokens,
+            names.fragmentation,
+            names.largest_free_block,
+        )
+        for n in group
+    }
+    for name in names.capacity_blocks:
+        wanted |= {name, name + "_info"}
+    return frozenset(wanted)
+
+
+def needed_lines(text: str, wanted: frozenset[str]) -> str:
+    """The sample lines of ``text`` whose name is in ``wanted`` (comments dropped: the parser
+    reads untyped samples by the names they are written with, as typed ones)."""
+    prefixes = tuple(wanted)
+    keep = []
+    for line in text.splitlines():
+        if line.startswith(prefixes):
+            end = len(line)
+            for stop in ("{", " "):
+                at = line.find(stop)
+                if 0 <= at < end:
+                    end = at
+            if line[:end] in wanted:
+                keep.append(line)
+    keep.append("")
+    return "\n".join(keep)
+
+
+def _needed_or_all(text: str, names: MetricMap) -> str:
+    """The needed lines; the whole page when none is there, so that a page that is not the
+    Prometheus format at all is still reported as such (it has none of the names either)."""
+    kept = needed_lines(text, wanted_names(names))
+    return kept if kept.strip() else text
+
+
 def parse_metrics(
     text: str, names: MetricMap, *, at: float, block_size: int | None = None
 ) -> BackendSignals:
@@ -57,7 +109,7 @@ def parse_metrics(
     gauge to tokens when the metric itself does not say its block size."""
     found = {
         name: _distinct(rows, names.mirror_labels, names.breakdown_labels)
-        for name, rows in samples(text).items()
+        for name, rows in samples(_needed_or_all(text, names)).items()
     }
 
     def first(candidates: Iterable[str], combine: Callable[[list[float]], float]) -> float | None:

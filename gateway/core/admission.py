@@ -84,6 +84,7 @@ class _Lease:
     tenant: str
     nbytes: int
     placed_at: float
+    ticket: Ticket
     started: bool = False
 
 
@@ -98,6 +99,7 @@ class Admission:
         self._ids = itertools.count(1)
         self._events: list[tuple[int, Placement | Rejection]] = []
         self._chosen: dict[int, tuple[str, int]] = {}
+        self._share = 1.0
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -190,6 +192,73 @@ class Admission:
         if failure is None and output_tokens is not None:
             self.outputs.observe(lease.model, lease.tenant, output_tokens)
         self._pump_pool(pool, now)
+
+    def refused(self, lease_id: int, now: float) -> Ticket | None:
+        """The shared store refused to confirm a placement (other replicas filled the backend
+        first): free it without learning anything and answer its ticket, to offer again."""
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return None
+        pool = self._pools.get(lease.model)
+        rt = None if pool is None else pool.backends.get(lease.url)
+        if pool is not None and rt is not None:
+            rt.unplace(lease.nbytes)
+            self._pump_pool(pool, now)
+        return lease.ticket
+
+    def lease_url(self, lease_id: int) -> str | None:
+        lease = self._leases.get(lease_id)
+        return None if lease is None else lease.url
+
+    def held_bytes(self, url: str) -> int:
+        """Bytes this process holds (or is confirming) on the backend at ``url``."""
+        return sum(
+            rt.reserved_bytes for pool in self._pools.values() if (rt := pool.backends.get(url))
+        )
+
+    def waiting_weight(self, url: str) -> float:
+        """The summed weights of the tenants queued for a model the backend at ``url`` serves
+        (each tenant once): this replica's demand there, for fairness across replicas."""
+        weights: dict[str, float] = {}
+        for pool in self._pools.values():
+            if url in pool.backends:
+                for e in pool.queue:
+                    weights[e.tenant] = e.weight
+        return sum(weights.values())
+
+    def url_ceiling(self, url: str, now: float) -> float | None:
+        """``ceiling`` of the backend at ``url`` (the first model's that has it)."""
+        for pool in self._pools.values():
+            rt = pool.backends.get(url)
+            if rt is not None:
+                return rt.ceiling(now)
+        return None
+
+    def ceiling(self, model: str, url: str, now: float) -> float | None:
+        """``BackendRuntime.ceiling`` of one backend; None if unknown or not in bytes."""
+        rt = self._runtime(model, url)
+        return None if rt is None else rt.ceiling(now)
+
+    def observe_foreign(self, url: str, nbytes: int, now: float) -> None:
+        """Other replicas hold ``nbytes`` on the backend at ``url`` (the shared store says)."""
+        for pool in self._pools.values():
+            rt = pool.backends.get(url)
+            if rt is not None and rt.foreign_bytes != nbytes:
+                rt.foreign_bytes = nbytes
+                self._pump_pool(pool, now)
+
+    def set_share(self, share: float, now: float) -> None:
+        """Plan ``share`` of every backend (1/replicas while the shared store is lost); a
+        share below 1 forgets the foreign figures, which it stands in for."""
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share}")
+        self._share = share
+        for pool in self._pools.values():
+            for rt in pool.backends.values():
+                rt.share = share
+                if share < 1:
+                    rt.foreign_bytes = 0
+            self._pump_pool(pool, now)
 
     # -- backend observations -----------------------------------------------------------------
 
@@ -302,6 +371,8 @@ class Admission:
                 self._events.append((entry_id, Rejection(Outcome.NOT_FOUND, None, msg, False)))
         self._pools = pools
         for pool in pools.values():
+            for rt in pool.backends.values():
+                rt.share = self._share
             self._pump_pool(pool, now)
 
     def snapshot(self, now: float) -> dict[str, object]:
@@ -354,7 +425,7 @@ class Admission:
     ) -> Placement:
         lease_id = next(self._ids)
         rt.place(nbytes)
-        self._leases[lease_id] = _Lease(pool.spec.name, rt.url, ticket.tenant, nbytes, now)
+        self._leases[lease_id] = _Lease(pool.spec.name, rt.url, ticket.tenant, nbytes, now, ticket)
         return Placement(lease_id, pool.spec.name, rt.url, nbytes, queued_s)
 
     def _needs(self, cands: list[BackendRuntime], ticket: Ticket) -> tuple[tuple[str, int], ...]:

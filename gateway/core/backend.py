@@ -143,6 +143,11 @@ class BackendRuntime:
         self.signals: BackendSignals | None = None
         self.reserved_bytes = 0
         self.inflight = 0
+        # Other gateway replicas' reservations here, as the shared store last reported them.
+        self.foreign_bytes = 0
+        # This process's share of the backend: 1, or 1/replicas while the shared store is lost
+        # (and 1/workers for workers without one).
+        self.share = 1.0
         self.pressure = Pressure()
         self.overcommit = Overcommit()
         self.adaptive = AdaptiveLimit(
@@ -210,8 +215,8 @@ class BackendRuntime:
         if self._kind is not CapacityKind.BYTES:
             return 0.0
         factor = self.cap.warmup_floor if self.config.warmup_s > 0 else 1.0
-        usable = float(self._total_bytes or 0) * (1.0 - self.cap.headroom) * factor
-        return max(0.0, usable - self.reserved_bytes)
+        usable = float(self._total_bytes or 0) * (1.0 - self.cap.headroom) * factor * self.share
+        return max(0.0, usable - self.reserved_bytes - self.foreign_bytes)
 
     def observe_health(self, health: Health, now: float) -> None:
         self.lifecycle.observe_health(health, now)
@@ -247,6 +252,8 @@ class BackendRuntime:
             "usable": v.usable,
             "free": v.free,
             "reserved_bytes": self.reserved_bytes,
+            "foreign_bytes": self.foreign_bytes,
+            "share": self.share,
             "inflight": self.inflight,
             "fragmentation": v.fragmentation,
             "stale": v.stale,
@@ -341,14 +348,14 @@ class BackendRuntime:
             return self._bytes_view(now, factor, sig)
         if kind is CapacityKind.SLOTS:
             slots = self._slots or self.config.max_concurrency or self.adaptive.value
-            usable = _whole(slots * factor * self.pressure.value(now))
+            usable = _whole(slots * factor * self.pressure.value(now) * self.share)
             foreign = 0.0
             if sig is not None and sig.running is not None:
                 foreign = max(0.0, sig.running - self._inflight_at_scrape)
             free = usable - self.inflight - foreign
             return CapacityView(kind, phase, slots, usable, free, None, None, sig is None)
         limit = self.adaptive.value
-        usable = _whole(limit * factor)
+        usable = _whole(limit * factor * self.share)
         return CapacityView(
             kind, phase, limit, usable, usable - self.inflight, None, None, sig is None
         )
@@ -357,11 +364,11 @@ class BackendRuntime:
         total = float(self.total_bytes() or 0)
         frag = None if sig is None else sig.fragmentation
         largest = None if sig is None else sig.largest_free_block_bytes
-        usable = total * (1.0 - self.cap.headroom) * factor * self.pressure.value(now)
+        usable = total * (1.0 - self.cap.headroom) * factor * self.pressure.value(now) * self.share
         own = float(self.reserved_bytes)
         usage = None if sig is None else self._usage(sig)
         if usage is None:
-            free = usable - own
+            free = usable - own - self.foreign_bytes
         else:
             # Fresh usage: reservations may exceed usable by the learned overcommit, and what
             # was admitted since the scrape must fit in what the gauge left under usable.
@@ -370,7 +377,9 @@ class BackendRuntime:
                 if self._capacity_tokens
                 else total
             )
-            foreign = max(0.0, usage * real_total - self._reserved_at_scrape)
+            # the gauge saw other replicas' requests as of the scrape; the shared store's
+            # figure may be newer
+            foreign = max(usage * real_total - self._reserved_at_scrape, self.foreign_bytes, 0.0)
             admitted_since = max(0.0, own - self._reserved_at_scrape)
             gauge_left = usable - usage * real_total - admitted_since
             free = min(usable * self.overcommit.value - own - foreign, gauge_left)
@@ -458,6 +467,15 @@ class BackendRuntime:
             and v.fragmentation > self.cap.shed_above
             and need_bytes > self.cap.large_request * v.usable
         )
+
+    def ceiling(self, now: float) -> float | None:
+        """The most every replica together may reserve here now, in bytes (what a shared
+        confirmation checks); None where capacity is not counted in bytes."""
+        if self.kind() is not CapacityKind.BYTES:
+            return None
+        total = float(self.total_bytes() or 0)
+        factor = self.lifecycle.capacity_factor(now) * self.pressure.value(now)
+        return total * (1.0 - self.cap.headroom) * factor * self.overcommit.value
 
     def place(self, need_bytes: int) -> None:
         self.reserved_bytes += need_bytes

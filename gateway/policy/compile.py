@@ -90,6 +90,18 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedAdmission:
+    """``admission.shared`` resolved against ``store:`` (always Redis)."""
+
+    url: str
+    prefix: str
+    replicas: int
+    lease_s: float
+    refresh_s: float
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
     priority: Priority
@@ -129,6 +141,7 @@ class Policy:
     _by_key: Mapping[bytes, Tenant] = field(repr=False)
     _buckets: Mapping[tuple[str, str], tuple[BucketSpec, ...]] = field(repr=False)
     _limit_words: Mapping[str, str] = field(default_factory=dict, repr=False)
+    shared: SharedAdmission | None = None  # admission.shared: reservations shared in Redis
 
     def limit_words(self, key: str) -> str:
         """A bucket in the policy's own words, e.g. "tenant acme's tokens limit of 200k/min",
@@ -205,6 +218,26 @@ def compile_policy(
         _by_key=_keys(spec, tenants, source, env),
         _buckets=_buckets(spec, source),
         _limit_words=_limit_words(spec),
+        shared=_shared(spec, source),
+    )
+
+
+def _shared(spec: schema.Policy, source: str) -> SharedAdmission | None:
+    shared = spec.admission.shared
+    if shared is None:
+        return None
+    store = spec.store
+    if not isinstance(store, schema.RedisStore):
+        raise PolicyError(
+            source, "at $.admission.shared: shared admission needs `store: {kind: redis}`"
+        )
+    return SharedAdmission(
+        url=store.url,
+        prefix=store.prefix,
+        replicas=store.replicas,
+        lease_s=units.parse_duration(shared.lease),
+        refresh_s=units.parse_duration(shared.refresh),
+        timeout_s=units.parse_duration(shared.timeout),
     )
 
 

@@ -330,6 +330,21 @@ class Eject(Base, frozen=True, kw_only=True):
         _check(self, "cooldown", units.parse_duration)
 
 
+class Shared(Base, frozen=True, kw_only=True):
+    """In-flight reservations shared by every replica through the Redis of ``store:``."""
+
+    lease: Duration = "5s"  # a replica silent this long is dead: its reservations are freed
+    refresh: Duration = "250ms"  # heartbeat, and how fresh the other replicas' figures are
+    timeout: Duration = "200ms"  # longest a request waits on Redis before the fallback
+
+    def __post_init__(self) -> None:
+        for name in ("lease", "refresh", "timeout"):
+            if _check(self, name, units.parse_duration) <= 0:
+                raise ValueError(f"`{name}`: must be > 0")
+        if units.parse_duration(self.refresh) >= units.parse_duration(self.lease):
+            raise ValueError("`refresh`: must be shorter than `lease`")
+
+
 class Admission(Base, frozen=True, kw_only=True):
     enabled: bool = True
     headroom: Share = "10%"
@@ -339,6 +354,7 @@ class Admission(Base, frozen=True, kw_only=True):
     eject: Eject = msgspec.field(default_factory=Eject)
     stale_after: Duration = "5s"
     output_quantile: Share = 0.9
+    shared: Shared | None = None  # None: each process plans every backend by itself
 
     def __post_init__(self) -> None:
         _check(self, "headroom", units.parse_share)

@@ -222,16 +222,24 @@ class GuardedSite(web.BaseSite):
     """A TCP listener whose connections pass a ``ConnectionGuard``; the runner's cleanup stops
     it like any site."""
 
-    __slots__ = ("_bound", "_guard", "_host", "_port")
+    __slots__ = ("_bound", "_guard", "_host", "_port", "_reuse_port")
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, backlog: int
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        guard: ConnectionGuard,
+        backlog: int,
+        *,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self._bound = port
         self._guard = guard
+        self._reuse_port = reuse_port  # the workers of ``kvgate run --workers N`` share the port
 
     @property
     def name(self) -> str:
@@ -249,7 +257,11 @@ class GuardedSite(web.BaseSite):
             raise RuntimeError("the runner is set up before its site starts")
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._guard.factory(server), self._host, self._port, backlog=self._backlog
+            self._guard.factory(server),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_port=self._reuse_port or None,
         )
         if self._server.sockets:
             self._bound = self._server.sockets[0].getsockname()[1]

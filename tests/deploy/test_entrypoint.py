@@ -64,11 +64,17 @@ def test_command_follows_the_environment(tmp_path: Path) -> None:
     env = {**ENV, "KVGATE_POLICY": str(TEMPLATE), "KVGATE_PORT": "9000", "KVGATE_HOST": "::"}
     args = entrypoint.command(env)
     assert args[1:5] == ["-m", "gateway", "run", "-c"]
-    assert args[6:] == ["--host", "::", "--port", "9000"]
+    assert args[6:] == ["--host", "::", "--port", "9000", "--workers", "1"]
     rendered = Path(args[5]).read_text()
     assert "url: http://gpu:8000" in rendered
     assert "url: redis://redis:6379/0" in rendered
     assert "${" not in rendered
+    Path(args[5]).unlink()
+
+
+def test_command_passes_the_workers_from_the_environment(tmp_path: Path) -> None:
+    args = entrypoint.command({**ENV, "KVGATE_POLICY": str(TEMPLATE), "KVGATE_WORKERS": "4"})
+    assert args[-2:] == ["--workers", "4"]
     Path(args[5]).unlink()
 
 

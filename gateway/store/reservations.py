@@ -1,0 +1,124 @@
+"""Shared in-flight reservations: what every replica holds on each backend, in Redis.
+
+One Lua call confirms a placement (``reserve.lua``: check every live replica's figure against the
+backend's limit and record this replica's new one) and one records a release or a heartbeat
+(``beat.lua``); ``gateway.core.shared.LeaseBook`` is their pure twin and documents the
+semantics. Keys are ``kvgate:{<prefix>|<backend url>}:held``, ``:seqs``, ``:beats`` and
+``:wants``: the hash tag is per backend, so in Redis Cluster each call touches one slot and
+backends spread across the cluster. Time comes from Redis ``TIME`` unless a ``clock`` is given
+(tests). Every Redis or socket failure is raised as ``gateway.errors.StoreError``; ``timeout_s``
+bounds each reply, so a dead Redis costs a request at most that long before the caller falls
+back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway.core.clock import Clock
+from gateway.store.base import StoreError
+from gateway.store.redis import script_source
+
+_Arg = str | float | int
+
+
+def backend_keys(prefix: str, url: str) -> list[str]:
+    """The four keys of one backend, in the order the scripts take them."""
+    tag = f"kvgate:{{{prefix}|{url.replace('{', '%7B').replace('}', '%7D')}}}"
+    return [f"{tag}:held", f"{tag}:seqs", f"{tag}:beats", f"{tag}:wants"]
+
+
+def reserve_args(
+    now: _Arg, replica: str, seq: int, nbytes: int, lease_s: float, limit: float, weight: float
+) -> list[_Arg]:
+    """ARGV of ``reserve.lua``."""
+    cap = limit if math.isfinite(limit) else 2**62
+    return [*_common(now, replica, seq, nbytes, lease_s), cap, weight]
+
+
+def beat_args(
+    now: _Arg,
+    replica: str,
+    seq: int,
+    nbytes: int,
+    lease_s: float,
+    want: float,
+    limit: float | None = None,
+) -> list[_Arg]:
+    """ARGV of ``beat.lua`` (``limit`` None: unknown, no fairness applied)."""
+    cap = 0 if limit is None else limit if math.isfinite(limit) else 2**62
+    return [*_common(now, replica, seq, nbytes, lease_s), want, cap]
+
+
+def _common(now: _Arg, replica: str, seq: int, nbytes: int, lease_s: float) -> list[_Arg]:
+    ttl_ms = max(1000, math.ceil(lease_s * 2000))  # keys outlive every heartbeat they hold
+    return [now, replica, seq, nbytes, lease_s, ttl_ms]
+
+
+class RedisReservations:
+    """This replica's view of the shared reservations at ``url`` (Redis)."""
+
+    def __init__(
+        self,
+        url: str,
+        replica: str,
+        *,
+        prefix: str = "kvgate",
+        lease_s: float = 5.0,
+        timeout_s: float = 0.2,
+        clock: Clock | None = None,
+    ) -> None:
+        if lease_s <= 0:
+            raise ValueError("lease_s must be > 0")
+        self.replica = replica
+        self.lease_s = lease_s
+        self._prefix = prefix
+        self._clock = clock
+        self._seq = 0
+        # A broken pooled connection (Redis restarted) is retried once on a fresh one; a timeout
+        # is not, so a dead Redis reaches the fallback within one timeout.
+        retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=retry
+        )
+        self._reserve = self._redis.register_script(script_source("reserve"))
+        self._beat = self._redis.register_script(script_source("beat"))
+
+    def _next(self) -> tuple[_Arg, int]:
+        self._seq += 1
+        return ("" if self._clock is None else self._clock.now()), self._seq
+
+    async def reserve(
+        self, backend: str, nbytes: int, limit: float, weight: float = 1.0
+    ) -> tuple[bool, int]:
+        """Record ``nbytes`` as this replica's figure on ``backend`` if every live replica's
+        figure fits under ``limit`` and no waiting replica is kept below its share (``weight``:
+        the requesting tenant's); (recorded, other replicas' bytes)."""
+        now, seq = self._next()
+        args = reserve_args(now, self.replica, seq, nbytes, self.lease_s, limit, weight)
+        try:
+            reply = await self._reserve(keys=backend_keys(self._prefix, backend), args=args)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StoreError(f"shared admission: reserve failed: {exc}") from exc
+        return reply[0] == 1, int(reply[1])
+
+    async def beat(
+        self, backend: str, nbytes: int, want: float = 0.0, limit: float | None = None
+    ) -> int:
+        """Record ``nbytes`` and demand ``want`` as this replica's on ``backend`` and renew its
+        heartbeat; the bytes there it may not plan on (``gateway.core.shared``)."""
+        now, seq = self._next()
+        args = beat_args(now, self.replica, seq, nbytes, self.lease_s, want, limit)
+        try:
+            reply = await self._beat(keys=backend_keys(self._prefix, backend), args=args)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StoreError(f"shared admission: heartbeat failed: {exc}") from exc
+        return int(reply)
+
+    async def close(self) -> None:
+        await self._redis.aclose()

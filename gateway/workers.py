@@ -1,0 +1,203 @@
+"""``kvgate run --workers N``: N worker processes on one port, a supervisor, one /metrics.
+
+The supervisor forks the workers before any event loop exists; each one binds the public port
+with SO_REUSEPORT (the kernel spreads connections over them) and serves the whole gateway.
+A worker that dies is started again (after a pause that doubles while they keep dying, up to
+``MAX_RESTART_PAUSE_S``); on SIGTERM or SIGINT the supervisor sends SIGTERM to every worker,
+which drains as one process does (``server.grace_period``), and kills what is left after it.
+SIGHUP is passed on to every worker (each one reloads the policy, as one process does).
+
+Metrics: each worker also serves its own exposition on a Unix socket in a private directory,
+and a worker answering the public /metrics gathers every worker's and merges them
+(``merge_expositions``): one page for the process group, each sample with a ``worker`` label
+(counters of a restarted worker start again from zero, which Prometheus' ``rate`` handles).
+
+Sharing: with a Redis store the buckets are shared and, with ``admission.shared``, so is what is
+in flight on each backend. With the in-memory store each worker plans ``1/N`` of every limit and
+every backend (the rule ``store.replicas`` applies to replicas under ``on_error: local``), so the
+group together stays within the policy; requests are spread by the kernel, not by tenant, so one
+tenant's burst may meet one worker's share of its limit first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+
+_log = logging.getLogger("kvgate")
+
+MAX_RESTART_PAUSE_S = 10.0
+_SCRAPE_TIMEOUT_S = 2.0
+
+
+def merge_expositions(pages: list[tuple[str, str]]) -> str:
+    """One Prometheus text page from (worker, page) pairs: each family once, with every
+    worker's samples under it, labelled ``worker``."""
+    heads: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for worker, page in pages:
+        family = ""
+        for line in page.splitlines():
+            if not line:
+                continue
+            if line.startswith("#"):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                    heads.setdefault(family, [])
+                    samples.setdefault(family, [])
+                    if not any(h.split(" ", 3)[1] == parts[1] for h in heads[family]):
+                        heads[family].append(line)
+                continue
+            samples.setdefault(family, []).append(_labelled(line, worker))
+    out: list[str] = []
+    for family, lines in samples.items():
+        out += heads.get(family, [])
+        out += lines
+    return "\n".join(out) + "\n"
+
+
+def _labelled(sample: str, worker: str) -> str:
+    label = f'worker="{worker}"'
+    name_end = len(sample)
+    for i, ch in enumerate(sample):
+        if ch in "{ ":
+            name_end = i
+            break
+    name, rest = sample[:name_end], sample[name_end:]
+    if rest.startswith("{}"):
+        return f"{name}{{{label}}}{rest[2:]}"
+    if rest.startswith("{"):
+        return f"{name}{{{label},{rest[1:]}"
+    return f"{name}{{{label}}}{rest}"
+
+
+class Group:
+    """A worker's view of its process group: where every worker serves its own metrics."""
+
+    def __init__(self, directory: Path, index: int, workers: int) -> None:
+        self.directory = directory
+        self.index = index
+        self.workers = workers
+
+    def socket_of(self, index: int) -> Path:
+        return self.directory / f"worker-{index}.sock"
+
+    async def metrics(self, own: str) -> str:
+        """Every live worker's page merged; this worker's is ``own``."""
+        pages = await asyncio.gather(
+            *(self._scrape(i) for i in range(self.workers) if i != self.index)
+        )
+        found = [(str(self.index), own)]
+        found += [(str(i), p) for i, p in pages if p is not None]
+        found.sort(key=lambda wp: int(wp[0]))
+        return merge_expositions(found)
+
+    async def _scrape(self, index: int) -> tuple[int, str | None]:
+        path = self.socket_of(index)
+        if not path.exists():
+            return index, None  # restarting
+        timeout = aiohttp.ClientTimeout(total=_SCRAPE_TIMEOUT_S)
+        try:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=str(path)), timeout=timeout
+                ) as session,
+                session.get("http://worker/metrics") as resp,
+            ):
+                return index, await resp.text()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return index, None
+
+
+def supervise(workers: int, run_worker: Callable[[int], None], grace_s: float) -> int:
+    """Fork ``workers`` processes running ``run_worker(index)``; keep them up until SIGTERM or
+    SIGINT, then stop them within ``grace_s`` (plus a margin) and return 0."""
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    pids: dict[int, int] = {}  # pid -> worker index
+
+    def reload(signum: int, frame: object) -> None:
+        for pid in list(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    # SIGHUP's default action would end the supervisor and leave its workers running
+    signal.signal(signal.SIGHUP, reload)
+    pause = dict.fromkeys(range(workers), 0.5)
+    due: dict[int, float] = dict.fromkeys(range(workers), 0.0)  # index -> when to (re)start
+    while not stopping:
+        now = time.monotonic()
+        for index, at in list(due.items()):
+            if at <= now:
+                del due[index]
+                pids[_fork(index, run_worker)] = index
+        with contextlib.suppress(ChildProcessError, InterruptedError):
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid and pid in pids:
+                index = pids.pop(pid)
+                _log.warning(
+                    "worker %d (pid %d) died (%s); restarting it in %.1fs",
+                    index,
+                    pid,
+                    _describe(status),
+                    pause[index],
+                )
+                due[index] = time.monotonic() + pause[index]
+                pause[index] = min(MAX_RESTART_PAUSE_S, 2 * pause[index])
+                continue
+        time.sleep(0.1)
+    _log.info("stopping %d workers", len(pids))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s + 5.0
+    while pids and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError, InterruptedError):
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                pids.pop(pid, None)
+                continue
+        time.sleep(0.05)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return 0
+
+
+def _fork(index: int, run_worker: Callable[[int], None]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # until its policy watcher takes it
+        run_worker(index)
+    except BaseException:
+        _log.exception("worker %d failed", index)
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit {os.waitstatus_to_exitcode(status)}"

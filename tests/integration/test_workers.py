@@ -1,0 +1,116 @@
+"""``kvgate run --workers 2`` as a user runs it: one port for both (and one admin port), one
+/metrics for the group on the admin listener, a worker killed is started again, and SIGTERM lets
+requests in flight finish on every worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import policy_text, until
+from tests.integration.stub import StubBackend
+from tests.integration.test_cli import ROOT, _free_port, _kvgate
+
+pytestmark = pytest.mark.integration
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return sorted(int(p) for p in out.stdout.split())
+
+
+async def test_two_workers_share_a_port_restart_and_drain(
+    tmp_path: Path, stub: StubBackend, stub_url: str
+) -> None:
+    port, admin_port = _free_port(), _free_port()
+    text = policy_text([stub_url]).replace(
+        "server:\n",
+        f"server:\n  port: {port}\n  admin: {{port: {admin_port}}}\n  grace_period: 10s\n",
+        1,
+    )
+    (tmp_path / "policy.yaml").write_text(text)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "gateway", "run", "-c", str(tmp_path / "policy.yaml"), "--workers", "2"),
+        env={"PATH": "/usr/bin:/bin", "ACME_KEY": "sk-acme", "PYTHONPATH": str(ROOT)},
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def ready() -> bool:
+                try:
+                    async with session.get(f"{url}/readyz") as r:
+                        return r.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            async def workers_in_metrics() -> set[str]:
+                async with session.get(f"{admin}/metrics") as r:
+                    return set(re.findall(r'worker="(\d+)"', await r.text()))
+
+            async with asyncio.timeout(20):
+                while not (await ready() and await workers_in_metrics() == {"0", "1"}):  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            first = _children(proc.pid)
+            assert len(first) == 2
+            proc.send_signal(signal.SIGHUP)  # passed on to the workers: a reload, not a stop
+            await asyncio.sleep(0.5)
+            assert proc.returncode is None
+            assert _children(proc.pid) == first
+            assert await ready()
+            os.kill(first[0], signal.SIGKILL)
+            await until(lambda: len(set(_children(proc.pid)) - {first[0]}) == 2, 10)
+            async with asyncio.timeout(20):
+                while await workers_in_metrics() != {"0", "1"}:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+
+            stub.hold_first_byte = True
+            body = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
+            requests = [
+                asyncio.ensure_future(
+                    session.post(
+                        f"{url}/v1/chat/completions", json=body, headers={"Connection": "close"}
+                    )
+                )
+                for _ in range(4)
+            ]
+            await until(lambda: len(stub.requests) >= 4, 10)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            stub.release.set()
+            for request in requests:
+                response = await asyncio.wait_for(request, 10)
+                assert response.status == 200
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_a_port_in_use_is_one_clear_line_before_any_worker_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        admin_port = taken.getsockname()[1]
+        text = policy_text(["http://127.0.0.1:9"]).replace(
+            "server:\n", f"server:\n  port: {_free_port()}\n  admin: {{port: {admin_port}}}\n", 1
+        )
+        (tmp_path / "policy.yaml").write_text(text)
+        result = _kvgate("run", "-c", str(tmp_path / "policy.yaml"), "--workers", "2")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"kvgate: 127.0.0.1:{admin_port} is already in use" in result.stderr
+    assert "--admin-port PORT" in result.stderr
