@@ -106,11 +106,6 @@ def decode_text(data: bytes, source: str) -> str:
         raise PolicyError(source, f"line {line}: not UTF-8 (byte {exc.start})") from None
 
 
-def load_file(path: str | Path) -> schema.Policy:
-    path = Path(path)
-    return load_text(decode_text(read_source(path), str(path)), source=str(path))
-
-
 def load_text(text: str, source: str = "<string>") -> schema.Policy:
     return parse(text, source).spec
 
