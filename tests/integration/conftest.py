@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -131,6 +132,19 @@ async def until(condition: Callable[[], object], timeout_s: float = 5.0) -> None
     async with asyncio.timeout(timeout_s):
         while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+async def until_ready(session: aiohttp.ClientSession, url: str, timeout_s: float = 20.0) -> None:
+    """Wait for a gateway process at ``url`` to answer ``/readyz`` with 200."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                async with session.get(f"{url}/readyz") as ready:
+                    if ready.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
 
 
 async def _wait_ready(client: TestClient[web.Request, web.Application]) -> None:

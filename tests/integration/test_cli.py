@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 import gateway
-from tests.integration.conftest import policy_text, until
+from tests.integration.conftest import policy_text, until, until_ready
 from tests.integration.stub import StubBackend
 
 pytestmark = pytest.mark.integration
@@ -118,15 +118,7 @@ async def test_sigterm_fails_readiness_first_then_lets_requests_in_flight_finish
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(20):
-                while True:
-                    try:
-                        async with session.get(f"{url}/readyz") as ready:
-                            if ready.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        pass
-                    await asyncio.sleep(0.05)
+            await until_ready(session, url, timeout_s=20)
             stub.hold_first_byte = True
             request = asyncio.ensure_future(
                 session.post(

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import build_app
 from gateway.metrics import Metrics
 from gateway.policy.watcher import read_policy
-from tests.integration.conftest import MakeAdmin, policy_text, until
+from tests.integration.conftest import MakeAdmin, policy_text, until, until_ready
 
 pytestmark = pytest.mark.integration
 
@@ -131,15 +131,7 @@ async def test_sighup_after_a_failed_reload_still_reloads_and_does_not_kill(
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(20):
-                while True:
-                    try:
-                        async with session.get(f"{url}/readyz") as ready:
-                            if ready.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        pass
-                    await asyncio.sleep(0.05)
+            await until_ready(session, url, timeout_s=20)
 
             async def count(result: str) -> float:
                 return await _reload_count(session, f"http://127.0.0.1:{admin_port}", result)

@@ -20,6 +20,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.integration.conftest import until_ready
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "llama-3.1-8b"  # the default policy's model
@@ -148,15 +150,7 @@ async def test_kvgate_demo_from_the_wheel_serves_and_stops_on_sigterm(installed:
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(30):
-                while True:
-                    try:
-                        async with session.get(f"{url}/readyz") as ready:
-                            if ready.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        pass
-                    await asyncio.sleep(0.05)
+            await until_ready(session, url, timeout_s=30)
             chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}]}
             async with session.post(
                 f"{url}/v1/chat/completions", json={**chat, "max_tokens": 8}
