@@ -19,8 +19,8 @@ A backend's capacity has one of three kinds:
 Signals older than ``stale_after_s`` are ignored: the gateway's own accounting against the last
 known capacity decides, so a silent metrics endpoint never freezes the pool.
 
-A backend whose scrape shows a queue of its own (more waiting than a tenth of what it runs) gets
-no more in flight than it runs plus a tenth: more would only wait there, out of the gateway's
+A backend whose scrape shows a queue of its own (requests waiting inside it) gets no more in
+flight than it runs plus a tenth: more would only wait there, out of the gateway's
 order and deadlines (``BackendRuntime.room``).
 
 Inferred pressure (``Pressure``): a rise of the preemption counter, KV usage ≥ 95 % while the
