@@ -7,20 +7,25 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import Sequence
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.core.bucket import BucketSpec, Verdict
 from gateway.state import GATEWAY
 from gateway.store.memory import MemoryLimitStore
 from tests.integration.conftest import MakeGateway, policy_text, until
 from tests.integration.rawbackend import MakeRawBackend, RawRequest, chunk, head, sse_chunk
 from tests.integration.stub import StubBackend
-from tests.integration.traffic import ACME, CHAT, TOKENS_LIMIT, requests_counted, tokens_counted
+from tests.integration.traffic import (
+    ACME,
+    CHAT,
+    TOKENS_LIMIT,
+    HeldStore,
+    requests_counted,
+    tokens_counted,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -160,51 +165,12 @@ async def test_shed_request_is_refunded(make_gateway: MakeGateway) -> None:
     assert await _remaining_tokens(client, **{"x-request-timeout": "0.05"}) > 900
 
 
-class _RemoteStore:
-    """A networked store (Redis) seen from the gateway: the charge is applied when the command
-    runs, and its reply comes back later (held here until `reply` is set)."""
-
-    def __init__(self, inner: MemoryLimitStore) -> None:
-        self.inner = inner
-        self.applied = asyncio.Event()
-        self.reply = asyncio.Event()
-
-    async def acquire(
-        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
-    ) -> Verdict:
-        verdict = self.inner.acquire_now(specs, amounts, max_wait_s)
-        self.applied.set()
-        await self.reply.wait()
-        return verdict
-
-    @property
-    def degraded(self) -> bool:
-        return False
-
-    def acquire_now(
-        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
-    ) -> None:
-        return None
-
-    def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:
-        return False
-
-    async def adjust(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
-        self.inner.adjust_now(specs, deltas)
-
-    async def peek(self, specs: Sequence[BucketSpec]) -> tuple[float, ...]:
-        return self.inner.peek_now(specs)
-
-    async def close(self) -> None:
-        return None
-
-
 async def test_a_charge_whose_client_left_during_the_store_round_trip_is_refunded(
     make_gateway: MakeGateway, stub: StubBackend, stub_url: str
 ) -> None:
     client, _ = await make_gateway(policy_text([stub_url], acme_limits=TOKENS_LIMIT))
     gw = client.app[GATEWAY]
-    store = _RemoteStore(MemoryLimitStore(gw.clock))
+    store = HeldStore(MemoryLimitStore(gw.clock))
     gw.live = dataclasses.replace(gw.live, store=store)
     specs = gw.live.policy.buckets("acme", "m1")
     server = client.server.runner.server  # type: ignore[union-attr]

@@ -4,13 +4,11 @@ and is admitted and forwarded under that policy's deadline and timeouts."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 import pytest
 
 from gateway.app import apply_policy
 from gateway.backends.admitter import Lease
-from gateway.core.bucket import BucketSpec, Verdict
 from gateway.core.pool import Ticket
 from gateway.policy.compile import compile_policy
 from gateway.policy.loader import load_text
@@ -18,48 +16,11 @@ from gateway.state import GATEWAY
 from gateway.store.memory import MemoryLimitStore
 from tests.integration.conftest import MakeGateway, policy_text
 from tests.integration.stub import StubBackend
+from tests.integration.traffic import HeldStore
 
 pytestmark = pytest.mark.integration
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
-
-
-class _GatedStore:
-    """A networked store whose take is held until the test opens the gate: the window between
-    a request's charge and its admission, where a reload lands."""
-
-    def __init__(self, inner: MemoryLimitStore) -> None:
-        self.inner = inner
-        self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    @property
-    def degraded(self) -> bool:
-        return False
-
-    def acquire_now(
-        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
-    ) -> None:
-        return None
-
-    def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:
-        return self.inner.adjust_now(specs, deltas)
-
-    async def acquire(
-        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
-    ) -> Verdict:
-        self.entered.set()
-        await self.gate.wait()
-        return self.inner.acquire_now(specs, amounts, max_wait_s)
-
-    async def adjust(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
-        self.inner.adjust_now(specs, deltas)
-
-    async def peek(self, specs: Sequence[BucketSpec]) -> tuple[float, ...]:
-        return self.inner.peek_now(specs)
-
-    async def close(self) -> None:
-        return None
 
 
 async def test_a_reload_between_charge_and_forward_leaves_the_request_on_its_policy(
@@ -69,7 +30,7 @@ async def test_a_reload_between_charge_and_forward_leaves_the_request_on_its_pol
     client, _ = await make_gateway(old_text)
     app = client.app
     gw = app[GATEWAY]
-    store = _GatedStore(MemoryLimitStore(gw.clock))
+    store = HeldStore(MemoryLimitStore(gw.clock))
     gw.live = type(gw.live)(policy=gw.live.policy, store=store, counters=gw.live.counters)
     tickets: list[Ticket] = []
     acquire = gw.admitter.acquire
@@ -83,14 +44,14 @@ async def test_a_reload_between_charge_and_forward_leaves_the_request_on_its_pol
 
     before = gw.clock.now()
     in_flight = asyncio.ensure_future(client.post("/v1/chat/completions", json=CHAT))
-    await asyncio.wait_for(store.entered.wait(), 5)
+    await asyncio.wait_for(store.applied.wait(), 5)
     # the reload: a first-byte timeout far shorter than the backend's delay, a short queue wait
     new_text = old_text.replace("first_byte: 10s", "first_byte: 100ms").replace(
         "max_wait: 5s", "max_wait: 200ms"
     )
     await apply_policy(app, compile_policy(load_text(new_text)))
     assert gw.live.policy.server.timeouts.first_byte_s == pytest.approx(0.1)
-    store.gate.set()
+    store.reply.set()
     await asyncio.sleep(0.5)  # past the new policy's first-byte timeout
     stub.release.set()
     response = await asyncio.wait_for(in_flight, 10)

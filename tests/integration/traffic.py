@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
 from aiohttp import web
 
+from gateway.core.bucket import BucketSpec, Verdict
 from gateway.metrics import Metrics
+from gateway.store.memory import MemoryLimitStore
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
 ACME = {"Authorization": "Bearer sk-acme"}
@@ -34,3 +39,43 @@ def requests_total(metrics: Metrics, **labels: str) -> float | None:
 
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+class HeldStore:
+    """A networked store (Redis) seen from the gateway: a take is applied when its command runs
+    (``applied`` is set), and its reply comes back only once ``reply`` is set; settlement goes
+    through the round trip too. Tests use it to hold a request between charge and admission."""
+
+    def __init__(self, inner: MemoryLimitStore) -> None:
+        self.inner = inner
+        self.applied = asyncio.Event()
+        self.reply = asyncio.Event()
+
+    @property
+    def degraded(self) -> bool:
+        return False
+
+    def acquire_now(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> None:
+        return None
+
+    async def acquire(
+        self, specs: Sequence[BucketSpec], amounts: Sequence[float], max_wait_s: float = 0.0
+    ) -> Verdict:
+        verdict = self.inner.acquire_now(specs, amounts, max_wait_s)
+        self.applied.set()
+        await self.reply.wait()
+        return verdict
+
+    def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:
+        return False
+
+    async def adjust(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> None:
+        self.inner.adjust_now(specs, deltas)
+
+    async def peek(self, specs: Sequence[BucketSpec]) -> tuple[float, ...]:
+        return self.inner.peek_now(specs)
+
+    async def close(self) -> None:
+        return None
