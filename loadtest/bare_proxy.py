@@ -13,6 +13,26 @@ from aiohttp import web
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
 
+async def relay(
+    session: aiohttp.ClientSession, request: web.Request, upstream: str, body: bytes
+) -> web.StreamResponse:
+    """``request`` sent to the same path on ``upstream``, its answer relayed as it comes
+    (bodies with a length whole, others chunk by chunk); hop-by-hop headers dropped."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+    async with session.request(
+        request.method, upstream + request.path_qs, data=body, headers=headers
+    ) as resp:
+        out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
+        if resp.content_length is not None:
+            return web.Response(status=resp.status, body=await resp.read(), headers=out)
+        stream = web.StreamResponse(status=resp.status, headers=out)
+        await stream.prepare(request)
+        async for chunk in resp.content.iter_any():
+            await stream.write(chunk)
+        await stream.write_eof()
+        return stream
+
+
 def build(upstream: str) -> web.Application:
     app = web.Application()
     session_key = web.AppKey("session", aiohttp.ClientSession)
@@ -23,20 +43,7 @@ def build(upstream: str) -> web.Application:
         await app[session_key].close()
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-        async with app[session_key].request(
-            request.method, upstream + request.path_qs, data=body, headers=headers
-        ) as resp:
-            out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
-            if resp.content_length is not None:
-                return web.Response(status=resp.status, body=await resp.read(), headers=out)
-            stream = web.StreamResponse(status=resp.status, headers=out)
-            await stream.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await stream.write(chunk)
-            await stream.write_eof()
-            return stream
+        return await relay(app[session_key], request, upstream, await request.read())
 
     app.cleanup_ctx.append(session)
     app.router.add_route("*", "/{tail:.*}", handle)

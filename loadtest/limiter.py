@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 import aiohttp
 from aiohttp import web
 
-_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+from loadtest.bare_proxy import relay
 
 
 def build(backends: Sequence[str], limit: int, max_wait_s: float | None = None) -> web.Application:
@@ -45,19 +45,7 @@ def build(backends: Sequence[str], limit: int, max_wait_s: float | None = None) 
                 headers={"Retry-After": retry},
             )
         try:
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-            async with app[session_key].request(
-                request.method, backend + request.path_qs, data=body, headers=headers
-            ) as resp:
-                out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
-                if resp.content_length is not None:
-                    return web.Response(status=resp.status, body=await resp.read(), headers=out)
-                stream = web.StreamResponse(status=resp.status, headers=out)
-                await stream.prepare(request)
-                async for chunk in resp.content.iter_any():
-                    await stream.write(chunk)
-                await stream.write_eof()
-                return stream
+            return await relay(app[session_key], request, backend, body)
         except aiohttp.ClientConnectorError as exc:  # no answer at all; mid-stream errors abort
             return web.json_response({"error": {"message": str(exc)}}, status=502)
         finally:
