@@ -75,12 +75,21 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready: the policy is loaded, the process is not draining and a backend is ready. With
+    ``?scope=gateway`` the backends are not asked: the probe for a load balancer in front of
+    gateways that share their model servers, which should keep every gateway in service while
+    the servers load (requests then wait in the gateway's queue, or get 503 + Retry-After)."""
     gw = request.app[GATEWAY]
     fingerprint = gw.live.policy.fingerprint
     if request.app[CONTROL].draining:
         return web.json_response({"status": "draining", "policy": fingerprint}, status=503)
-    ready = gw.admitter.any_ready()
-    body = {"status": "ready" if ready else "no backend ready", "policy": fingerprint}
+    backends = gw.admitter.any_ready()
+    ready = backends or request.query.get("scope") == "gateway"
+    body = {
+        "status": "ready" if ready else "no backend ready",
+        "backend_ready": backends,
+        "policy": fingerprint,
+    }
     return web.json_response(body, status=200 if ready else 503)
 
 

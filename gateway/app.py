@@ -30,14 +30,17 @@ from gateway.core.tokens import (
     tiktoken_counter,
     tokenizer_json_counter,
 )
+from gateway.core.types import Outcome
 from gateway.errors import PolicyError
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.policy.compile import Model, Policy
 from gateway.policy.schema import RedisStore
 from gateway.policy.watcher import PolicyWatcher
+from gateway.proxy import responses
 from gateway.proxy.connections import ConnectionGuard
 from gateway.proxy.exchange import handle
+from gateway.proxy.headers import api_key
 from gateway.state import GATEWAY, Gateway, Live
 from gateway.store.base import LimitStore
 from gateway.store.fallback import FallbackLimitStore
@@ -283,7 +286,12 @@ async def _not_here(request: web.Request) -> web.Response:
 
 
 async def _models(request: web.Request) -> web.Response:
+    """The models the caller's key may use, as OpenAI lists them (a tenant limited to some
+    models does not learn the others' names)."""
     policy = request.app[GATEWAY].live.policy
+    tenant = policy.tenant_for_key(api_key(request.headers))
+    if tenant is None:
+        return responses.error(Outcome.UNAUTHORIZED, responses.BAD_KEY)
     data = [
         {
             "id": name,
@@ -293,5 +301,6 @@ async def _models(request: web.Request) -> web.Response:
             "max_model_len": m.profile.context_tokens,
         }
         for name, m in policy.models.items()
+        if tenant.models is None or name in tenant.models
     ]
     return web.json_response({"object": "list", "data": data})

@@ -148,8 +148,15 @@ class Policy:
         for messages to clients (its key is internal)."""
         return self._limit_words.get(key, "a limit of this gateway's policy")
 
-    def tenant_for_key(self, key: str) -> Tenant | None:
-        return self._by_key.get(hashlib.sha256(key.encode()).digest())
+    def tenant_for_key(self, key: str | None) -> Tenant | None:
+        """The tenant a request presenting ``key`` is (the anonymous one without a key), or
+        None: the key is unknown, or there is no key and no anonymous tenant."""
+        if key is None:
+            return self.anonymous
+        try:
+            return self._by_key.get(hashlib.sha256(key.encode()).digest())
+        except UnicodeEncodeError:  # the header's bytes were not UTF-8: no key can match
+            return None
 
     def buckets(self, tenant: str, model: str) -> tuple[BucketSpec, ...]:
         """Every bucket a request of ``tenant`` for ``model`` must pass, all or nothing."""

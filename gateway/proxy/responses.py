@@ -79,6 +79,9 @@ class ErrorResponse(web.Response):
         self.message = message
 
 
+BAD_KEY = "Invalid or missing API key: send `Authorization: Bearer <key>` or `api-key`."
+
+
 def error(
     outcome: Outcome,
     message: str,

@@ -283,7 +283,7 @@ def test_deployment_service_and_pdb_select_the_same_pods() -> None:
     assert load_manifest("service.yaml")["spec"]["selector"].items() <= pod_labels
     assert load_manifest("pdb.yaml")["spec"]["selector"]["matchLabels"].items() <= pod_labels
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz?scope=gateway"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     # the policy is a directory mount: a subPath mount never sees the ConfigMap change
     mount = next(m for m in container["volumeMounts"] if m["name"] == "policy")

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import socket
+from typing import Any
 
 import pytest
 
@@ -124,6 +125,10 @@ async def test_a_backend_that_never_came_up_sheds_with_its_loading_estimate(
 ) -> None:
     client, _ = await make_gateway(policy_text([_closed_port_url()]), wait_ready=False)
     assert (await client.get("/readyz")).status == 503
+    # a load balancer in front of gateways keeps this one: it holds or sheds with Retry-After
+    gateway_only = await client.get("/readyz?scope=gateway")
+    assert gateway_only.status == 200
+    assert (await gateway_only.json())["backend_ready"] is False
     response = await client.post(
         "/v1/chat/completions", json=CHAT, headers={"x-request-timeout": "0.2"}
     )
@@ -209,6 +214,28 @@ async def test_models_lists_the_policy_models(make_gateway: MakeGateway, stub_ur
     client, _ = await make_gateway(policy_text([stub_url]))
     body = await (await client.get("/v1/models")).json()
     assert [m["id"] for m in body["data"]] == ["m1"]
+
+
+async def test_models_lists_only_what_the_key_may_use(
+    make_gateway: MakeGateway, stub_url: str
+) -> None:
+    text = policy_text([stub_url])
+    second = text.split("models:\n", 1)[1].split("tenants:", 1)[0].replace("  m1:", "  m2:", 1)
+    text = text.replace("tenants:\n", second + "tenants:\n", 1)
+    text = text.replace('keys: ["env:ACME_KEY"]', 'keys: ["env:ACME_KEY"]\n    models: [m2]', 1)
+    text = text.replace("  anonymous_tenant: anon\n", "", 1)
+    client, _ = await make_gateway(text)
+
+    async def listed(headers: dict[str, str]) -> tuple[int, Any]:
+        response = await client.get("/v1/models", headers=headers)
+        return response.status, await response.json()
+
+    status, body = await listed({"Authorization": "Bearer sk-acme"})
+    assert (status, [m["id"] for m in body["data"]]) == (200, ["m2"])
+    for headers in ({"Authorization": "Bearer sk-nobody"}, {}):
+        status, body = await listed(headers)
+        assert status == 401
+        assert "API key" in body["error"]["message"]
 
 
 async def test_rate_limited_request_gets_429_with_exact_retry_headers(
