@@ -20,10 +20,12 @@ place and is not starved by small ones that would each fit sooner.
 A refund moves the TAT back while earlier takes still wait for the turns they were told, so
 the TAT alone would let a later small take go before them. A waiting bucket therefore keeps a
 second time, its *turn*: when the last take that waits on it goes on (``turn_of``). A later
-take on it goes no earlier (FIFO per bucket; the refunded units are not lost, they shorten the
-waits of the takes after). A take whose turn would begin after its budget is refused at once,
-and its ``retry_after_s`` is when it would be granted its turn (not when it would pass without
-waiting): a client that honours it comes back exactly when the queue has room for it.
+take's turn begins no earlier, and it goes on no earlier (FIFO per bucket; the refunded units
+are not lost, they shorten the waits of the takes after). Neither time depends on the size of
+the take, so every size has the same chance of a turn, and a take still goes on within its
+budget plus its own refill time. A take whose turn would begin after its budget is refused at
+once, and its ``retry_after_s`` is when it would be granted its turn (not when it would pass
+without waiting): a client that honours it comes back when the queue has room for it.
 """
 
 from __future__ import annotations
@@ -109,9 +111,10 @@ def try_take(
     no bucket changes). An amount of 0 always passes and changes nothing. An amount above a
     bucket's burst can never pass: ``never`` is set and ``blocking`` names that bucket. Otherwise
     ``blocking`` is the bucket with the longest wait, which is the wait of the whole take. A
-    bucket that ``waits`` passes a take whose turn (never before ``turns[i]``, the bucket's
-    last turn given) begins at most ``max_wait_s`` from now; the longest such wait is the
-    verdict's ``wait_s``, and the caller records ``turn_of`` as the new turn of those buckets.
+    bucket that ``waits`` passes a take whose turn begins at most ``max_wait_s`` from now (a
+    turn begins no earlier than ``turns[i]``, the bucket's last turn given) and it goes on when
+    its amount has refilled, never before that turn. The longest such wait is the verdict's
+    ``wait_s``, and the caller records ``turn_of`` as the new turn of those buckets.
     """
     count = len(specs)
     if len(tats) != count or len(amounts) != count:
@@ -144,14 +147,19 @@ def try_take(
                 wait = (new - now) - spec.burst / spec.rate_per_s
                 late = wait
                 if spec.waits:
-                    turn = None if turns is None else turns[i]
-                    if turn is not None and turn - now > wait:
-                        wait = turn - now  # an earlier take still waits for its turn here
                     # a turn is granted when it *begins* within the budget, whatever the size
                     # of the take: judged by its end, small takes would keep the queue just
-                    # short enough for themselves and large ones would never get a turn
-                    late = wait - amount / spec.rate_per_s - max_wait_s
-                    if wait > EPSILON_S and late <= EPSILON_S:
+                    # short enough for themselves and large ones would never get a turn. It
+                    # begins when the TAT says, or when the last turn given here comes if that
+                    # is later (FIFO): neither depends on the take's own size.
+                    begins = wait - amount / spec.rate_per_s
+                    turn = None if turns is None else turns[i]
+                    if turn is not None and turn - now > begins:
+                        begins = turn - now
+                        if begins > wait:
+                            wait = begins  # an earlier take still waits for its turn here
+                    late = begins - max_wait_s
+                    if late <= EPSILON_S:
                         if wait > waited:
                             waited = wait
                         continue

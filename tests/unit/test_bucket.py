@@ -197,10 +197,14 @@ def test_a_refund_does_not_let_a_later_take_go_before_an_earlier_waiter() -> Non
     later, _ = try_take([tat], [WAITING], [10.0], 1.0, max_wait_s=30.0, turns=[turn])
     assert later.allowed
     assert later.wait_s == pytest.approx(9.0)  # at 10 s with the earlier waiter, not before
-    # and a take that may not wait that long is refused, told when its turn would be granted
+    # its turn begins at 10 s, whatever its size: one that may wait only 2 s is refused and
+    # told when its turn would be granted
     short, _ = try_take([tat], [WAITING], [10.0], 1.0, max_wait_s=2.0, turns=[turn])
     assert not short.allowed
-    assert short.retry_after_s == pytest.approx(9.0 - 1.0 - 2.0)
+    assert short.retry_after_s == pytest.approx(7.0)
+    retried, _ = try_take([tat], [WAITING], [10.0], 8.0, max_wait_s=2.0, turns=[turn])
+    assert retried.allowed
+    assert retried.wait_s == pytest.approx(2.0)
 
 
 def test_a_turn_is_booked_only_by_a_take_that_waits() -> None:

@@ -194,6 +194,12 @@ class Waiting:
     def take(self, amount: float, max_wait_s: float) -> None:
         spec = self.spec
         verdict, news = try_take([self.tat], [spec], [amount], self.now, max_wait_s, [self.turn])
+        if 0 < amount <= spec.burst:
+            # whether a turn is granted does not depend on the size of the take
+            tiny, _ = try_take(
+                [self.tat], [spec], [spec.burst * 1e-3], self.now, max_wait_s, [self.turn]
+            )
+            assert tiny.allowed == verdict.allowed, "the grant of a turn depended on its size"
         if not verdict.allowed:
             assert news is None
             self.check_retry_after(amount, max_wait_s, verdict.retry_after_s, verdict.never)
@@ -211,6 +217,8 @@ class Waiting:
         # overrun may leave more, until the TAT is back within a take's budget)
         debt = spec.rate_per_s * max_wait_s + amount
         assert level(self.tat, spec, self.now)[0] >= -debt - _tolerance(spec, max_wait_s)
+        # and it goes on within its budget plus its own refill time
+        assert verdict.wait_s <= max_wait_s + amount / spec.rate_per_s + 2 * EPSILON_S
 
     def check_retry_after(
         self, amount: float, max_wait_s: float, retry_after_s: float, never: bool

@@ -46,12 +46,16 @@ for i = 1, count do
       local late = wait
       local granted = false
       if waits then
+        local begins = wait - amount / rate
         local turn = tonumber(redis.call('GET', KEYS[count + i]))
-        if turn ~= nil and turn - now > wait then
-          wait = turn - now
+        if turn ~= nil and turn - now > begins then
+          begins = turn - now
+          if begins > wait then
+            wait = begins
+          end
         end
-        late = wait - amount / rate - max_wait_s
-        if wait > EPSILON_S and late <= EPSILON_S then
+        late = begins - max_wait_s
+        if late <= EPSILON_S then
           if wait > waited then
             waited = wait
           end
