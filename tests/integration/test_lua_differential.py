@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.core.bucket import BucketSpec, adjust, level, try_take, turn_of
@@ -62,6 +62,16 @@ ops = st.lists(
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(bucket_params, min_size=1, max_size=3), ops)
+@example(  # a refund while a take waits its turn, then a small take: the turn binds
+    params=[(10.0, 100.0, True)],
+    steps=[
+        ("take", (0.8, 0.0, 0.0)),
+        ("take", (0.8, 1.0, 0.0)),
+        ("adjust", (0.1, 0.0, 0.0)),
+        ("take", (0.1, 1.0, 0.0)),
+        ("take", (0.1, 0.1, 0.0)),
+    ],
+)
 def test_lua_matches_core_bucket(
     scripts: Scripts,
     params: list[tuple[float, float, bool]],
