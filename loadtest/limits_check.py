@@ -9,8 +9,11 @@ tenant sends to its own model on its own GPU, so the second GPU's own time integ
 held is that tenant's real KV memory. Both tenants offer about 2.5x their limit with prompts of
 100-8000 tokens, outputs of 20-1000 and ``max_tokens`` of 1000-1200, and retry 429s after
 ``Retry-After``. Rates are measured over the steady window ``[warmup, duration)``; the warm-up
-holds the initial full bucket and everything it admitted, which has settled by then. A
-measurement, not a test: the exit code is 0 whether or not an aim is met.
+holds the initial full bucket and everything it admitted, which has settled by then. With
+``--wait`` the token limit lets a request wait for its turn; issue 10's aim is then that large
+requests (prompts of ``LARGE_PROMPT`` or more) get a share of the tokens they ask for within 10%
+of the small ones' share (``large_to_small``, over the whole run). A measurement, not a test: the
+exit code is 0 whether or not an aim is met.
 """
 
 from __future__ import annotations
@@ -417,6 +420,9 @@ class Requests(msgspec.Struct, kw_only=True):
     ok_small: int
     ok_large: int
     ok_tokens_large_share: float  # of the tokens of successful requests, those of large ones
+    served_small: float  # of the small requests' offered tokens, the share served (ok)
+    served_large: float  # the same for the large requests
+    large_to_small: float | None  # served_large / served_small: 1.0 is an equal share
     mean_attempts: float
     results: dict[str, int]
 
@@ -464,15 +470,30 @@ def requests_summary(
     tokens = [(r.prompt_tokens or 0) + (r.output_tokens or 0) for r in ok]
     large = [t for r, t in zip(ok, tokens, strict=True) if r.planned_prompt_tokens >= LARGE_PROMPT]
     attempts = [len(r.attempt_statuses) for r in records if r.attempt_statuses]
+    served = {big: _served(records, big) for big in (False, True)}
     return Requests(
         offered_small=sum(p.prompt_tokens < LARGE_PROMPT for p in planned),
         offered_large=sum(p.prompt_tokens >= LARGE_PROMPT for p in planned),
         ok_small=len(ok) - len(large),
         ok_large=len(large),
         ok_tokens_large_share=sum(large) / sum(tokens) if tokens else 0.0,
+        served_small=served[False],
+        served_large=served[True],
+        large_to_small=served[True] / served[False] if served[False] else None,
         mean_attempts=sum(attempts) / len(attempts) if attempts else 0.0,
         results=dict(Counter(r.result.value for r in records)),
     )
+
+
+def _served(records: Sequence[RequestRecord], large: bool) -> float:
+    """Of the planned tokens (prompt plus real output) of the small or ``large`` requests, the
+    share that the successful ones carried: a class's share of the tokens it asked for."""
+    mine = [r for r in records if (r.planned_prompt_tokens >= LARGE_PROMPT) == large]
+    offered = sum(r.planned_prompt_tokens + r.planned_output_tokens for r in mine)
+    ok = sum(
+        r.planned_prompt_tokens + r.planned_output_tokens for r in mine if r.result is Result.OK
+    )
+    return ok / offered if offered else 0.0
 
 
 def _scaled(value: float | None, factor: float) -> float | None:
@@ -560,10 +581,16 @@ def render(check: LimitsCheck) -> str:
     row("client records, growing KV (paged)", k.records_growing_gib, g, 3)
     row("its simulated GPU, blocks held", k.backend_gib, g, 3, met[k.aim_met_backend])
     for name, req in check.requests.items():
+        ratio = "n/a" if req.large_to_small is None else f"{req.large_to_small:.2f}x"
+        answered = check.gateway_outcomes.get(name, {}).get("rate_limited", 0)
         lines.append(
             f"{name}: ok small {req.ok_small}/{req.offered_small}, large "
             f"{req.ok_large}/{req.offered_large} ({req.ok_tokens_large_share:.0%} of ok tokens), "
             f"{req.mean_attempts:.1f} attempts a request; {req.results}"
+        )
+        lines.append(
+            f"  share of offered tokens served: small {req.served_small:.1%}, large "
+            f"{req.served_large:.1%} (large/small {ratio}); 429s answered: {answered}"
         )
     lags = ", ".join(f"{n} {_num(lag)}" for n, lag in check.sim_max_lag_s.items())
     lines.append(f"simulator max lag (simulated s): {lags}")

@@ -11,10 +11,21 @@ Comparisons allow ``EPSILON_S`` of float slack, so a retry exactly ``retry_after
 
 A bucket whose spec ``waits`` may also pass a take that would otherwise have to wait, when its
 turn begins within the caller's ``max_wait_s`` (it may end later by at most the take's own
-refill time): the take is recorded at once (its TAT moves past the tolerance) and the verdict
+refill time): the take is recorded at once (its TAT moves by the whole amount, past the
+tolerance: a debt of at most ``max_wait_s`` of refill plus the take itself) and the verdict
 says how long to wait before going on (``wait_s``). Each later take then sees that TAT, so
 waiting requests are served in arrival order whatever their size: a large request reserves its
 place and is not starved by small ones that would each fit sooner.
+
+A refund moves the TAT back while earlier takes still wait for the turns they were told, so
+the TAT alone would let a later small take go before them. A waiting bucket therefore keeps a
+second time, its *turn*: when the last take that waits on it goes on (``turn_of``). A later
+take's turn begins no earlier, and it goes on no earlier (FIFO per bucket; the refunded units
+are not lost, they shorten the waits of the takes after). Neither time depends on the size of
+the take, so every size has the same chance of a turn, and a take still goes on within its
+budget plus its own refill time. A take whose turn would begin after its budget is refused at
+once, and its ``retry_after_s`` is when it would be granted its turn (not when it would pass
+without waiting): a client that honours it comes back when the queue has room for it.
 """
 
 from __future__ import annotations
@@ -56,8 +67,9 @@ class BucketSpec:
 class Verdict(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """The answer to an all-or-nothing take across several buckets.
 
-    ``retry_after_s`` is the exact wait until the same take would pass if nothing else touched
-    the buckets (0 when allowed, ``inf`` when ``never``); ``wait_s`` (allowed only) is how long
+    ``retry_after_s`` is the exact wait until the same take would pass (for buckets that
+    ``waits``: be granted its turn, with the same ``max_wait_s``) if nothing else touched the
+    buckets (0 when allowed, ``inf`` when ``never``); ``wait_s`` (allowed only) is how long
     the caller waits before going on, for buckets that ``waits`` (the take is already recorded).
     ``remaining`` and ``reset_s`` are per spec, in the order given, after this decision: units
     left (below 0 after a settled overrun, or a take that waits) and seconds until the bucket is
@@ -91,6 +103,7 @@ def try_take(
     amounts: Sequence[float],
     now: float,
     max_wait_s: float = 0.0,
+    turns: Sequence[float | None] | None = None,
 ) -> tuple[Verdict, tuple[float, ...] | None]:
     """Take ``amounts[i]`` from every bucket ``specs[i]`` (current TAT ``tats[i]``), or nothing.
 
@@ -98,12 +111,16 @@ def try_take(
     no bucket changes). An amount of 0 always passes and changes nothing. An amount above a
     bucket's burst can never pass: ``never`` is set and ``blocking`` names that bucket. Otherwise
     ``blocking`` is the bucket with the longest wait, which is the wait of the whole take. A
-    bucket that ``waits`` passes a take whose wait is at most ``max_wait_s``; the longest such
-    wait is the verdict's ``wait_s``.
+    bucket that ``waits`` passes a take whose turn begins at most ``max_wait_s`` from now (a
+    turn begins no earlier than ``turns[i]``, the bucket's last turn given) and it goes on when
+    its amount has refilled, never before that turn. The longest such wait is the verdict's
+    ``wait_s``, and the caller records ``turn_of`` as the new turn of those buckets.
     """
     count = len(specs)
     if len(tats) != count or len(amounts) != count:
         raise ValueError("tats, specs and amounts must have the same length")
+    if turns is not None and len(turns) != count:
+        raise ValueError("turns and specs must have the same length")
     starts: list[float] = []
     news: list[float] = []
     allowed = True
@@ -128,18 +145,29 @@ def try_take(
                     blocking = i
             else:
                 wait = (new - now) - spec.burst / spec.rate_per_s
-                if wait > EPSILON_S:
+                late = wait
+                if spec.waits:
                     # a turn is granted when it *begins* within the budget, whatever the size
                     # of the take: judged by its end, small takes would keep the queue just
-                    # short enough for themselves and large ones would never get a turn
-                    if spec.waits and wait - amount / spec.rate_per_s <= max_wait_s + EPSILON_S:
+                    # short enough for themselves and large ones would never get a turn. It
+                    # begins when the TAT says, or when the last turn given here comes if that
+                    # is later (FIFO): neither depends on the take's own size.
+                    begins = wait - amount / spec.rate_per_s
+                    turn = None if turns is None else turns[i]
+                    if turn is not None and turn - now > begins:
+                        begins = turn - now
+                        if begins > wait:
+                            wait = begins  # an earlier take still waits for its turn here
+                    late = begins - max_wait_s
+                    if late <= EPSILON_S:
                         if wait > waited:
                             waited = wait
-                    else:
-                        allowed = False
-                        if not never and wait > worst:
-                            worst = wait
-                            blocking = i
+                        continue
+                if wait > EPSILON_S:
+                    allowed = False
+                    if not never and late > worst:
+                        worst = late
+                        blocking = i
     ends = news if allowed else starts
     remaining = tuple(specs[i].burst - (ends[i] - now) * specs[i].rate_per_s for i in range(count))
     reset_s = tuple(end - now for end in ends)
@@ -155,6 +183,15 @@ def try_take(
         reset_s=reset_s,
     )
     return verdict, None
+
+
+def turn_of(verdict: Verdict, now: float) -> float | None:
+    """The turn an allowed take that waits books on every bucket that ``waits`` and that it
+    took a positive amount from (``None``: it waits for none, nothing to book). It is the
+    take's own going-on time, so a later take on any of those buckets goes no earlier."""
+    if not verdict.allowed or verdict.wait_s <= 0:
+        return None
+    return now + verdict.wait_s
 
 
 def adjust(tat: float | None, spec: BucketSpec, delta: float, now: float) -> float:

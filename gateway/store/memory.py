@@ -1,17 +1,18 @@
 """The in-process limit store: the embedded default for one gateway, and the test double.
 
-State is a dict of bucket key to TAT on the injected clock. A bucket whose TAT is in the past is
-full and needs no state, so such keys are dropped: on every write, and by an occasional sweep whose
-cost is amortised over the writes that grew the dict (memory stays within about twice the number
-of buckets that are not full, plus a constant). Calls never suspend, so each is atomic on the
-event loop.
+State is a dict of bucket key to TAT on the injected clock, and one of waiting bucket key to its
+last turn given (``gateway.core.bucket.turn_of``). A bucket whose TAT is in the past is full and
+needs no state, nor does a turn in the past, so such keys are dropped: on every write, and by an
+occasional sweep whose cost is amortised over the writes that grew the dicts (memory stays within
+about twice the number of buckets that are not full, plus a constant). Calls never suspend, so
+each is atomic on the event loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.core.bucket import BucketSpec, Verdict, adjust, level, try_take
+from gateway.core.bucket import BucketSpec, Verdict, adjust, level, try_take, turn_of
 from gateway.core.clock import Clock
 
 _MIN_SWEEP_SIZE = 1024
@@ -20,16 +21,17 @@ _MIN_SWEEP_SIZE = 1024
 class MemoryLimitStore:
     """A ``LimitStore`` in a dict; ``clock`` gives ``now`` (seconds) for every decision."""
 
-    __slots__ = ("_clock", "_sweep_at", "_tats")
+    __slots__ = ("_clock", "_sweep_at", "_tats", "_turns")
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._tats: dict[str, float] = {}
+        self._turns: dict[str, float] = {}
         self._sweep_at = _MIN_SWEEP_SIZE
 
     def __len__(self) -> int:
-        """Buckets holding state (not known to be full)."""
-        return len(self._tats)
+        """Times held: TATs of buckets not known to be full, and turns not yet past."""
+        return len(self._tats) + len(self._turns)
 
     @property
     def degraded(self) -> bool:
@@ -41,10 +43,18 @@ class MemoryLimitStore:
         now = self._clock.now()
         tats = self._tats
         current = [tats.get(spec.key) for spec in specs]
-        verdict, news = try_take(current, specs, amounts, now, max_wait_s)
+        turns = None
+        if any(spec.waits for spec in specs):
+            turns = [self._turns.get(spec.key) if spec.waits else None for spec in specs]
+        verdict, news = try_take(current, specs, amounts, now, max_wait_s, turns)
         if news is not None:
             for spec, new in zip(specs, news, strict=True):
-                self._store(spec.key, new, now)
+                self._store(tats, spec.key, new, now)
+            turn = turn_of(verdict, now)
+            if turn is not None:
+                for spec, amount in zip(specs, amounts, strict=True):
+                    if spec.waits and amount > 0:
+                        self._store(self._turns, spec.key, turn, now)
         return verdict
 
     def adjust_now(self, specs: Sequence[BucketSpec], deltas: Sequence[float]) -> bool:
@@ -54,7 +64,7 @@ class MemoryLimitStore:
         tats = self._tats
         for spec, delta in zip(specs, deltas, strict=True):
             if delta:
-                self._store(spec.key, adjust(tats.get(spec.key), spec, delta, now), now)
+                self._store(tats, spec.key, adjust(tats.get(spec.key), spec, delta, now), now)
         return True
 
     def peek_now(self, specs: Sequence[BucketSpec]) -> tuple[float, ...]:
@@ -75,18 +85,18 @@ class MemoryLimitStore:
 
     async def close(self) -> None:
         self._tats.clear()
+        self._turns.clear()
 
-    def _store(self, key: str, tat: float, now: float) -> None:
-        tats = self._tats
-        if tat > now:
-            tats[key] = tat
-            if len(tats) >= self._sweep_at:
+    def _store(self, times: dict[str, float], key: str, time: float, now: float) -> None:
+        if time > now:
+            times[key] = time
+            if len(times) >= self._sweep_at:
                 self._sweep(now)
         else:
-            tats.pop(key, None)
+            times.pop(key, None)
 
     def _sweep(self, now: float) -> None:
-        tats = self._tats
-        for key in [key for key, tat in tats.items() if tat <= now]:
-            del tats[key]
-        self._sweep_at = max(_MIN_SWEEP_SIZE, 2 * len(tats))
+        for times in (self._tats, self._turns):
+            for key in [key for key, time in times.items() if time <= now]:
+                del times[key]
+        self._sweep_at = max(_MIN_SWEEP_SIZE, 2 * len(self._tats), 2 * len(self._turns))

@@ -1,10 +1,11 @@
 """The shared limit store: GCRA state in Redis, one Lua script call per acquire and per adjust.
 
-Keys are ``kvgate:{<prefix>}:bucket:<BucketSpec.key>``. One acquire spans a tenant's buckets and
-the model's buckets shared by every tenant, and it must be atomic, so in Redis Cluster all its keys
-must hash to one slot. No per-tenant or per-model tag has that property (the model's buckets are
-shared across tenants), so the hash tag is the deployment's ``prefix``: all buckets of one
-deployment live in one slot, and separate deployments (prefixes) spread across the cluster. A
+Keys are ``kvgate:{<prefix>}:bucket:<BucketSpec.key>`` (a TAT), and for a bucket that waits
+``kvgate:{<prefix>}:turn:<BucketSpec.key>`` (its last turn given). One acquire spans a tenant's
+buckets and the model's buckets shared by every tenant, and it must be atomic, so in Redis Cluster
+all its keys must hash to one slot. No per-tenant or per-model tag has that property (the model's
+buckets are shared across tenants), so the hash tag is the deployment's ``prefix``: all buckets of
+one deployment live in one slot, and separate deployments (prefixes) spread across the cluster. A
 script call is a few microseconds of Redis CPU, so one slot carries tens of thousands of requests
 per second; past that, split tenants over several prefixes.
 
@@ -44,6 +45,15 @@ def script_source(name: str) -> str:
 
 def bucket_key(prefix: str, spec: BucketSpec) -> str:
     return f"kvgate:{{{prefix}}}:bucket:{spec.key}"
+
+
+def turn_key(prefix: str, spec: BucketSpec) -> str:
+    return f"kvgate:{{{prefix}}}:turn:{spec.key}"
+
+
+def acquire_keys(prefix: str, specs: Sequence[BucketSpec]) -> list[str]:
+    """KEYS of ``acquire.lua``: every bucket's TAT key, then every bucket's turn key."""
+    return [bucket_key(prefix, spec) for spec in specs] + [turn_key(prefix, spec) for spec in specs]
 
 
 def acquire_args(
@@ -168,7 +178,7 @@ class RedisLimitStore:
         if not specs:
             return Verdict(allowed=True)
         args = acquire_args(specs, amounts, self._now(), self._min_ttl_ms, max_wait_s)
-        keys = [self.key(spec) for spec in specs]
+        keys = acquire_keys(self._prefix, specs)
         try:
             reply: list[_ReplyItem] = await self._acquire(keys=keys, args=args)
         except (redis.exceptions.RedisError, OSError) as exc:

@@ -8,14 +8,15 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gateway.core.bucket import BucketSpec, adjust, level, try_take
+from gateway.core.bucket import BucketSpec, adjust, level, try_take, turn_of
 from gateway.core.types import Unit
 from gateway.store.redis import (
     CALLER_CLOCK_MIN_TTL_S,
     acquire_args,
+    acquire_keys,
     adjust_args,
     bucket_key,
     peek_args,
@@ -61,6 +62,16 @@ ops = st.lists(
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(bucket_params, min_size=1, max_size=3), ops)
+@example(  # a refund while a take waits its turn, then a small take: the turn binds
+    params=[(10.0, 100.0, True)],
+    steps=[
+        ("take", (0.8, 0.0, 0.0)),
+        ("take", (0.8, 1.0, 0.0)),
+        ("adjust", (0.1, 0.0, 0.0)),
+        ("take", (0.1, 1.0, 0.0)),
+        ("take", (0.1, 0.1, 0.0)),
+    ],
+)
 def test_lua_matches_core_bucket(
     scripts: Scripts,
     params: list[tuple[float, float, bool]],
@@ -72,8 +83,10 @@ def test_lua_matches_core_bucket(
         for i, (rate, burst, waits) in enumerate(params)
     ]
     keys = [bucket_key(prefix, spec) for spec in specs]
+    both = acquire_keys(prefix, specs)
     longest_s = max(spec.burst / spec.rate_per_s for spec in specs)
     tats: list[float | None] = [None] * len(specs)
+    turns: list[float | None] = [None] * len(specs)
     now = 1000.0
     try:
         for kind, fracs in steps:
@@ -85,13 +98,19 @@ def test_lua_matches_core_bucket(
                     for f, s in zip(fracs, specs, strict=False)
                 ]
                 max_wait_s = fracs[1] * longest_s  # some takes wait their turn, some may not
-                expected, news = try_take(tats, specs, amounts, now, max_wait_s)
+                expected, news = try_take(tats, specs, amounts, now, max_wait_s, turns)
                 reply = scripts.acquire(
-                    keys=keys, args=acquire_args(specs, amounts, now, MIN_TTL_MS, max_wait_s)
+                    keys=both, args=acquire_args(specs, amounts, now, MIN_TTL_MS, max_wait_s)
                 )
                 assert verdict_from_reply(reply, len(specs)) == expected
                 if news is not None:
                     tats = [new if new > now else tat for new, tat in zip(news, tats, strict=True)]
+                    turn = turn_of(expected, now)
+                    if turn is not None:
+                        turns = [
+                            turn if spec.waits and amount > 0 else old
+                            for spec, amount, old in zip(specs, amounts, turns, strict=True)
+                        ]
             elif kind == "adjust":
                 deltas = [(2 * f - 1) * s.burst for f, s in zip(fracs, specs, strict=False)]
                 scripts.adjust(keys=keys, args=adjust_args(specs, deltas, now, MIN_TTL_MS))
@@ -105,7 +124,7 @@ def test_lua_matches_core_bucket(
                 level(t, s, now)[0] for t, s in zip(tats, specs, strict=True)
             )
     finally:
-        scripts.client.delete(*keys)
+        scripts.client.delete(*both)
 
 
 def test_lua_scripts_open_with_a_units_comment() -> None:

@@ -28,6 +28,9 @@ pytestmark = pytest.mark.integration
 TOKENS = BucketSpec("tenant:acme:tokens", Unit.TOKENS, rate_per_s=10.0, burst=100.0)
 REQUESTS = BucketSpec("tenant:acme:requests", Unit.REQUESTS, rate_per_s=1.0, burst=2.0)
 MODEL = BucketSpec("model:llama:requests", Unit.REQUESTS, rate_per_s=100.0, burst=5.0)
+WAITING = BucketSpec(
+    "tenant:acme:tokens:wait", Unit.TOKENS, rate_per_s=10.0, burst=100.0, waits=True
+)
 
 
 async def delete_prefix(url: str, prefix: str) -> None:
@@ -126,6 +129,28 @@ async def test_settlement_refunds_and_overruns(
     assert (await store.acquire([TOKENS], [0.0])).allowed
 
 
+async def test_waiting_turns_are_fifo_across_replicas_and_refunds(
+    stores: tuple[LimitStore, LimitStore, FakeClock],
+) -> None:
+    first, second, clock = stores
+    assert (await first.acquire([WAITING], [100.0], max_wait_s=30.0)).wait_s == 0.0
+    early = await first.acquire([WAITING], [100.0], max_wait_s=30.0)
+    assert early.allowed
+    assert early.wait_s == pytest.approx(10.0)  # goes at 10 s
+    clock.advance(1.0)
+    await second.adjust([WAITING], [-80.0])  # the first request used 20 of its 100
+    # the other replica sees the earlier turn: a small take goes with it, not 7 s before it
+    later = await second.acquire([WAITING], [10.0], max_wait_s=30.0)
+    assert later.allowed
+    assert later.wait_s == pytest.approx(9.0)
+    # one whose turn would begin after its budget is refused at once, told when it is granted
+    short = await first.acquire([WAITING], [10.0], max_wait_s=2.0)
+    assert not short.allowed
+    assert short.retry_after_s == pytest.approx(7.0)  # its turn begins at 10 s
+    clock.advance(short.retry_after_s)
+    assert (await first.acquire([WAITING], [10.0], max_wait_s=2.0)).allowed
+
+
 async def test_replicas_share_one_state_atomically(
     stores: tuple[LimitStore, LimitStore, FakeClock],
 ) -> None:
@@ -178,6 +203,14 @@ async def test_redis_time_keys_share_a_slot_and_expire_when_full(
         assert 0 < ttl_ms <= 100_001  # full again 100 s after the take, plus 1 ms of rounding
         await store.adjust([REQUESTS, model], [-2.0, -1.0])
         assert await client.exists(store.key(REQUESTS), store.key(model)) == 0
+        # a take that waits books its turn beside the TAT, in the slot, until the turn comes
+        waiting = BucketSpec(
+            "tenant:acme:wait", Unit.TOKENS, rate_per_s=0.01, burst=1.0, waits=True
+        )
+        assert (await store.acquire([waiting], [1.0], max_wait_s=200.0)).wait_s == 0.0
+        assert (await store.acquire([waiting], [1.0], max_wait_s=200.0)).wait_s > 99.0
+        turn = f"kvgate:{{{prefix}}}:turn:{waiting.key}"
+        assert 99_000 < await client.pttl(turn) <= 100_001
     finally:
         await client.aclose()
         await store.close()

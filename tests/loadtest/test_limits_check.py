@@ -227,3 +227,19 @@ def test_summary_of_a_run_that_holds_its_limits_meets_both_aims() -> None:
     assert check.kv.aim_met_gateway
     assert check.kv.aim_met_backend
     assert "aim MISSED" not in lc.render(check)
+
+
+def test_each_class_share_is_of_the_tokens_it_asked_for() -> None:
+    small, large = 500, lc.LARGE_PROMPT
+    records = [
+        record(done_s=1.0, prompt=small, output=100),
+        record(done_s=1.0, prompt=small, output=100, result=Result.RATE_LIMITED),
+        record(done_s=1.0, prompt=large, output=0),
+        record(done_s=1.0, prompt=large, output=0, result=Result.RATE_LIMITED),
+        record(done_s=1.0, prompt=large, output=0, result=Result.RATE_LIMITED),
+        record(done_s=1.0, prompt=2 * large, output=0),
+    ]
+    summary = lc.requests_summary([], records)
+    assert summary.served_small == pytest.approx(0.5)
+    assert summary.served_large == pytest.approx(3 / 5)
+    assert summary.large_to_small == pytest.approx(1.2)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.core.bucket import BucketSpec, adjust, level, try_take
+from gateway.core.bucket import BucketSpec, adjust, level, try_take, turn_of
 from gateway.core.types import Unit
 
 TOKENS = BucketSpec("t:acme:tokens", Unit.TOKENS, rate_per_s=10.0, burst=100.0)
@@ -139,11 +139,15 @@ def test_a_bucket_that_waits_passes_a_take_with_its_turn_instead_of_refusing() -
     assert verdict.wait_s == pytest.approx(5.0)
     assert news is not None
     # the bucket is 5 s in debt: a take whose turn would begin after its budget is refused,
-    # and told when it would pass
+    # and told when it would be granted its turn (in 2 s its turn begins 3 s later), not when
+    # it would pass without waiting (15 s)
     refused, unchanged = try_take(list(news), [WAITING], [100.0], 0.0, max_wait_s=3.0)
     assert not refused.allowed
     assert unchanged is None
-    assert refused.retry_after_s == pytest.approx(15.0)
+    assert refused.retry_after_s == pytest.approx(2.0)
+    retried, _ = try_take(list(news), [WAITING], [100.0], refused.retry_after_s, max_wait_s=3.0)
+    assert retried.allowed
+    assert retried.wait_s == pytest.approx(13.0)
     # one whose turn begins within it is taken, though its end is later (its own refill time)
     late, _ = try_take(list(news), [WAITING], [100.0], 0.0, max_wait_s=5.0)
     assert late.allowed
@@ -175,3 +179,40 @@ def test_waiting_takes_are_served_in_arrival_order_whatever_their_size(
     # each take goes on no earlier than the ones that arrived before it: a large one is never
     # passed by small ones that came after it
     assert all(a <= b + 1e-6 for a, b in itertools.pairwise(turns))
+
+
+def test_a_refund_does_not_let_a_later_take_go_before_an_earlier_waiter() -> None:
+    _, news = try_take([None], [WAITING], [100.0], 0.0, max_wait_s=30.0)  # empties the bucket
+    assert news is not None
+    first, news = try_take(list(news), [WAITING], [100.0], 0.0, max_wait_s=30.0)
+    assert first.wait_s == pytest.approx(10.0)
+    assert news is not None
+    turn = turn_of(first, 0.0)
+    assert turn == pytest.approx(10.0)
+    # the request that emptied the bucket used 20 of its 100: 80 come back, the TAT moves 8 s
+    tat = adjust(news[0], WAITING, -80.0, 1.0)
+    # by the TAT alone a take of 10 would go at 3 s, 7 s before the waiter that came first
+    alone, _ = try_take([tat], [WAITING], [10.0], 1.0, max_wait_s=30.0)
+    assert alone.wait_s == pytest.approx(2.0)
+    later, _ = try_take([tat], [WAITING], [10.0], 1.0, max_wait_s=30.0, turns=[turn])
+    assert later.allowed
+    assert later.wait_s == pytest.approx(9.0)  # at 10 s with the earlier waiter, not before
+    # its turn begins at 10 s, whatever its size: one that may wait only 2 s is refused and
+    # told when its turn would be granted
+    short, _ = try_take([tat], [WAITING], [10.0], 1.0, max_wait_s=2.0, turns=[turn])
+    assert not short.allowed
+    assert short.retry_after_s == pytest.approx(7.0)
+    retried, _ = try_take([tat], [WAITING], [10.0], 8.0, max_wait_s=2.0, turns=[turn])
+    assert retried.allowed
+    assert retried.wait_s == pytest.approx(2.0)
+
+
+def test_a_turn_is_booked_only_by_a_take_that_waits() -> None:
+    now_, passes = try_take([None], [WAITING], [50.0], 0.0, max_wait_s=30.0)
+    assert now_.allowed
+    assert turn_of(now_, 0.0) is None  # it goes at once: there is no turn to keep
+    refused, _ = try_take([None], [WAITING], [500.0], 0.0, max_wait_s=30.0)
+    assert turn_of(refused, 0.0) is None
+    assert passes is not None
+    waits, _ = try_take(list(passes), [WAITING], [100.0], 0.0, max_wait_s=30.0)
+    assert turn_of(waits, 0.0) == pytest.approx(5.0)

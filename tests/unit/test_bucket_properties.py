@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.core.bucket import EPSILON_S, BucketSpec, adjust, level, try_take
+from gateway.core.bucket import EPSILON_S, BucketSpec, adjust, level, try_take, turn_of
 from gateway.core.types import Unit
 
 START = 1000.0
@@ -175,3 +175,107 @@ class _approx:
 
     def __repr__(self) -> str:
         return f"{self.value} ± {self.tolerance}"
+
+
+@dataclass
+class Waiting:
+    """A bucket that waits, driven like a gateway drives it: takes that wait their turn,
+    settlements (refunds and overruns) of the takes granted, and time steps."""
+
+    spec: BucketSpec
+    now: float = START
+    tat: float | None = None
+    turn: float | None = None
+    held: list[float] = field(default_factory=list)  # what each granted take still holds
+    debited: float = 0.0  # takes plus overruns, and what was refunded of them
+    refunded: float = 0.0
+    goes: list[float] = field(default_factory=list)  # when each granted take goes on, in order
+
+    def take(self, amount: float, max_wait_s: float) -> None:
+        spec = self.spec
+        verdict, news = try_take([self.tat], [spec], [amount], self.now, max_wait_s, [self.turn])
+        if 0 < amount <= spec.burst:
+            # whether a turn is granted does not depend on the size of the take
+            tiny, _ = try_take(
+                [self.tat], [spec], [spec.burst * 1e-3], self.now, max_wait_s, [self.turn]
+            )
+            assert tiny.allowed == verdict.allowed, "the grant of a turn depended on its size"
+        if not verdict.allowed:
+            assert news is None
+            self.check_retry_after(amount, max_wait_s, verdict.retry_after_s, verdict.never)
+            return
+        assert news is not None
+        self.tat = news[0]
+        if amount == 0:
+            assert verdict.wait_s == 0, "an amount of 0 waits for nothing"
+            return
+        self.turn = turn_of(verdict, self.now) or self.turn
+        self.goes.append(self.now + verdict.wait_s)
+        self.held.append(amount)
+        self.debited += amount
+        # the documented debt: at most max_wait_s of refill plus the take itself (a settled
+        # overrun may leave more, until the TAT is back within a take's budget)
+        debt = spec.rate_per_s * max_wait_s + amount
+        assert level(self.tat, spec, self.now)[0] >= -debt - _tolerance(spec, max_wait_s)
+        # and it goes on within its budget plus its own refill time
+        assert verdict.wait_s <= max_wait_s + amount / spec.rate_per_s + 2 * EPSILON_S
+
+    def check_retry_after(
+        self, amount: float, max_wait_s: float, retry_after_s: float, never: bool
+    ) -> None:
+        if never:
+            assert amount > self.spec.burst
+            return
+        assert retry_after_s > 0
+        turns = [self.turn]
+        later, _ = try_take(
+            [self.tat], [self.spec], [amount], self.now + retry_after_s, max_wait_s, turns
+        )
+        assert later.allowed, "waiting retry_after_s was not enough to be granted a turn"
+        if retry_after_s > 2 * RETRY_PROBE_S:
+            early_s = self.now + retry_after_s - RETRY_PROBE_S
+            early, _ = try_take([self.tat], [self.spec], [amount], early_s, max_wait_s, turns)
+            assert not early.allowed, "retry_after_s was longer than needed"
+
+    def settle(self, which: float, used: float) -> None:
+        if not self.held:
+            return
+        reserved = self.held.pop(int(which * len(self.held)) % len(self.held))
+        delta = (2 * used - 0.5) * reserved  # from a refund of half the reservation to an overrun
+        before = level(self.tat, self.spec, self.now)[0]
+        self.tat = adjust(self.tat, self.spec, delta, self.now)
+        after = level(self.tat, self.spec, self.now)[0]
+        if delta < 0:
+            self.refunded -= delta
+            assert after <= before - delta + _tolerance(self.spec), "a refund gave back more"
+        else:
+            self.debited += delta
+        assert self.refunded <= self.debited + _tolerance(self.spec)
+        assert after <= self.spec.burst + _tolerance(self.spec)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rates,
+    bursts,
+    st.lists(
+        st.tuples(st.sampled_from(["take", "take", "advance", "settle"]), fractions, fractions),
+        max_size=40,
+    ),
+)
+def test_waiting_bucket_is_fifo_and_keeps_its_debt(
+    rate: float, burst: float, steps: list[tuple[str, float, float]]
+) -> None:
+    spec = BucketSpec("k", Unit.TOKENS, rate, burst, waits=True)
+    tau = burst / rate
+    run = Waiting(spec)
+    for kind, x, y in steps:
+        if kind == "advance":
+            run.now += x * x * 2 * tau
+        elif kind == "take":
+            run.take(0.0 if x < 0.05 else x * 1.2 * burst, y * 3 * tau)
+        else:
+            run.settle(x, y)
+    # FIFO: a take granted later never goes on before one granted earlier, refunds or not
+    slack = 2 * EPSILON_S + 1e-12 * run.now
+    assert all(a <= b + slack for a, b in zip(run.goes, run.goes[1:], strict=False))

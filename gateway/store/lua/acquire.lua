@@ -1,6 +1,8 @@
 -- units: seconds (now, TATs, waits; float), amount per second (rate), bucket units (burst, amount); replies are %.17g strings
--- Twin of gateway/core/bucket.py try_take: keep the formulas and their order identical.
--- KEYS: one per bucket. ARGV[1]: now, or '' to read Redis TIME (less EPOCH_S);
+-- Twin of gateway/core/bucket.py try_take and turn_of: keep the formulas and their order identical.
+-- KEYS: one TAT key per bucket, then one turn key per bucket in the same order (read and written
+-- only for buckets that wait: the last turn given, so a later take goes no earlier).
+-- ARGV[1]: now, or '' to read Redis TIME (less EPOCH_S);
 -- ARGV[2]: least TTL in ms; ARGV[3]: max_wait_s; then per bucket: rate_per_s, burst, amount,
 -- waits (1: a take may wait for this bucket up to max_wait_s, 0: it may not).
 -- Reply: {allowed 0|1, never 0|1, blocking (1-based, 0 none), retry_after_s, remaining..., reset_s...,
@@ -17,8 +19,8 @@ else
 end
 local min_ttl_ms = tonumber(ARGV[2])
 local max_wait_s = tonumber(ARGV[3])
-local count = #KEYS
-local rates, bursts, amounts, starts, news = {}, {}, {}, {}, {}
+local count = #KEYS / 2
+local rates, bursts, amounts, starts, news, waiting = {}, {}, {}, {}, {}, {}
 local allowed, never, blocking, worst, waited = true, false, 0, 0.0, 0.0
 for i = 1, count do
   local rate = tonumber(ARGV[4 * i])
@@ -31,7 +33,7 @@ for i = 1, count do
     start = tat
   end
   local new = start + amount / rate
-  rates[i], bursts[i], amounts[i], starts[i], news[i] = rate, burst, amount, start, new
+  rates[i], bursts[i], amounts[i], starts[i], news[i], waiting[i] = rate, burst, amount, start, new, waits
   if amount > 0 then
     if amount > burst then
       allowed = false
@@ -41,17 +43,30 @@ for i = 1, count do
       end
     else
       local wait = (new - now) - burst / rate
-      if wait > EPSILON_S then
-        if waits and wait - amount / rate <= max_wait_s + EPSILON_S then
+      local late = wait
+      local granted = false
+      if waits then
+        local begins = wait - amount / rate
+        local turn = tonumber(redis.call('GET', KEYS[count + i]))
+        if turn ~= nil and turn - now > begins then
+          begins = turn - now
+          if begins > wait then
+            wait = begins
+          end
+        end
+        late = begins - max_wait_s
+        if late <= EPSILON_S then
           if wait > waited then
             waited = wait
           end
-        else
-          allowed = false
-          if not never and wait > worst then
-            worst = wait
-            blocking = i
-          end
+          granted = true
+        end
+      end
+      if not granted and wait > EPSILON_S then
+        allowed = false
+        if not never and late > worst then
+          worst = late
+          blocking = i
         end
       end
     end
@@ -64,6 +79,15 @@ if allowed then
     if amounts[i] > 0 then
       local ttl_ms = math.min(math.max(math.ceil((news[i] - now) * 1000) + 1, min_ttl_ms), MAX_TTL_MS)
       redis.call('SET', KEYS[i], string.format('%.17g', news[i]), 'PX', string.format('%d', ttl_ms))
+    end
+  end
+  if waited > 0 then
+    local turn = now + waited
+    local ttl_ms = math.min(math.max(math.ceil(waited * 1000) + 1, min_ttl_ms), MAX_TTL_MS)
+    for i = 1, count do
+      if waiting[i] and amounts[i] > 0 then
+        redis.call('SET', KEYS[count + i], string.format('%.17g', turn), 'PX', string.format('%d', ttl_ms))
+      end
     end
   end
 end
