@@ -94,6 +94,12 @@ class ConnectionGuard:
         self.refused = refused
         self.timed_out = timed_out
         self.by_transport: dict[asyncio.BaseTransport, GuardedProtocol] = {}
+        self.seconds: dict[Phase, float | None] = {
+            Phase.WAITING: limits.first_request_s,
+            Phase.HEADERS: limits.headers_s,
+            Phase.BUSY: None,
+            Phase.IDLE: limits.idle_s,
+        }
 
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for ``loop.create_server`` wrapping ``inner`` (aiohttp's
@@ -143,7 +149,10 @@ class GuardedProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._client = ""
         self._phase = Phase.WAITING
+        self._ends: float | None = None  # the phase's deadline (loop time); None while busy
         self._deadline: asyncio.TimerHandle | None = None
+        self._armed = 0.0  # when ``_deadline`` fires
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream server's transport (uvloop's does not subclass asyncio.Transport)
@@ -191,29 +200,43 @@ class GuardedProtocol(asyncio.Protocol):
         inner.connection_lost(exc)
 
     def enter(self, phase: Phase) -> None:
-        """Move to ``phase`` and arm its deadline (none while busy)."""
+        """Move to ``phase`` and set its deadline (none while busy).
+
+        A request moves through three phases, so a timer each would cost three timer handles
+        per request. The one timer is re-armed only for a deadline earlier than the one it is
+        armed for; when it fires early (the deadline moved later, or went away while busy) it
+        sleeps again until the current deadline, if any: a connection in steady use costs a
+        timer about once per deadline's length, not per request."""
         self._phase = phase
-        self._disarm()
-        limits = self._guard.limits
-        seconds = {
-            Phase.WAITING: limits.first_request_s,
-            Phase.HEADERS: limits.headers_s,
-            Phase.IDLE: limits.idle_s,
-        }.get(phase)
-        if seconds is not None:
-            loop = asyncio.get_running_loop()
-            self._deadline = loop.call_later(seconds, self._expire, phase)
+        seconds = self._guard.seconds[phase]
+        if seconds is None:
+            self._ends = None
+            return
+        ends = self._ends = self._loop.time() + seconds
+        if self._deadline is None or ends < self._armed:
+            self._arm(ends)
+
+    def _arm(self, at: float) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._armed = at
+        self._deadline = self._loop.call_at(at, self._expire)
 
     def _disarm(self) -> None:
+        self._ends = None
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
 
-    def _expire(self, phase: Phase) -> None:
+    def _expire(self) -> None:
         self._deadline = None
-        if self._phase is not phase or self._transport is None:
+        ends = self._ends
+        if ends is None or self._transport is None:
             return
-        self._guard.timed_out(phase.value)
+        if self._loop.time() < ends:  # the deadline moved later since the timer was armed
+            self._arm(ends)
+            return
+        self._guard.timed_out(self._phase.value)
         # abort, not close: a peer that reads nothing must not keep the socket in our table
         self._transport.abort()
 
