@@ -9,8 +9,8 @@ whole (and decoded) before it is forwarded.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -60,7 +60,8 @@ def request_id(incoming: Mapping[str, str]) -> str:
     given = incoming.get("x-request-id")
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    return uuid.uuid4().hex
+    # 128 random bits in hex, as a UUID's hex but without building a UUID (a third of the cost)
+    return os.urandom(16).hex()
 
 
 def upstream_headers(
