@@ -176,8 +176,11 @@ class Exchange:
         request = self.request
         server = self.live.policy.server
         try:
-            async with asyncio.timeout(server.connections.body_s):
+            if request.content.is_eof():  # the whole body is here: reading it cannot wait
                 self.body = await request.read()
+            else:
+                async with asyncio.timeout(server.connections.body_s):
+                    self.body = await request.read()
         except TimeoutError:
             message = f"The request body did not arrive within {server.connections.body_s:g} s."
             return responses.error(Outcome.REQUEST_TIMEOUT, message, should_retry=False)
