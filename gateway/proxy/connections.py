@@ -94,12 +94,6 @@ class ConnectionGuard:
         self.refused = refused
         self.timed_out = timed_out
         self.by_transport: dict[asyncio.BaseTransport, GuardedProtocol] = {}
-        self.seconds: dict[Phase, float | None] = {
-            Phase.WAITING: limits.first_request_s,
-            Phase.HEADERS: limits.headers_s,
-            Phase.BUSY: None,
-            Phase.IDLE: limits.idle_s,
-        }
 
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for ``loop.create_server`` wrapping ``inner`` (aiohttp's
@@ -131,12 +125,12 @@ class ConnectionGuard:
         """Marks a connection busy while its request is handled (no deadline then), idle after."""
         guarded = self.by_transport.get(request.transport) if request.transport else None
         if guarded is not None:
-            guarded.enter(Phase.BUSY)
+            guarded.enter(Phase.BUSY, None)
         try:
             return await handler(request)
         finally:
             if guarded is not None:
-                guarded.enter(Phase.IDLE)
+                guarded.enter(Phase.IDLE, self.limits.idle_s)
 
 
 class GuardedProtocol(asyncio.Protocol):
@@ -168,13 +162,14 @@ class GuardedProtocol(asyncio.Protocol):
         self._guard.by_transport[transport] = self
         inner = self._inner = self._make_inner()
         inner.connection_made(transport)
-        self.enter(Phase.WAITING)
+        self.enter(Phase.WAITING, self._guard.limits.first_request_s)
 
     def data_received(self, data: bytes) -> None:
         if self._inner is None:
             return
-        if self._phase in (Phase.WAITING, Phase.IDLE):
-            self.enter(Phase.HEADERS)
+        phase = self._phase
+        if phase is Phase.WAITING or phase is Phase.IDLE:
+            self.enter(Phase.HEADERS, self._guard.limits.headers_s)
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -199,8 +194,8 @@ class GuardedProtocol(asyncio.Protocol):
         self._guard.release(self._client)
         inner.connection_lost(exc)
 
-    def enter(self, phase: Phase) -> None:
-        """Move to ``phase`` and set its deadline (none while busy).
+    def enter(self, phase: Phase, seconds: float | None) -> None:
+        """Move to ``phase``, which ends ``seconds`` from now (None: no deadline, while busy).
 
         A request moves through three phases, so a timer each would cost three timer handles
         per request. The one timer is re-armed only for a deadline earlier than the one it is
@@ -208,7 +203,6 @@ class GuardedProtocol(asyncio.Protocol):
         sleeps again until the current deadline, if any: a connection in steady use costs a
         timer about once per deadline's length, not per request."""
         self._phase = phase
-        seconds = self._guard.seconds[phase]
         if seconds is None:
             self._ends = None
             return
