@@ -30,6 +30,8 @@ from aiohttp import web
 from gateway.policy.compile import ConnectionLimits
 from gateway.proxy.failures import quiet_malformed_requests
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 # File descriptors a gateway needs besides client sockets when the cap is "auto": upstream
 # sockets (one per request in flight), Redis, the policy file, logs.
 _AUTO_SHARE = 0.5
@@ -118,19 +120,26 @@ class ConnectionGuard:
         else:
             del self.by_client[client]
 
-    @web.middleware
-    async def middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        """Marks a connection busy while its request is handled (no deadline then), idle after."""
-        guarded = self.by_transport.get(request.transport) if request.transport else None
-        if guarded is not None:
-            guarded.enter(Phase.BUSY, None)
-        try:
-            return await handler(request)
-        finally:
-            if guarded is not None:
-                guarded.enter(Phase.IDLE, self.limits.idle_s)
+    def wrap(self, handler: Handler) -> Handler:
+        """``handler`` with its connection marked busy while it runs (no deadline then) and
+        idle after. Each route's handler is wrapped rather than the app given a middleware: an
+        aiohttp middleware costs two more coroutine layers per request (aiohttp then adds one
+        of its own, which tracks the current app)."""
+        by_transport = self.by_transport
+        limits = self.limits
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            transport = request.transport
+            connection = by_transport.get(transport) if transport is not None else None
+            if connection is None:
+                return await handler(request)
+            connection.enter(Phase.BUSY, None)
+            try:
+                return await handler(request)
+            finally:
+                connection.enter(Phase.IDLE, limits.idle_s)
+
+        return guarded
 
 
 class GuardedProtocol(asyncio.Protocol):
