@@ -9,6 +9,7 @@ stream ends with an SSE error event, which the OpenAI SDKs raise as an API error
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -306,7 +307,7 @@ async def _send_request(
     server that restarted while the request waited in the queue): a server never acts on a
     request it did not receive whole, so that retry cannot do the work twice. Nothing is
     retried once the request is written."""
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s)
+    timeout = _connect_timeout(timeouts.connect_s)
     retries = 1
     while True:
         try:
@@ -327,6 +328,12 @@ async def _send_request(
             if not retries:
                 raise UpstreamConnectError(f"backend connection reset: {exc}") from exc
             retries -= 1
+
+
+@functools.lru_cache(maxsize=16)
+def _connect_timeout(connect_s: float) -> aiohttp.ClientTimeout:
+    # one per policy value, not one per request (a frozen value, safe to share)
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect_s)
 
 
 def _read_usage(
