@@ -12,7 +12,6 @@ import asyncio
 import functools
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import aiohttp
 import msgspec
@@ -34,8 +33,8 @@ _TAIL_BYTES = 64 * 1024  # of a streamed JSON body, kept to read its usage block
 _UNWRITTEN = "Can not write request body"
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+# Both are made per request: msgspec Structs, whose constructors are C (a dataclass's is Python).
+class Answer(msgspec.Struct, frozen=True):
     """How to read and relay an answer: the shape its usage comes in, whether to hide the usage
     chunk the gateway asked for, and the rewrite of the served model name to the public one
     (applied to JSON answers held whole and to each whole stream event)."""
@@ -45,8 +44,7 @@ class Answer:
     rename: Callable[[bytes], bytes] | None = None
 
 
-@dataclass(slots=True)
-class Relay:
+class Relay(msgspec.Struct, gc=False):
     """What happened upstream, for settlement, the backend's health and the access log."""
 
     status: int = 0
