@@ -212,7 +212,7 @@ class GuardedProtocol(asyncio.Protocol):
         sleeps again until the current deadline, if any: a connection in steady use costs a
         timer about once per deadline's length, not per request."""
         self._phase = phase
-        if seconds is None:
+        if seconds is None or self._inner is None:  # busy, or the connection is gone
             self._ends = None
             return
         ends = self._ends = self._loop.time() + seconds
