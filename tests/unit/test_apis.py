@@ -255,7 +255,12 @@ def test_no_costed_path_is_a_backend_admin_path() -> None:
         assert not routes.admin_path(path), path
         assert routes.allowed("POST", path)
         assert routes.allowed("POST", path + "/")
-    for path in ("/sleep", "/v1/load_lora_adapter", "/admin/completions", "/admin/chat/completions"):
+    for path in (
+        "/sleep",
+        "/v1/load_lora_adapter",
+        "/admin/completions",
+        "/admin/chat/completions",
+    ):
         assert not routes.allowed("POST", path, ("/*",))
 
 
