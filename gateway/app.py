@@ -93,9 +93,7 @@ def build_app(
         refused=lambda reason: metrics.connections_refused.labels(reason).inc(),
         timed_out=lambda phase: metrics.connections_timed_out.labels(phase).inc(),
     )
-    app = web.Application(
-        client_max_size=policy.server.max_body_bytes, middlewares=[guard.middleware]
-    )
+    app = web.Application(client_max_size=policy.server.max_body_bytes)
     app[GATEWAY] = gw
     app[CONTROL] = Control()
     app[CONNECTIONS] = guard
@@ -112,12 +110,13 @@ def build_app(
     gw.tracer = tracer
     app.cleanup_ctx.extend([_upstream_session, _admitter, _policy_watcher, _access_log, _drain])
     # the probes stay here too, for load balancers that only reach the proxy port
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/v1/models", _models)
+    # every handler runs inside the connection guard (``ConnectionGuard.wrap``)
+    app.router.add_get("/healthz", guard.wrap(healthz))
+    app.router.add_get("/readyz", guard.wrap(readyz))
+    app.router.add_get("/v1/models", guard.wrap(_models))
     for internal in ("/metrics", "/status", "/admin/{tail:.*}"):  # answered before any key check
-        app.router.add_route("*", internal, _not_here)
-    app.router.add_route("*", "/{tail:.*}", handle)
+        app.router.add_route("*", internal, guard.wrap(_not_here))
+    app.router.add_route("*", "/{tail:.*}", guard.wrap(handle))
     return app
 
 

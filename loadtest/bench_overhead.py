@@ -219,7 +219,10 @@ def main() -> int:
             port = _free_port()
             policy = Path(tmp) / f"policy-{port}.yaml"
             policy.write_text(_POLICY.format(port=port, backend=backend, **settings))
+            # an admin port each: the policy's default one is shared by every gateway here
+            admin = str(_free_port())
             gate_cmd = [*_pin(0), py, "-m", "gateway", "run", "-c", str(policy)]
+            gate_cmd += ["--admin-port", admin]
             gate_proc = stack.enter_context(_process(gate_cmd, f"http://127.0.0.1:{port}/readyz"))
             targets.append((name, f"http://127.0.0.1:{port}{path}", gate_proc.pid))
         cells: dict[tuple[str, str, int], list[Result]] = {}

@@ -30,6 +30,8 @@ from aiohttp import web
 from gateway.policy.compile import ConnectionLimits
 from gateway.proxy.failures import quiet_malformed_requests
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 # File descriptors a gateway needs besides client sockets when the cap is "auto": upstream
 # sockets (one per request in flight), Redis, the policy file, logs.
 _AUTO_SHARE = 0.5
@@ -118,19 +120,26 @@ class ConnectionGuard:
         else:
             del self.by_client[client]
 
-    @web.middleware
-    async def middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        """Marks a connection busy while its request is handled (no deadline then), idle after."""
-        guarded = self.by_transport.get(request.transport) if request.transport else None
-        if guarded is not None:
-            guarded.enter(Phase.BUSY)
-        try:
-            return await handler(request)
-        finally:
-            if guarded is not None:
-                guarded.enter(Phase.IDLE)
+    def wrap(self, handler: Handler) -> Handler:
+        """``handler`` with its connection marked busy while it runs (no deadline then) and
+        idle after. Each route's handler is wrapped rather than the app given a middleware: an
+        aiohttp middleware costs two more coroutine layers per request (aiohttp then adds one
+        of its own, which tracks the current app)."""
+        by_transport = self.by_transport
+        limits = self.limits
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            transport = request.transport
+            connection = by_transport.get(transport) if transport is not None else None
+            if connection is None:
+                return await handler(request)
+            connection.enter(Phase.BUSY, None)
+            try:
+                return await handler(request)
+            finally:
+                connection.enter(Phase.IDLE, limits.idle_s)
+
+        return guarded
 
 
 class GuardedProtocol(asyncio.Protocol):
@@ -143,7 +152,10 @@ class GuardedProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._client = ""
         self._phase = Phase.WAITING
+        self._ends: float | None = None  # the phase's deadline (loop time); None while busy
         self._deadline: asyncio.TimerHandle | None = None
+        self._armed = 0.0  # when ``_deadline`` fires
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream server's transport (uvloop's does not subclass asyncio.Transport)
@@ -159,13 +171,14 @@ class GuardedProtocol(asyncio.Protocol):
         self._guard.by_transport[transport] = self
         inner = self._inner = self._make_inner()
         inner.connection_made(transport)
-        self.enter(Phase.WAITING)
+        self.enter(Phase.WAITING, self._guard.limits.first_request_s)
 
     def data_received(self, data: bytes) -> None:
         if self._inner is None:
             return
-        if self._phase in (Phase.WAITING, Phase.IDLE):
-            self.enter(Phase.HEADERS)
+        phase = self._phase
+        if phase is Phase.WAITING or phase is Phase.IDLE:
+            self.enter(Phase.HEADERS, self._guard.limits.headers_s)
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -190,30 +203,43 @@ class GuardedProtocol(asyncio.Protocol):
         self._guard.release(self._client)
         inner.connection_lost(exc)
 
-    def enter(self, phase: Phase) -> None:
-        """Move to ``phase`` and arm its deadline (none while busy)."""
+    def enter(self, phase: Phase, seconds: float | None) -> None:
+        """Move to ``phase``, which ends ``seconds`` from now (None: no deadline, while busy).
+
+        A request moves through three phases, so a timer each would cost three timer handles
+        per request. The one timer is re-armed only for a deadline earlier than the one it is
+        armed for; when it fires early (the deadline moved later, or went away while busy) it
+        sleeps again until the current deadline, if any: a connection in steady use costs a
+        timer about once per deadline's length, not per request."""
         self._phase = phase
-        self._disarm()
-        limits = self._guard.limits
-        seconds = {
-            Phase.WAITING: limits.first_request_s,
-            Phase.HEADERS: limits.headers_s,
-            Phase.IDLE: limits.idle_s,
-        }.get(phase)
-        if seconds is not None:
-            loop = asyncio.get_running_loop()
-            self._deadline = loop.call_later(seconds, self._expire, phase)
+        if seconds is None or self._inner is None:  # busy, or the connection is gone
+            self._ends = None
+            return
+        ends = self._ends = self._loop.time() + seconds
+        if self._deadline is None or ends < self._armed:
+            self._arm(ends)
+
+    def _arm(self, at: float) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._armed = at
+        self._deadline = self._loop.call_at(at, self._expire)
 
     def _disarm(self) -> None:
+        self._ends = None
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
 
-    def _expire(self, phase: Phase) -> None:
+    def _expire(self) -> None:
         self._deadline = None
-        if self._phase is not phase or self._transport is None:
+        ends = self._ends
+        if ends is None or self._transport is None:
             return
-        self._guard.timed_out(phase.value)
+        if self._loop.time() < ends:  # the deadline moved later since the timer was armed
+            self._arm(ends)
+            return
+        self._guard.timed_out(self._phase.value)
         # abort, not close: a peer that reads nothing must not keep the socket in our table
         self._transport.abort()
 

@@ -57,6 +57,9 @@ _BODY_REFUSALS = frozenset(
 )
 # Times each backend may refuse one request's connection before it gets a 502.
 _CONNECT_ATTEMPTS = 3
+# What an exchange reports until it sends a request upstream: only read, never filled (each
+# attempt upstream fills a Relay of its own).
+_NOT_SENT = Relay()
 # A request on a path without cost rules (no prompt to read) costs one request and no memory.
 _PLAIN_COST = Cost(
     requests=1, input_tokens=0, output_tokens=0, kv_bytes=0, kv_gib_seconds=0.0, price=0.0
@@ -113,7 +116,7 @@ class Exchange:
         self.outcome = Outcome.OK
         self.queued_s = 0.0
         self.backend: Backend | None = None  # the one that served it
-        self.relay = Relay()
+        self.relay = _NOT_SENT
         self.route = routes.route(request.method, request.path)  # which API it speaks
         self.uncosted: str | None = None  # the unknown_endpoints rule that let it through
         self.request_id = request_id(request.headers)  # the client's, if sane, else a new one
@@ -171,8 +174,11 @@ class Exchange:
         request = self.request
         server = self.live.policy.server
         try:
-            async with asyncio.timeout(server.connections.body_s):
+            if request.content.is_eof():  # the whole body is here: reading it cannot wait
                 self.body = await request.read()
+            else:
+                async with asyncio.timeout(server.connections.body_s):
+                    self.body = await request.read()
         except TimeoutError:
             message = f"The request body did not arrive within {server.connections.body_s:g} s."
             return responses.error(Outcome.REQUEST_TIMEOUT, message, should_retry=False)
@@ -396,9 +402,10 @@ class Exchange:
             output_tokens = relay.output_tokens
             if output_tokens is None:
                 output_tokens = cost.output_tokens if relay.complete else 0
+            sequences = self._sequences()
             input_tokens, output_tokens = sane_usage(
                 model.profile,
-                self._sequences(),
+                sequences,
                 cost.input_tokens if input_tokens is None else input_tokens,
                 output_tokens,
             )
@@ -407,8 +414,8 @@ class Exchange:
                 input_tokens,
                 output_tokens,
                 ended - self.started - self.queued_s,
-                sequences=self._sequences(),
-                holding=self._holding(ended),
+                sequences=sequences,
+                holding=self._holding(ended, sequences),
             )
             metrics.settled(
                 tenant.name,
@@ -453,7 +460,7 @@ class Exchange:
         parsed = self.parsed
         return 1 if parsed is None else parsed.n * parsed.prompts
 
-    def _holding(self, ended: float) -> Holding | None:
+    def _holding(self, ended: float, sequences: int) -> Holding | None:
         """How the backend that served the request held its KV, for GiB·s."""
         backend = self.backend
         if backend is None:
@@ -464,7 +471,7 @@ class Exchange:
             decode_s = ended - relay.first_token_at
         return Holding(
             growing=backend.config.memory_kind is MemoryKind.PAGED,
-            reserved_output_tokens=self.cost.output_tokens // max(1, self._sequences()),
+            reserved_output_tokens=self.cost.output_tokens // max(1, sequences),
             decode_s=decode_s,
         )
 

@@ -9,9 +9,9 @@ stream ends with an SSE error event, which the OpenAI SDKs raise as an API error
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import aiohttp
 import msgspec
@@ -33,8 +33,8 @@ _TAIL_BYTES = 64 * 1024  # of a streamed JSON body, kept to read its usage block
 _UNWRITTEN = "Can not write request body"
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+# Both are made per request: msgspec Structs, whose constructors are C (a dataclass's is Python).
+class Answer(msgspec.Struct, frozen=True):
     """How to read and relay an answer: the shape its usage comes in, whether to hide the usage
     chunk the gateway asked for, and the rewrite of the served model name to the public one
     (applied to JSON answers held whole and to each whole stream event)."""
@@ -44,8 +44,7 @@ class Answer:
     rename: Callable[[bytes], bytes] | None = None
 
 
-@dataclass(slots=True)
-class Relay:
+class Relay(msgspec.Struct, gc=False):
     """What happened upstream, for settlement, the backend's health and the access log."""
 
     status: int = 0
@@ -306,7 +305,7 @@ async def _send_request(
     server that restarted while the request waited in the queue): a server never acts on a
     request it did not receive whole, so that retry cannot do the work twice. Nothing is
     retried once the request is written."""
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s)
+    timeout = _connect_timeout(timeouts.connect_s)
     retries = 1
     while True:
         try:
@@ -327,6 +326,12 @@ async def _send_request(
             if not retries:
                 raise UpstreamConnectError(f"backend connection reset: {exc}") from exc
             retries -= 1
+
+
+@functools.lru_cache(maxsize=16)
+def _connect_timeout(connect_s: float) -> aiohttp.ClientTimeout:
+    # one per policy value, not one per request (a frozen value, safe to share)
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect_s)
 
 
 def _read_usage(

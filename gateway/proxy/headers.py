@@ -9,9 +9,9 @@ whole (and decoded) before it is forwarded.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -50,9 +50,12 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
 _NOT_DOWNSTREAM = HOP_BY_HOP | frozenset(("content-length", "server", "date"))
 
 
-def _connection_tokens(values: Iterable[str]) -> set[str]:
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     # Headers named in Connection are hop-by-hop for this message too.
-    return {token.strip().lower() for value in values for token in value.split(",")} - {""}
+    if "Connection" not in headers:  # the common case, without building sets
+        return frozenset()
+    values = headers.getall("Connection")
+    return frozenset(token.strip().lower() for value in values for token in value.split(",")) - {""}
 
 
 def request_id(incoming: Mapping[str, str]) -> str:
@@ -60,7 +63,8 @@ def request_id(incoming: Mapping[str, str]) -> str:
     given = incoming.get("x-request-id")
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    return uuid.uuid4().hex
+    # 128 random bits in hex, as a UUID's hex but without building a UUID (a third of the cost)
+    return os.urandom(16).hex()
 
 
 def upstream_headers(
@@ -71,13 +75,11 @@ def upstream_headers(
     backend_auth: str | None,
     request_id: str | None = None,
 ) -> CIMultiDict[str]:
-    listed = _connection_tokens(incoming.getall("Connection", ()))
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        lower = name.lower()
-        if lower in _NOT_UPSTREAM or lower in listed:
-            continue
-        out.add(name, value)
+    listed = _connection_tokens(incoming)
+    dropped = _NOT_UPSTREAM | listed if listed else _NOT_UPSTREAM
+    out: CIMultiDict[str] = CIMultiDict(
+        [(name, value) for name, value in incoming.items() if name.lower() not in dropped]
+    )
     if peer:
         prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -90,13 +92,11 @@ def upstream_headers(
 
 
 def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    listed = _connection_tokens(upstream.getall("Connection", ()))
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        lower = name.lower()
-        if lower not in _NOT_DOWNSTREAM and lower not in listed:
-            out.add(name, value)
-    return out
+    listed = _connection_tokens(upstream)
+    dropped = _NOT_DOWNSTREAM | listed if listed else _NOT_DOWNSTREAM
+    return CIMultiDict(
+        [(name, value) for name, value in upstream.items() if name.lower() not in dropped]
+    )
 
 
 def api_key(headers: Mapping[str, str]) -> str | None:

@@ -165,3 +165,22 @@ async def test_a_slow_body_is_a_408() -> None:
         assert head.startswith(b"HTTP/1.1 408")
         assert b"x-kvgate-outcome: request_timeout" in head
         writer.close()
+
+
+# Checks: a client that leaves while its request is handled is not counted, later, as an idle
+# connection closed at the deadline (the handler ends after the connection did).
+async def test_a_client_gone_mid_request_is_not_timed_out_later() -> None:
+    async with serving("body: 1s, idle: 1s") as (host, port, metrics, guard):
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model"'
+        )
+        await asyncio.sleep(0.2)  # the handler is reading the body
+        writer.close()
+        await asyncio.sleep(3)  # past the body deadline, then past the idle one
+        assert guard.open == 0
+        timed_out = metrics.registry.get_sample_value(
+            "kvgate_connections_timed_out_total", {"phase": "idle"}
+        )
+        assert not timed_out

@@ -248,6 +248,22 @@ def test_the_routing_table() -> None:
     assert not routes.route("POST", "/v1/responses").asks_usage
 
 
+# Checks: `allowed` lets an exact costed POST path through before its backend-admin check, so
+# none of those paths may be an admin path; the admin paths stay refused.
+def test_no_costed_path_is_a_backend_admin_path() -> None:
+    for path in routes._POST:
+        assert not routes.admin_path(path), path
+        assert routes.allowed("POST", path)
+        assert routes.allowed("POST", path + "/")
+    for path in (
+        "/sleep",
+        "/v1/load_lora_adapter",
+        "/admin/completions",
+        "/admin/chat/completions",
+    ):
+        assert not routes.allowed("POST", path, ("/*",))
+
+
 def test_unknown_bodies_are_estimated_from_their_length() -> None:
     parsed = routes.estimated(b"x" * 400, "m")
     cost = estimate(parsed, PROFILE)

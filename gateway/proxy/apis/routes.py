@@ -130,6 +130,8 @@ def allowed(method: str, path: str, extra: tuple[str, ...] = ()) -> bool:
     one the policy opens (``server.allow_paths``: exact, or a prefix ending in ``*``); never a
     backend administration path."""
     path = path.rstrip("/") or "/"
+    if method == "POST" and path in _POST:  # the common case, before the longer checks
+        return True
     if admin_path(path):
         return False
     if method == "POST" and route(method, path) is not UNKNOWN:
