@@ -51,8 +51,39 @@ def test_warmup_scales_usable() -> None:
     assert _score(rt, 1, clock.now()) is None
     rt.lifecycle.observe_health(Health.OK, clock.now())
     assert rt.view(clock.now()).usable == pytest.approx(2 * GIB)
-    clock.advance(5.0)
-    assert rt.view(clock.now()).usable == pytest.approx(6 * GIB)
+    rt.place(GIB)
+    clock.advance(0.2)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=1, waiting=0), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(4 * GIB)  # it kept up, half used
+    clock.advance(0.2)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=1, waiting=0), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(4 * GIB)  # a quarter used: earned nothing
+    rt.place(2 * GIB)
+    clock.advance(0.2)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=3, waiting=0), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(8 * GIB)
+
+
+def test_a_warming_backend_whose_queue_stands_gets_less() -> None:
+    clock = FakeClock()
+    rt = BackendRuntime(
+        BackendConfig(url="b", kv_capacity_bytes=10 * GIB, warmup_s=10.0),
+        kv_bytes_per_token=KVT,
+        cap=CapacityConfig(headroom=0.0, warmup_floor=0.5),
+        now=clock.now(),
+    )
+    rt.lifecycle.observe_health(Health.LOADING, clock.now())
+    rt.lifecycle.observe_health(Health.OK, clock.now())
+    rt.place(GIB)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=4, waiting=6), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(5 * GIB)  # once: just sent, maybe
+    clock.advance(0.2)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=4, waiting=6), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(5 * GIB)  # at the floor already
+    rt.lifecycle.ramp.allowance = 0.8
+    clock.advance(1.0)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=4, waiting=6), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(5.6 * GIB)
 
 
 def test_largest_free_block_bounds_a_request_and_leaves_capacity_whole() -> None:
