@@ -299,8 +299,14 @@ class BackendRuntime:
                     backend_queue=_queues(sig),
                 )
         if self.lifecycle.phase is Phase.WARMING:
-            # a queue seen once may be requests sent since the last step; seen twice it stands
-            queued = prev is not None and _queues(prev) and _queues(sig)
+            # a queue seen once may be requests sent since the last step; one that is still
+            # there, no shorter, a scrape later stands: the backend is not keeping up
+            queued = (
+                prev is not None
+                and _queues(prev)
+                and _queues(sig)
+                and (sig.waiting or 0.0) >= (prev.waiting or 0.0)
+            )
             if preempted or queued:
                 self.lifecycle.fell_behind(now)
             else:
@@ -341,6 +347,7 @@ class BackendRuntime:
     def report_oom(self, now: float) -> None:
         self.pressure.cut(now)
         self.adaptive.on_drop(now)
+        self.lifecycle.fell_behind(now)
 
     def fresh_signals(self, now: float) -> BackendSignals | None:
         sig = self.signals

@@ -5,8 +5,11 @@ slow (graphs captured, caches and kernels cold). A ramp by the clock either floo
 fast for a slow start) or leaves it idle (too slow for a quick one). This ramp moves with what
 the backend shows it can serve, in the manner of TCP's slow start and AIMD:
 
-- it starts at ``floor`` (the policy's ``warmup.floor``);
-- each fresh scrape in which the backend *kept up* while the gateway used at least half of the
+- it starts at ``floor`` (the policy's ``warmup.floor``) and stays there until the backend's
+  speed has been measured: by its first answer (a time to first token), or, after a restart,
+  by the warm reference. Until then a slow server and a flooded one look alike, and a small
+  batch answers soonest, which also gives the queue its first drain rate to predict waits by;
+- then each fresh scrape in which the backend *kept up* while the gateway used at least half of the
   allowance doubles it (slow start); after a cut it grows additively by ``step`` instead;
 - the backend did *not* keep up when its scrape shows a queue of its own or a rise of its
   preemption counter, when a request failed there (5xx, timeout, OOM), or when a time to first
@@ -15,8 +18,8 @@ the backend shows it can serve, in the manner of TCP's slow start and AIMD:
 - warming ends when the allowance reaches 1, or after ``warmup_s`` at the latest.
 
 The warm reference is the time to first token learned while the backend was ready (an EWMA);
-it outlives restarts, which is when it matters. On a first load there is none yet, and only
-the backend's own reports judge.
+it outlives restarts, which is when it matters. On a first load there is none yet: the first
+answer measures the backend, and then only its own reports judge it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class WarmupRamp:
     """The allowance (a share of capacity in [floor, 1]) of one warming backend, and the warm
     time to first token it is judged against. Every method takes ``now``."""
 
-    __slots__ = ("_cut", "_last_cut", "allowance", "config", "warm_ttft_s")
+    __slots__ = ("_cut", "_last_cut", "_measured", "allowance", "config", "warm_ttft_s")
 
     def __init__(self, config: RampConfig) -> None:
         if not 0.0 <= config.floor <= 1.0:
@@ -54,16 +57,19 @@ class WarmupRamp:
         self.warm_ttft_s: float | None = None
         self._cut = False
         self._last_cut = float("-inf")
+        self._measured = False
 
     def retune(self, config: RampConfig) -> None:
         self.config = config
         self.allowance = max(self.allowance, config.floor)
 
     def restart(self) -> None:
-        """Warming begins: back to the floor, in slow start."""
+        """Warming begins: back to the floor, in slow start. Growth needs a measure of the
+        backend's speed: the warm reference (a restart), else its first request's answer."""
         self.allowance = self.config.floor
         self._cut = False
         self._last_cut = float("-inf")
+        self._measured = self.warm_ttft_s is not None
 
     @property
     def full(self) -> bool:
@@ -72,7 +78,7 @@ class WarmupRamp:
     def kept_up(self, *, used: float) -> None:
         """A fresh scrape showed the backend serving what it was given; ``used`` is the share
         of the allowance the gateway's requests held there. Growth is earned by use only."""
-        if used < 0.5:
+        if used < 0.5 or not self._measured:
             return
         if self._cut:
             grown = self.allowance + self.config.step
@@ -95,6 +101,7 @@ class WarmupRamp:
             ref = self.warm_ttft_s
             self.warm_ttft_s = ttft_s if ref is None else ref + _TTFT_EWMA_ALPHA * (ttft_s - ref)
             return
+        self._measured = True
         ref = self.warm_ttft_s
         if ref is not None and ttft_s > self.config.tolerance * ref:
             self.fell_behind(now)

@@ -42,6 +42,9 @@ def test_observed_load_warms_from_the_floor_by_what_the_backend_serves() -> None
     assert lc.capacity_factor(clock.now()) == pytest.approx(0.1)
     clock.advance(5.0)  # time alone moves nothing: the backend has shown nothing yet
     assert lc.capacity_factor(clock.now()) == pytest.approx(0.1)
+    lc.kept_up(used=0.9, now=clock.now())  # kept up, but how fast it serves is not known
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.1)
+    lc.first_token(2.0, clock.now())  # its first answer: now it has been measured
     lc.kept_up(used=0.2, now=clock.now())  # kept up, but with little asked of it
     assert lc.capacity_factor(clock.now()) == pytest.approx(0.1)
     for expected in (0.2, 0.4, 0.8):  # slow start: doubling per scrape that kept up, used
@@ -68,6 +71,7 @@ def test_a_backend_that_falls_behind_is_cut_then_grows_additively() -> None:
     lc = make(clock, warmup_s=60.0, floor=0.1)
     lc.observe_health(Health.LOADING, clock.now())
     lc.observe_health(Health.OK, clock.now())
+    lc.first_token(1.0, clock.now())
     for _ in range(3):
         lc.kept_up(used=1.0, now=clock.now())
     assert lc.capacity_factor(clock.now()) == pytest.approx(0.8)
@@ -91,7 +95,7 @@ def test_a_slow_first_token_after_a_restart_cuts_against_the_warm_one() -> None:
     lc.observe_health(Health.LOADING, clock.now())  # restarted
     clock.advance(10.0)
     lc.observe_health(Health.OK, clock.now())
-    for _ in range(3):
+    for _ in range(3):  # the warm reference measures it: it may grow before its first answer
         lc.kept_up(used=1.0, now=clock.now())
     assert lc.capacity_factor(clock.now()) == pytest.approx(0.8)
     lc.first_token(1.2, clock.now())  # slower than warm, as a fresh server is: no cut
