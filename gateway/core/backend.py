@@ -237,6 +237,8 @@ class BackendRuntime:
             self.adaptive.on_drop(now)
         else:
             self.lifecycle.record_success()
+            if ttft_s is not None:
+                self.lifecycle.first_token(ttft_s, now)
             self.adaptive.on_sample(
                 ttft_s=ttft_s, inflight=self.inflight + 1, dropped=False, now=now
             )
@@ -275,6 +277,7 @@ class BackendRuntime:
         allocated yet when it answered the scrape."""
         prev = self.signals
         usage = self._usage(sig)
+        preempted = False
         if prev is not None and now - prev.at <= self.cap.stale_after_s:
             preempted = _rose(prev.preemptions_total, sig.preemptions_total)
             # A paged backend with a usage gauge answers a preemption through its overcommit
@@ -295,6 +298,19 @@ class BackendRuntime:
                     preempted=preempted,
                     backend_queue=_queues(sig),
                 )
+        if self.lifecycle.phase is Phase.WARMING:
+            # a queue seen once may be requests sent since the last step; one that is still
+            # there, no shorter, a scrape later stands: the backend is not keeping up
+            queued = (
+                prev is not None
+                and _queues(prev)
+                and _queues(sig)
+                and (sig.waiting or 0.0) >= (prev.waiting or 0.0)
+            )
+            if preempted or queued:
+                self.lifecycle.fell_behind(now)
+            else:
+                self.lifecycle.kept_up(used=self._used_share(now), now=now)
         self.signals = sig
         self._reserved_at_scrape = self.reserved_bytes
         self._pending_at_scrape = pending_bytes
@@ -305,6 +321,12 @@ class BackendRuntime:
         self._slot_ctx = sig.slot_ctx_tokens or self._slot_ctx
         self._block_size = sig.block_size or self._block_size
         self._derive()
+
+    def _used_share(self, now: float) -> float:
+        """The share of what may be used here now that is taken (by reservations, or by what
+        the usage gauge shows); 1 when nothing may be."""
+        v = self.view(now)
+        return 1.0 - max(0.0, v.free) / v.usable if v.usable > 0 else 1.0
 
     def _derive(self) -> None:
         """What only the policy and the last scrape change, computed when they change (every
@@ -325,6 +347,7 @@ class BackendRuntime:
     def report_oom(self, now: float) -> None:
         self.pressure.cut(now)
         self.adaptive.on_drop(now)
+        self.lifecycle.fell_behind(now)
 
     def fresh_signals(self, now: float) -> BackendSignals | None:
         sig = self.signals

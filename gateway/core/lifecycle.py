@@ -5,8 +5,10 @@
   ``expected_load``; each load the probes see from start to end is measured, and their EWMA
   predicts the next (Retry-After, and "will it be up before this request's deadline?"). The
   last prediction's error is kept for the admin view.
-- ``WARMING``: capacity factor ramps linearly from ``floor`` to 1 over ``warmup_s`` (Envoy slow
-  start), then ``READY``. A backend whose very first probe is healthy was already serving before
+- ``WARMING``: the capacity factor is the allowance of ``gateway.core.warmup``: from ``floor``
+  it grows as the backend shows it serves what it is given (its scrapes, its requests' failures
+  and times to first token) and is cut when it does not; ``READY`` when it reaches 1, or after
+  ``warmup_s`` at the latest. A backend whose very first probe is healthy was already serving before
   the gateway looked, so it starts ``READY``: a gateway restart must not throttle a warm fleet.
 - ``EJECTED``: ``eject_failures`` consecutive failures of a backend that answers (5xx, timeouts
   reported by the proxy, failed probes) remove it for ``cooldown_s``; then it warms again (or
@@ -20,6 +22,7 @@ from __future__ import annotations
 import enum
 
 from gateway.core.types import Phase
+from gateway.core.warmup import RampConfig, WarmupRamp
 
 
 class Health(enum.StrEnum):
@@ -31,7 +34,6 @@ class Health(enum.StrEnum):
 
 
 _LOAD_EWMA_ALPHA = 0.5
-_RAMP_STEPS = 20
 _OVERDUE_SHARE = 0.25  # an overdue load is predicted to need another quarter of its usual time
 
 
@@ -39,14 +41,13 @@ class Lifecycle:
     """The phase of one backend, driven by probes, proxy reports and time.
 
     Invariants: ``capacity_factor`` is 0 in LOADING and EJECTED, in [floor, 1] while WARMING and
-    1 when READY; phases change only in ``observe_health``, ``went_down``, ``record_failure``
-    and ``advance``.
+    1 when READY; phases change only in ``observe_health``, ``went_down``, ``record_failure``,
+    ``kept_up`` and ``advance``.
     """
 
     __slots__ = (
         "_cooldown_s",
         "_eject_failures",
-        "_floor",
         "_health_ok",
         "_load_seen",
         "_load_started",
@@ -59,6 +60,7 @@ class Lifecycle:
         "last_load_error_s",
         "load_estimate_s",
         "phase",
+        "ramp",
         "since",
     )
 
@@ -72,10 +74,8 @@ class Lifecycle:
         expected_load_s: float,
         now: float,
     ) -> None:
-        if not 0.0 <= floor <= 1.0:
-            raise ValueError(f"warm-up floor must be in [0, 1], got {floor}")
+        self.ramp = WarmupRamp(RampConfig(floor=floor))
         self._warmup_s = warmup_s
-        self._floor = floor
         self._eject_failures = eject_failures
         self._cooldown_s = cooldown_s
         self.expected_load_s = expected_load_s
@@ -102,7 +102,7 @@ class Lifecycle:
     ) -> None:
         """Adopt new policy settings; the phase and what was learned stay."""
         self._warmup_s = warmup_s
-        self._floor = floor
+        self.ramp.retune(RampConfig(floor=floor))
         self._eject_failures = eject_failures
         self._cooldown_s = cooldown_s
         self.expected_load_s = expected_load_s
@@ -139,6 +139,8 @@ class Lifecycle:
 
     def record_failure(self, now: float) -> None:
         self.failures += 1
+        if self.phase is Phase.WARMING:
+            self.ramp.fell_behind(now)
         serving = self.phase in (Phase.WARMING, Phase.READY)
         if serving and self.failures >= self._eject_failures:
             self._enter(Phase.EJECTED, now)
@@ -147,8 +149,26 @@ class Lifecycle:
     def record_success(self) -> None:
         self.failures = 0
 
+    def kept_up(self, *, used: float, now: float) -> None:
+        """A fresh scrape showed the backend serving all it was given (no queue of its own, no
+        preemption); ``used``: the share of its warming capacity the gateway's requests hold."""
+        if self.phase is Phase.WARMING:
+            self.ramp.kept_up(used=used)
+            self.advance(now)
+
+    def fell_behind(self, now: float) -> None:
+        """The backend queued or preempted what it was given: a warming one gets less."""
+        if self.phase is Phase.WARMING:
+            self.ramp.fell_behind(now)
+
+    def first_token(self, ttft_s: float, now: float) -> None:
+        """A request here had its first token after ``ttft_s``: the warm reference when ready,
+        a judgement of a warming backend's speed otherwise."""
+        if self.phase in (Phase.WARMING, Phase.READY):
+            self.ramp.first_token(ttft_s, warming=self.phase is Phase.WARMING, now=now)
+
     def advance(self, now: float) -> None:
-        if self.phase is Phase.WARMING and now >= self.since + self._warmup_s:
+        if self.phase is Phase.WARMING and (self.ramp.full or now >= self.since + self._warmup_s):
             self._enter(Phase.READY, now)
         elif self.phase is Phase.EJECTED and now >= self.ejected_until:
             self.failures = 0
@@ -162,8 +182,7 @@ class Lifecycle:
         if self.phase is Phase.READY:
             return 1.0
         if self.phase is Phase.WARMING:
-            progress = min(1.0, max(0.0, (now - self.since) / self._warmup_s))
-            return self._floor + (1.0 - self._floor) * progress
+            return self.ramp.allowance
         return 0.0
 
     def serving(self, now: float) -> bool:
@@ -195,8 +214,7 @@ class Lifecycle:
     def next_change_at(self, now: float) -> float | None:
         """The next moment time alone changes this backend's capacity (for the driver's timer)."""
         if self.phase is Phase.WARMING:
-            # the ramp is continuous; re-evaluating it in 20 steps keeps the driver's timer calm
-            return min(self.since + self._warmup_s, now + self._warmup_s / _RAMP_STEPS)
+            return self.since + self._warmup_s  # the ramp itself moves with probes and requests
         if self.phase is Phase.EJECTED:
             return self.ejected_until
         return None
@@ -218,6 +236,7 @@ class Lifecycle:
         if self._warmup_s <= 0:
             self._enter(Phase.READY, now)
         else:
+            self.ramp.restart()
             self._enter(Phase.WARMING, now)
 
     def _enter(self, phase: Phase, now: float) -> None:

@@ -22,7 +22,7 @@ class SimConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
     max_num_batched_tokens: int = 0  # tokens one step may process (chunked prefill); 0: no cap
     load_time_s: float = 0.0  # not ready this long after (re)start
     # while loading: "503" answers 503 "Loading model" (llama.cpp); "refuse" does not listen
-    # until loaded, as vLLM's API server (only the first load: a restart keeps the port open)
+    # until loaded, as vLLM's API server (the first load and every restart or crash reload)
     loading: Literal["503", "refuse"] = "503"
     slow_start_s: float = 0.0  # after loading, steps are slower, easing to normal over this window
     slow_start_factor: float = 3.0  # step-time multiplier at the start of slow_start_s

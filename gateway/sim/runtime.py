@@ -44,6 +44,8 @@ class SimRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._t0 = 0.0
         self.max_lag_s = 0.0
+        # set whenever a load begins after the first (a restart, or a crash that reloads)
+        self.reloading = asyncio.Event()
 
     def start(self) -> None:
         """Start the clock now (simulated time 0 is the moment the server starts loading)."""
@@ -86,6 +88,7 @@ class SimRuntime:
     def restart(self, load_time_s: float | None = None) -> float:
         """Restart the engine (see ``Engine.restart``); return wall seconds until it is ready."""
         self._fail(self.sync().restart(load_time_s))
+        self.reloading.set()
         return (self.engine.ready_at - self.engine.now) / self.config.time_scale
 
     async def run(self) -> None:
@@ -101,6 +104,8 @@ class SimRuntime:
             self.max_lag_s = max(self.max_lag_s, self.lag_s)
             result = engine.step()
             self._fail(result.failed)
+            if engine.is_loading():  # the step crashed the engine
+                self.reloading.set()
             end_wall = self._t0 + engine.now / self.config.time_scale
             # sleep(0) when behind: catch up but let handlers run between steps
             await asyncio.sleep(max(0.0, end_wall - loop.time()))

@@ -2,11 +2,13 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
 ``GET /health``, ``GET /metrics`` (vLLM names), and the simulator's own ``GET /sim/stats`` and
-``POST /admin/restart``. With ``loading: refuse`` the port opens only after the first load (as
-vLLM's). Otherwise, and after a restart, while loading ``/health`` answers 503
-``{"status": "loading"}`` and the other OpenAI routes 503 "Loading model" (as llama.cpp does);
-``/sim/*`` and ``/admin/*`` always answer, so a harness can watch and restart a server that is
-down.
+``POST /admin/restart``. With ``loading: refuse`` (as vLLM, whose API server is not bound until
+its engine is up) the port is closed while the engine loads: ``serve`` opens it after the first
+load, and a restart or a crash closes it (every connection too, once its response is out: the
+restart's own answer still reaches the harness) until the reload is over. Otherwise, while
+loading ``/health`` answers 503 ``{"status": "loading"}`` and the other OpenAI routes 503
+"Loading model" (as llama.cpp does); ``/sim/*`` and ``/admin/*`` always answer, so a harness can
+watch and restart a server that is down.
 
 Failures: OOM (contiguous mode) is 500 ``code: "oom"``; a crash or restart fails a request in
 flight with 500 ``code: "engine_dead"``, or drops the connection if its stream has started. A
@@ -47,6 +49,16 @@ RUNTIME = web.AppKey("runtime", SimRuntime)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 STARTED_AT = web.AppKey("started_at", int)  # Unix seconds, for /v1/models
 
+
+class _PortKeeper:
+    """``serve``'s task that closes the port while the engine reloads (``loading: refuse``);
+    the app's cleanup ends it."""
+
+    task: asyncio.Task[None] | None = None
+
+
+PORT_KEEPER = web.AppKey("port_keeper", _PortKeeper)
+
 _JSON = "application/json"
 _LOADING = msgspec.json.encode(
     {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}
@@ -61,6 +73,7 @@ def build_app(config: SimConfig) -> web.Application:
     app[RUNTIME] = runtime
     app[REGISTRY] = build_registry(runtime)
     app[STARTED_AT] = int(time.time())
+    app[PORT_KEEPER] = _PortKeeper()
     app.cleanup_ctx.append(_drive)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
@@ -75,16 +88,45 @@ def build_app(config: SimConfig) -> web.Application:
 async def serve(config: SimConfig, host: str, port: int) -> web.AppRunner:
     """Listen on ``host:port``; the caller owns the runner (``await runner.cleanup()``). With
     ``loading: refuse`` the engine's clock starts now but the port opens only once the first
-    load is over, so until then a client's connection is refused."""
+    load is over, and closes again for every reload, so meanwhile a connection is refused."""
     app = build_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    if config.loading == "refuse":
-        runtime = app[RUNTIME]
-        ready_at = runtime.engine.ready_at
-        await asyncio.sleep(max(0.0, ready_at - runtime.sim_now()) / config.time_scale)
-    await web.TCPSite(runner, host, port).start()
+    if config.loading != "refuse":
+        await web.TCPSite(runner, host, port).start()
+        return runner
+    runtime = app[RUNTIME]
+    await _until_loaded(runtime)
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_port = runner.addresses[0][1]  # port 0 asked for any: reopen the one it got
+    keeper = _refuse_while_reloading(runner, site, host, bound_port)
+    app[PORT_KEEPER].task = asyncio.create_task(keeper, name="kvgate-sim-port")
     return runner
+
+
+async def _until_loaded(runtime: SimRuntime) -> None:
+    """Sleep until the engine is loaded (a restart meanwhile pushes the end further)."""
+    while runtime.sync().is_loading():
+        wall_s = (runtime.engine.ready_at - runtime.sim_now()) / runtime.config.time_scale
+        await asyncio.sleep(max(0.0, wall_s))
+
+
+async def _refuse_while_reloading(
+    runner: web.AppRunner, site: web.TCPSite, host: str, port: int
+) -> None:
+    """Close the port, and the connections once their responses are out, at every reload;
+    reopen the same port when the engine is up again."""
+    runtime = runner.app[RUNTIME]
+    while True:
+        await runtime.reloading.wait()
+        runtime.reloading.clear()
+        await site.stop()
+        if runner.server is not None:
+            runner.server.pre_shutdown()
+        await _until_loaded(runtime)
+        site = web.TCPSite(runner, host, port)
+        await site.start()
 
 
 async def _drive(app: web.Application) -> AsyncIterator[None]:
@@ -92,9 +134,14 @@ async def _drive(app: web.Application) -> AsyncIterator[None]:
     runtime.start()
     task = asyncio.create_task(runtime.run(), name="kvgate-sim-steps")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    tasks = [task, app[PORT_KEEPER].task]
+    for t in tasks:
+        if t is not None:
+            t.cancel()
+    for t in tasks:
+        if t is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
 
 
 def _json(body: bytes, status: int = 200) -> web.Response:

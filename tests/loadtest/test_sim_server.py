@@ -5,6 +5,7 @@ request to stay in flight give it a long output and end it themselves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Callable
@@ -371,6 +372,38 @@ async def test_refuse_mode_opens_the_port_only_once_loaded() -> None:
         async with aiohttp.ClientSession() as session:
             resp = await session.get(f"http://{host}:{port}/health")
             assert resp.status == 200
+    finally:
+        await runner.cleanup()
+
+
+async def test_refuse_mode_closes_the_port_while_a_restart_reloads() -> None:
+    """As vLLM's API server, which is not bound while it restarts: the restart's answer still
+    arrives, then connections are refused until the reload is over, on the same port."""
+    config = SimConfig(model=MODEL, load_time_s=0.0, time_scale=1000.0, loading="refuse")
+    runner = await serve(config, "127.0.0.1", 0)
+    try:
+        host, port = runner.addresses[0][:2]
+        base = f"http://{host}:{port}"
+        async with aiohttp.ClientSession() as session:
+            # 2,000 simulated seconds: two seconds of wall time to look at the closed port
+            resp = await session.post(f"{base}/admin/restart", json={"load_time_s": 2000.0})
+            assert resp.status == 200
+            assert (await resp.json())["status"] == "loading"
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.ClientConnectorError):
+                await session.get(f"{base}/health")
+            runtime = runner.app[RUNTIME]
+            assert runtime.sync().is_loading()
+            for _ in range(100):
+                with contextlib.suppress(aiohttp.ClientConnectorError):
+                    async with session.get(f"{base}/health") as up:
+                        assert up.status == 200
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the port did not open again after the reload")
+            assert not runtime.sync().is_loading()
+            assert runtime.engine.stats.restarts == 1
     finally:
         await runner.cleanup()
 

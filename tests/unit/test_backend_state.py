@@ -31,7 +31,7 @@ def test_healthy_at_first_look_is_ready_at_once() -> None:
     assert lc.capacity_factor(clock.now()) == 1.0
 
 
-def test_observed_load_warms_up_linearly_then_ready() -> None:
+def test_observed_load_warms_from_the_floor_by_what_the_backend_serves() -> None:
     clock = FakeClock()
     lc = make(clock, warmup_s=10.0, floor=0.1)
     lc.observe_health(Health.LOADING, clock.now())
@@ -40,11 +40,68 @@ def test_observed_load_warms_up_linearly_then_ready() -> None:
     lc.observe_health(Health.OK, clock.now())
     assert lc.phase is Phase.WARMING
     assert lc.capacity_factor(clock.now()) == pytest.approx(0.1)
-    clock.advance(5.0)
-    assert lc.capacity_factor(clock.now()) == pytest.approx(0.55)
-    clock.advance(5.0)
+    clock.advance(5.0)  # time alone moves nothing: the backend has shown nothing yet
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.1)
+    lc.kept_up(used=0.9, now=clock.now())  # kept up, but how fast it serves is not known
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.1)
+    lc.first_token(2.0, clock.now())  # its first answer: now it has been measured
+    lc.kept_up(used=0.2, now=clock.now())  # kept up, but with little asked of it
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.1)
+    for expected in (0.2, 0.4, 0.8):  # slow start: doubling per scrape that kept up, used
+        lc.kept_up(used=0.9, now=clock.now())
+        assert lc.capacity_factor(clock.now()) == pytest.approx(expected)
+    lc.kept_up(used=0.9, now=clock.now())
+    assert lc.phase is Phase.READY
+    assert lc.capacity_factor(clock.now()) == 1.0
+
+
+def test_warming_ends_after_warmup_s_at_the_latest() -> None:
+    clock = FakeClock()
+    lc = make(clock, warmup_s=10.0, floor=0.1)
+    lc.observe_health(Health.LOADING, clock.now())
+    lc.observe_health(Health.OK, clock.now())
+    assert lc.next_change_at(clock.now()) == pytest.approx(clock.now() + 10.0)
+    clock.advance(10.0)
     assert lc.capacity_factor(clock.now()) == 1.0
     assert lc.phase is Phase.READY
+
+
+def test_a_backend_that_falls_behind_is_cut_then_grows_additively() -> None:
+    clock = FakeClock()
+    lc = make(clock, warmup_s=60.0, floor=0.1)
+    lc.observe_health(Health.LOADING, clock.now())
+    lc.observe_health(Health.OK, clock.now())
+    lc.first_token(1.0, clock.now())
+    for _ in range(3):
+        lc.kept_up(used=1.0, now=clock.now())
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.8)
+    lc.fell_behind(clock.now())
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.56)
+    lc.fell_behind(clock.now())  # the same burst, within the cool-down: counted once
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.56)
+    lc.kept_up(used=1.0, now=clock.now())
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.66)
+    clock.advance(1.0)
+    lc.record_failure(clock.now())  # a failure there is falling behind too
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.462)
+
+
+def test_a_slow_first_token_after_a_restart_cuts_against_the_warm_one() -> None:
+    clock = FakeClock()
+    lc = make(clock, warmup_s=60.0, floor=0.1)
+    lc.observe_health(Health.OK, clock.now())  # ready at first look
+    for _ in range(20):
+        lc.first_token(0.5, clock.now())  # the warm reference
+    lc.observe_health(Health.LOADING, clock.now())  # restarted
+    clock.advance(10.0)
+    lc.observe_health(Health.OK, clock.now())
+    for _ in range(3):  # the warm reference measures it: it may grow before its first answer
+        lc.kept_up(used=1.0, now=clock.now())
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.8)
+    lc.first_token(1.2, clock.now())  # slower than warm, as a fresh server is: no cut
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.8)
+    lc.first_token(2.0, clock.now())  # four times the warm one: flooded
+    assert lc.capacity_factor(clock.now()) == pytest.approx(0.56)
 
 
 def test_load_time_is_learned_and_predicts_the_next_load() -> None:
@@ -150,20 +207,35 @@ def test_zero_warmup_goes_straight_to_ready() -> None:
 
 @given(
     floor=st.floats(0.0, 1.0),
-    steps=st.lists(st.floats(0.0, 3.0), min_size=1, max_size=20),
+    events=st.lists(
+        st.tuples(st.sampled_from(["time", "kept_up", "fell_behind", "ttft"]), st.floats(0, 3)),
+        min_size=1,
+        max_size=30,
+    ),
 )
-def test_warming_factor_is_monotone_and_bounded(floor: float, steps: list[float]) -> None:
+def test_warming_factor_stays_between_floor_and_one(
+    floor: float, events: list[tuple[str, float]]
+) -> None:
     clock = FakeClock()
     lc = make(clock, warmup_s=10.0, floor=floor)
+    lc.first_token(0.5, clock.now())  # loading: no reference learned
     lc.observe_health(Health.LOADING, clock.now())
     lc.observe_health(Health.OK, clock.now())
-    last = lc.capacity_factor(clock.now())
-    for dt in steps:
-        clock.advance(dt)
+    for kind, x in events:
+        if kind == "time":
+            clock.advance(x)
+        elif kind == "kept_up":
+            lc.kept_up(used=x / 3.0, now=clock.now())
+        elif kind == "fell_behind":
+            lc.fell_behind(clock.now())
+        else:
+            lc.first_token(x, clock.now())
         f = lc.capacity_factor(clock.now())
-        assert floor - 1e-12 <= f <= 1.0
-        assert f >= last - 1e-12
-        last = f
+        if lc.phase is Phase.WARMING:
+            assert floor - 1e-12 <= f <= 1.0
+        else:
+            assert lc.phase is Phase.READY
+            assert f == 1.0
 
 
 def test_reserve_defaults_follow_memory_kind() -> None:

@@ -51,8 +51,49 @@ def test_warmup_scales_usable() -> None:
     assert _score(rt, 1, clock.now()) is None
     rt.lifecycle.observe_health(Health.OK, clock.now())
     assert rt.view(clock.now()).usable == pytest.approx(2 * GIB)
-    clock.advance(5.0)
-    assert rt.view(clock.now()).usable == pytest.approx(6 * GIB)
+    rt.place(GIB)
+    rt.place(GIB)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=2, waiting=0), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(2 * GIB)  # not measured yet: held
+    rt.finished(GIB, failure=None, ttft_s=1.5, now=clock.now())  # its first answer
+    clock.advance(0.2)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=1, waiting=0), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(4 * GIB)  # it kept up, half used
+    clock.advance(0.2)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=1, waiting=0), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(4 * GIB)  # a quarter used: earned nothing
+    rt.place(2 * GIB)
+    clock.advance(0.2)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=3, waiting=0), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(8 * GIB)
+
+
+def test_a_warming_backend_whose_queue_stands_gets_less() -> None:
+    clock = FakeClock()
+    rt = BackendRuntime(
+        BackendConfig(url="b", kv_capacity_bytes=10 * GIB, warmup_s=10.0),
+        kv_bytes_per_token=KVT,
+        cap=CapacityConfig(headroom=0.0, warmup_floor=0.5),
+        now=clock.now(),
+    )
+    rt.lifecycle.observe_health(Health.LOADING, clock.now())
+    rt.lifecycle.observe_health(Health.OK, clock.now())
+    rt.lifecycle.first_token(1.0, clock.now())
+    rt.place(2 * GIB)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=4, waiting=6), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(5 * GIB)  # once: just sent, maybe
+    rt.place(GIB)
+    clock.advance(0.2)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=8, waiting=3), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(10 * GIB)  # draining: kept up
+    rt.lifecycle.observe_health(Health.LOADING, clock.now())  # restarted: warming again
+    rt.lifecycle.observe_health(Health.OK, clock.now())
+    rt.lifecycle.ramp.allowance = 0.8
+    clock.advance(1.0)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=8, waiting=3), clock.now())
+    clock.advance(0.2)
+    rt.apply_signals(BackendSignals(at=clock.now(), running=8, waiting=3), clock.now())
+    assert rt.view(clock.now()).usable == pytest.approx(5.6 * GIB)  # it stands: cut
 
 
 def test_largest_free_block_bounds_a_request_and_leaves_capacity_whole() -> None:
@@ -285,3 +326,19 @@ def test_requests_of_others_in_its_queue_count_against_this_gateway() -> None:
     assert rt.room(clock.now()) is None
     clock.advance(10.0)  # the scrape went stale: nothing is known of its queue any more
     assert rt.room(clock.now()) is not None
+
+
+def test_an_oom_on_a_warming_backend_cuts_its_warm_up_as_well_as_its_pressure() -> None:
+    clock = FakeClock()
+    rt = BackendRuntime(
+        BackendConfig(url="b", kv_capacity_bytes=10 * GIB, warmup_s=10.0),
+        kv_bytes_per_token=KVT,
+        cap=CapacityConfig(headroom=0.0, warmup_floor=0.1),
+        now=clock.now(),
+    )
+    rt.lifecycle.observe_health(Health.LOADING, clock.now())
+    rt.lifecycle.observe_health(Health.OK, clock.now())
+    rt.lifecycle.ramp.allowance = 0.8
+    rt.report_oom(clock.now())
+    assert rt.lifecycle.capacity_factor(clock.now()) == pytest.approx(0.56)
+    assert rt.view(clock.now()).usable == pytest.approx(10 * GIB * 0.56 * 0.8)
