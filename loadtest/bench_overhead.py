@@ -98,14 +98,16 @@ def _pin(core: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
+def _process(
+    cmd: list[str], ready_url: str, timeout_s: float = 20.0
+) -> Iterator[subprocess.Popen[bytes]]:
     # Logs go to a file: a pipe nobody reads would block the process once full.
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115  # closed in finally, kept for reading
         prefix="kvgate-bench-", suffix=".log", delete=False
     )
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
                 with urllib.request.urlopen(ready_url, timeout=1):
