@@ -6,6 +6,9 @@ A worker that dies is started again (after a pause that doubles while they keep 
 ``MAX_RESTART_PAUSE_S``); on SIGTERM or SIGINT the supervisor sends SIGTERM to every worker,
 which drains as one process does (``server.grace_period``), and kills what is left after it.
 SIGHUP is passed on to every worker (each one reloads the policy, as one process does).
+A worker is tied to its supervisor's life: when the supervisor dies, even by SIGKILL (which it
+cannot pass on), each worker gets SIGTERM and drains (``prctl(PR_SET_PDEATHSIG)`` on Linux; a
+thread watching ``getppid`` elsewhere), so no orphan keeps the port.
 
 Metrics: each worker also serves its own exposition on a Unix socket in a private directory,
 and a worker answering the public /metrics gathers every worker's and merges them
@@ -23,9 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +42,8 @@ _log = logging.getLogger("kvgate")
 
 MAX_RESTART_PAUSE_S = 10.0
 _SCRAPE_TIMEOUT_S = 2.0
+_PARENT_POLL_S = 0.5  # how soon a worker without PR_SET_PDEATHSIG sees its supervisor gone
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def merge_expositions(pages: list[tuple[str, str]]) -> str:
@@ -181,6 +189,7 @@ def supervise(workers: int, run_worker: Callable[[int], None], grace_s: float) -
 
 
 def _fork(index: int, run_worker: Callable[[int], None]) -> int:
+    supervisor = os.getpid()
     pid = os.fork()
     if pid:
         return pid
@@ -189,12 +198,41 @@ def _fork(index: int, run_worker: Callable[[int], None]) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)  # until its policy watcher takes it
+        tie_to_parent(supervisor)
         run_worker(index)
     except BaseException:
         _log.exception("worker %d failed", index)
         code = 1
     finally:
         os._exit(code)
+
+
+def tie_to_parent(parent: int, *, kernel: bool = True) -> None:
+    """Have this process get SIGTERM when ``parent`` (the process that forked it) dies.
+
+    On Linux the kernel sends it (``PR_SET_PDEATHSIG``); the parent may have died before that
+    was set, so ``getppid`` is checked after. Elsewhere a daemon thread polls ``getppid``: an
+    orphan is reparented, so a changed parent pid means the supervisor is gone (``kernel``
+    False: that way on Linux too)."""
+    if kernel and sys.platform == "linux" and _set_pdeathsig(signal.SIGTERM):
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="kvgate-parent-watch", daemon=True).start()
+
+
+def _set_pdeathsig(signum: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols include libc's
+        return int(libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _describe(status: int) -> str:
