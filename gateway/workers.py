@@ -89,7 +89,8 @@ def _labelled(sample: str, worker: str) -> str:
 
 
 class Group:
-    """A worker's view of its process group: where every worker serves its own metrics."""
+    """A worker's view of its process group: where every worker serves its own metrics, state
+    and reload (``gateway.admin.worker_app``, on a Unix socket in the group's directory)."""
 
     def __init__(self, directory: Path, index: int, workers: int) -> None:
         self.directory = directory
@@ -101,29 +102,37 @@ class Group:
 
     async def metrics(self, own: str) -> str:
         """Every live worker's page merged; this worker's is ``own``."""
-        pages = await asyncio.gather(
-            *(self._scrape(i) for i in range(self.workers) if i != self.index)
-        )
-        found = [(str(self.index), own)]
-        found += [(str(i), p) for i, p in pages if p is not None]
-        found.sort(key=lambda wp: int(wp[0]))
+        pages = await self.gather("GET", "/metrics", own)
+        found = [(w, p) for w, p in pages.items() if p is not None]
         return merge_expositions(found)
 
-    async def _scrape(self, index: int) -> tuple[int, str | None]:
-        path = self.socket_of(index)
-        if not path.exists():
-            return index, None  # restarting
-        timeout = aiohttp.ClientTimeout(total=_SCRAPE_TIMEOUT_S)
+    async def gather(
+        self, method: str, path: str, own: str, timeout_s: float = _SCRAPE_TIMEOUT_S
+    ) -> dict[str, str | None]:
+        """Every worker's answer to ``method path`` on its socket, by worker index in order;
+        this worker's is ``own``, and one that did not answer (restarting, or stuck for
+        ``timeout_s``) None."""
+        others = [i for i in range(self.workers) if i != self.index]
+        answers = await asyncio.gather(*(self._ask(i, method, path, timeout_s) for i in others))
+        found: dict[int, str | None] = dict(zip(others, answers, strict=True))
+        found[self.index] = own
+        return {str(i): found[i] for i in sorted(found)}
+
+    async def _ask(self, index: int, method: str, path: str, timeout_s: float) -> str | None:
+        socket_path = self.socket_of(index)
+        if not socket_path.exists():
+            return None  # restarting
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with (
                 aiohttp.ClientSession(
-                    connector=aiohttp.UnixConnector(path=str(path)), timeout=timeout
+                    connector=aiohttp.UnixConnector(path=str(socket_path)), timeout=timeout
                 ) as session,
-                session.get("http://worker/metrics") as resp,
+                session.request(method, f"http://worker{path}") as resp,
             ):
-                return index, await resp.text()
+                return await resp.text()
         except (aiohttp.ClientError, TimeoutError, OSError):
-            return index, None
+            return None
 
 
 def supervise(workers: int, run_worker: Callable[[int], None], grace_s: float) -> int:

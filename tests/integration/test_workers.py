@@ -1,7 +1,7 @@
 """``kvgate run --workers 2`` as a user runs it: one port for both (and one admin port), one
 /metrics for the group on the admin listener, a worker killed is started again, SIGTERM lets
 requests in flight finish on every worker, and a supervisor killed with SIGKILL takes its
-workers with it."""
+workers with it; the admin listener answers for the whole group."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from tests.integration.stub import StubBackend
 from tests.integration.test_cli import ROOT, _free_port, _kvgate
 
 pytestmark = pytest.mark.integration
+
+ACME = {"Authorization": "Bearer sk-acme"}
 
 
 def _children(pid: int) -> list[int]:
@@ -215,3 +217,52 @@ def test_a_port_in_use_is_one_clear_line_before_any_worker_starts(tmp_path: Path
     assert "Traceback" not in result.stderr
     assert f"kvgate: 127.0.0.1:{admin_port} is already in use" in result.stderr
     assert "--admin-port PORT" in result.stderr
+
+
+async def test_the_admin_listener_answers_for_every_worker(
+    tmp_path: Path, stub: StubBackend, stub_url: str
+) -> None:
+    proc, url, admin = await _start_group(tmp_path, stub_url)
+    policy = tmp_path / "policy.yaml"
+    try:
+        async with aiohttp.ClientSession() as session:
+            stub.hold_first_byte = True
+            body = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
+            held = asyncio.ensure_future(
+                session.post(f"{url}/v1/chat/completions", json=body, headers=ACME)
+            )
+            await until(lambda: len(stub.requests) == 1, 10)
+            async with session.get(f"{admin}/admin/state") as r:
+                state = await r.json()
+            assert state["answered_by"] in {"0", "1"}
+            assert set(state["workers"]) == {"0", "1"}
+            inflight = {
+                w: s["admission"]["m1"]["backends"][0]["inflight"]
+                for w, s in state["workers"].items()
+            }
+            assert sorted(inflight.values()) == [0, 1]  # each worker's own, not one twice
+            stub.release.set()
+            assert (await asyncio.wait_for(held, 10)).status == 200
+
+            policy.write_text(policy.read_text().replace("max_wait: 5s", "max_wait: 4s"))
+            async with session.post(f"{admin}/admin/reload") as r:
+                assert r.status == 200
+                reloaded = (await r.json())["workers"]
+            assert set(reloaded) == {"0", "1"}
+            # the file watch may see the edit first: then the reload finds it unchanged
+            assert {x["result"] for x in reloaded.values()} <= {"ok", "unchanged"}
+            fingerprints = {x["policy"] for x in reloaded.values()}
+            assert len(fingerprints) == 1
+            async with session.get(f"{admin}/admin/state") as r:
+                after = (await r.json())["workers"]
+            assert {s["policy"]["fingerprint"] for s in after.values()} == fingerprints
+
+            policy.write_text(policy.read_text().replace("max_wait: 4s", "max_wait: soon"))
+            async with session.post(f"{admin}/admin/reload") as r:
+                assert r.status == 422
+                failed = (await r.json())["workers"]
+            assert {x["result"] for x in failed.values()} == {"error"}
+            assert {x["policy"] for x in failed.values()} == fingerprints  # the last good one
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
