@@ -1,7 +1,8 @@
 """Three gateway processes in front of one simulated contiguous backend, sharing admission
 through a Redis of their own (``loadtest.replicas.Fleet``): together they never hold more than
 its usable KV memory, a replica killed with SIGKILL frees its reservations within the lease, and
-a Redis killed and restarted mid-run costs no request more than a bounded wait."""
+a Redis killed and restarted mid-run costs no request more than a bounded wait; a tenant's
+limits hold across them as one global limit."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.store.reservations import backend_keys
-from loadtest.replicas import Fleet, drive, weights
+from loadtest.replicas import Fleet, drive, limits, weights
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -106,3 +107,8 @@ async def test_weights_hold_across_replicas() -> None:
     # 10% is the goal (measured 1.87:1 over 15 s); output lengths are random, so a run this
     # short needs a wider band not to fail on their draw alone
     assert 1.7 <= heavy.output_tokens / light.output_tokens <= 2.3, (heavy, light)
+
+
+async def test_limits_hold_across_replicas_as_one_global_limit() -> None:
+    for check in await limits(3, clients=16, duration_s=SECONDS):
+        assert 0.95 <= check.ratio <= 1.05, check.line()
