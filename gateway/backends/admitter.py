@@ -8,10 +8,10 @@ runs one ``BackendMonitor`` per backend. Everything runs on one event loop; no l
 Cancellation: when the task awaiting ``acquire`` is cancelled (the client left), its entry leaves
 the queue; if a placement raced the cancellation, it is released at once. Nothing leaks.
 
-With a ``SharedLink`` (``admission.shared``), every placement on a backend counted in bytes is
-confirmed in Redis before ``acquire`` returns; a refused one (other replicas filled the backend
-first) is offered again with the foreign figure Redis answered. Releases and a heartbeat every
-``refresh_s`` publish this replica's figure per backend and refresh the other replicas'.
+With a ``SharedLink`` (``admission.shared``), every placement on a backend counted in bytes or
+slots is confirmed in Redis before ``acquire`` returns; a refused one (other replicas filled the
+backend first) is offered again with the foreign figure Redis answered. Releases and a heartbeat
+every ``refresh_s`` publish this replica's figure per backend and refresh the other replicas'.
 """
 
 from __future__ import annotations
@@ -170,9 +170,9 @@ class Admitter:
         url = lease.backend_url
         limit = self._core.ceiling(lease.model, url, self._clock.now())
         if limit is None:
-            return True  # capacity not counted in bytes: nothing shared to check against
+            return True  # an adaptive concurrency limit: nothing shared to check against
         try:
-            held = self._core.held_bytes(url)
+            held = self._core.held(url)
             recorded, foreign = await shared.confirm(url, held, limit, weight)
         except asyncio.CancelledError:
             lease.release()  # the next figure published corrects one recorded just now
@@ -312,7 +312,7 @@ class Admitter:
             *(
                 shared.beat(
                     url,
-                    self._core.held_bytes(url),
+                    self._core.held(url),
                     self._core.waiting_weight(url),
                     self._core.url_ceiling(url, now),
                 )

@@ -1,8 +1,9 @@
 """What every replica holds on one backend, shared through a store: the pure twin of
 ``gateway/store/lua/reserve.lua`` and ``beat.lua``. Pure: time is an argument.
 
-Each replica publishes one number per backend, the KV bytes it holds or is about to hold there
-(``BackendRuntime.reserved_bytes``), stamped with a sequence number that grows with every write
+Each replica publishes one number per backend, the KV bytes it holds or is about to hold there,
+or on a slot backend (llama.cpp) the slots (``BackendRuntime.shared_held``; "bytes" below means
+that unit), stamped with a sequence number that grows with every write
 it sends. The figure is absolute, so writes are idempotent and a lost or reordered one is
 corrected by the next (an older sequence number never overwrites a newer one). A replica renews
 its heartbeat with every write; one whose heartbeat is older than the lease is dead and its bytes

@@ -1,4 +1,4 @@
--- units: seconds (now, lease; float), bytes (figures, limit; integers), weights (float)
+-- units: seconds (now, lease; float), bytes or slots (figures, limit; integers), weights (float)
 -- Twin of gateway/core/shared.py LeaseBook.beat (with reserve.lua): keep the steps identical.
 -- KEYS and ARGV[1..6] as in reserve.lua; ARGV[7]: the replica's demand (the weights of the
 -- tenants waiting in its queue for this backend); ARGV[8]: limit in bytes (0: unknown, no

@@ -1,4 +1,4 @@
--- units: seconds (now, lease; float), bytes (figures, limit; integers), weights (float)
+-- units: seconds (now, lease; float), bytes or slots (figures, limit; integers), weights (float)
 -- Twin of gateway/core/shared.py LeaseBook.reserve (with beat.lua): keep the steps identical.
 -- KEYS[1]: hash replica -> bytes; KEYS[2]: hash replica -> sequence number; KEYS[3]: zset
 -- replica -> heartbeat expiry; KEYS[4]: hash replica -> demand (waiting tenants' weights).
