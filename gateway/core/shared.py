@@ -20,6 +20,9 @@ weights of the tenants waiting in its queue for the backend (0: nobody waits). W
 replica waits, a reservation may take a replica past its weighted share of ``limit`` only if
 every waiting replica already holds its own share (max-min fairness, work-conserving): without
 it the replica that frees memory takes it back at once, before the others hear it is free.
+Priority bands are not shared: demand is weights only and a reservation does not name its band,
+so bands are strict within each replica's share, not across replicas (the README's scale-out
+section says what that means for an operator).
 """
 
 from __future__ import annotations
