@@ -6,6 +6,7 @@ gateways and counts what came back. The scale-out tests and benchmarks run on it
 
 python -m loadtest.replicas --replicas 3 --clients 48 --duration 20 [--no-shared]
 python -m loadtest.replicas --limits --replicas 3 --clients 48 --duration 15
+python -m loadtest.replicas --bands --clients 32 --duration 15
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ MODEL = "llama-3.1-8b"
 KEYS = {"heavy": "sk-fleet-heavy", "light": "sk-fleet-light"}  # tenants of weight 2 and 1
 # tenants with one global limit each (``limits``): requests, and tokens (prompt + output)
 KEYS |= {"per_request": "sk-fleet-per-request", "per_token": "sk-fleet-per-token"}
+# tenants of equal weight in the best and the worst band (``bands``)
+KEYS |= {"urgent": "sk-fleet-urgent", "spare": "sk-fleet-spare"}
 REQUESTS_LIMIT = (20.0, 20.0)  # rate per second, burst
 TOKENS_LIMIT = (4000.0, 4000.0)
 
@@ -52,6 +55,8 @@ tenants:
   anon: {{priority: standard}}
   heavy: {{keys: ["env:KVGATE_FLEET_HEAVY"], weight: 2}}
   light: {{keys: ["env:KVGATE_FLEET_LIGHT"], weight: 1}}
+  urgent: {{keys: ["env:KVGATE_FLEET_URGENT"], priority: critical}}
+  spare: {{keys: ["env:KVGATE_FLEET_SPARE"], priority: sheddable}}
   per_request:
     keys: ["env:KVGATE_FLEET_PER_REQUEST"]
     limits: [{{unit: requests, rate: {req_rate}/s, burst: {req_burst}}}]
@@ -202,6 +207,8 @@ class Fleet:
             "KVGATE_FLEET_LIGHT": KEYS["light"],
             "KVGATE_FLEET_PER_REQUEST": KEYS["per_request"],
             "KVGATE_FLEET_PER_TOKEN": KEYS["per_token"],
+            "KVGATE_FLEET_URGENT": KEYS["urgent"],
+            "KVGATE_FLEET_SPARE": KEYS["spare"],
         }
         with (self.log_dir / f"gateway{i}.log").open("ab") as log:
             self.gateways[i] = await asyncio.create_subprocess_exec(
@@ -429,7 +436,28 @@ async def limits(replicas: int, clients: int, duration_s: float) -> list[LimitCh
     ]
 
 
+async def bands(replicas: int, clients: int, duration_s: float) -> tuple[Tally, Tally]:
+    """A critical tenant and a sheddable one of equal weight under overload, each on its own
+    replica (or both on one): what each was served."""
+    async with Fleet(replicas) as fleet:
+        urgent, spare = await asyncio.gather(
+            drive(fleet.urls[:1], clients=clients, duration_s=duration_s, tenant="urgent"),
+            drive(fleet.urls[-1:], clients=clients, duration_s=duration_s, tenant="spare"),
+        )
+    return urgent, spare
+
+
 async def _main(args: argparse.Namespace) -> None:
+    if args.bands:
+        for replicas in (1, 2):
+            urgent, spare = await bands(replicas, args.clients // 2, args.duration)
+            total = max(urgent.output_tokens + spare.output_tokens, 1)
+            print(
+                f"replicas {replicas}: critical got {urgent.output_tokens} tokens "
+                f"({urgent.output_tokens / total:.0%}), sheddable {spare.output_tokens} "
+                f"(shed {spare.shed})"
+            )
+        return
     if args.limits:
         for check in await limits(args.replicas, args.clients, args.duration):
             print(f"replicas {args.replicas}: {check.line()}")
@@ -455,6 +483,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=48)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--no-shared", action="store_true")
+    parser.add_argument(
+        "--bands",
+        action="store_true",
+        help="a critical and a sheddable tenant, on one replica, then each on its own of two",
+    )
     parser.add_argument(
         "--limits",
         action="store_true",

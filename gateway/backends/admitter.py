@@ -133,7 +133,7 @@ class Admitter:
         """Wait for room on a backend; raise ``Shed`` when admission refuses."""
         while True:
             lease = await self._admit(ticket)
-            if self._shared is None or await self._confirm(self._shared, lease, ticket.weight):
+            if self._shared is None or await self._confirm(self._shared, lease, ticket):
                 return lease
 
     async def _admit(self, ticket: Ticket) -> Lease:
@@ -164,7 +164,7 @@ class Admitter:
             raise Shed.of(result)
         return Lease(self, result)
 
-    async def _confirm(self, shared: SharedLink, lease: Lease, weight: float) -> bool:
+    async def _confirm(self, shared: SharedLink, lease: Lease, ticket: Ticket) -> bool:
         """Record the placement in the shared store; False when it was refused there (the
         lease is then gone and the request is to be offered again)."""
         url = lease.backend_url
@@ -173,7 +173,9 @@ class Admitter:
             return True  # an adaptive concurrency limit: nothing shared to check against
         try:
             held = self._core.held(url)
-            recorded, foreign = await shared.confirm(url, held, limit, weight)
+            recorded, foreign = await shared.confirm(
+                url, held, limit, ticket.weight, int(ticket.priority)
+            )
         except asyncio.CancelledError:
             lease.release()  # the next figure published corrects one recorded just now
             raise
@@ -315,6 +317,7 @@ class Admitter:
                     self._core.held(url),
                     self._core.waiting_weight(url),
                     self._core.url_ceiling(url, now),
+                    self._core.waiting_band(url),
                 )
                 for url in ordered
             )

@@ -227,6 +227,14 @@ class Admission:
                     weights[e.tenant] = e.weight
         return sum(weights.values())
 
+    def waiting_band(self, url: str) -> int | None:
+        """The best band queued for a model the backend at ``url`` serves (None: nothing
+        waits), for priority across replicas."""
+        bands = [
+            e.priority for pool in self._pools.values() if url in pool.backends for e in pool.queue
+        ]
+        return int(min(bands)) if bands else None
+
     def url_ceiling(self, url: str, now: float) -> float | None:
         """``ceiling`` of the backend at ``url`` (the first model's that has it)."""
         for pool in self._pools.values():

@@ -215,3 +215,17 @@ def test_replicas_confirming_slots_in_one_book_never_hold_more_than_the_slots(
             core.observe_foreign("s", foreign, clock.now())
         assert book.total(clock.now()) <= 3
         assert sum(map(len, leases)) <= 3
+
+
+def test_a_replica_places_nothing_in_a_band_worse_than_one_waiting_elsewhere() -> None:
+    book = LeaseBook()
+    book.reserve("a", 1, 400, 1000, LEASE, 0.0, band=2)
+    book.beat("b", 1, 500, LEASE, 0.0, want=1.0, limit=1000, band=0)  # b: critical waiting
+    # 100 are free, but a's sheddable requests may not take them (nor what a's own frees
+    # before it publishes its lower figure); its critical ones may
+    assert book.reserve("a", 2, 500, 1000, LEASE, 0.0, band=2) == (False, 1000)
+    assert book.reserve("a", 3, 400, 1000, LEASE, 0.0, band=2) == (False, 1000)
+    assert book.reserve("a", 4, 500, 1000, LEASE, 0.0, band=0) == (True, 500)
+    assert book.reserve("a", 5, 500, 1000, LEASE, 0.0, band=1) == (False, 1000)
+    book.beat("b", 2, 500, LEASE, 0.0, want=0.0, band=None)  # b's queue emptied
+    assert book.reserve("a", 6, 500, 1000, LEASE, 0.0, band=2) == (True, 500)
