@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 
 import aiohttp
 
@@ -29,6 +30,8 @@ from gateway.core.clock import Clock
 from gateway.core.lifecycle import Health
 from gateway.core.pool import AdmissionConfig, Ticket
 from gateway.core.types import Outcome
+
+_WAITING_BEATS = 10  # heartbeats per refresh interval of a backend with requests waiting
 
 
 class Shed(Exception):
@@ -299,10 +302,14 @@ class Admitter:
         self._dispatch()
 
     async def _beat_forever(self, shared: SharedLink) -> None:
-        while True:
-            await self._beat({bc.url for _, bc in self._core.backends()})
-            # a replica with requests waiting hears of freed memory sooner
-            await asyncio.sleep(shared.refresh_s)
+        """Every backend each ``refresh_s``; those with requests waiting ten times as often, so
+        a replica that waits hears of freed memory (and publishes its demand) sooner."""
+        for tick in itertools.count():
+            urls = {bc.url for _, bc in self._core.backends()}
+            if tick % _WAITING_BEATS:
+                urls = {url for url in urls if self._core.waiting_weight(url) > 0}
+            await self._beat(urls)
+            await asyncio.sleep(shared.refresh_s / _WAITING_BEATS)
 
     async def _beat(self, urls: set[str]) -> None:
         shared = self._shared
