@@ -2,9 +2,18 @@
 default). ``/metrics``, ``/admin/state`` (JSON), ``/status`` (the same as a page that refreshes
 itself), ``POST /admin/reload`` and the probes ``/healthz`` and ``/readyz``.
 
+``POST /admin/reload`` reloads the file now and answers the outcome: 200 with ``result`` "ok",
+"unchanged" or "restart_required" and the fingerprint serving after it, 422 with ``result``
+"error" and the error (the previous policy keeps serving), 409 without a file to reload.
+
 Under ``kvgate run --workers N`` every worker binds the admin port too, with SO_REUSEPORT as on
-the proxy port, so whichever worker is alive answers; its /metrics is the whole group's page
-(``gateway.workers``), while /admin/state, /status and /admin/reload are that worker's own.
+the proxy port, so whichever worker is alive answers for the whole group: it asks the others
+on their private sockets (``worker_app``, ``gateway.workers.Group``). /metrics is one page with
+each sample labelled ``worker``; /admin/state is ``{"answered_by": "0", "workers": {"0": STATE,
+"1": STATE}}`` with each worker's own state as one process answers it (null: that worker did
+not answer, e.g. restarting); /admin/reload reloads every worker and answers ``{"workers":
+{"0": RESULT, ...}}``, 422 if any failed (a restarting worker, null, reads the file as it
+starts). The status page shows every worker's rows, labelled.
 
 Bound anywhere but loopback the policy must name a token (``server.admin.token``); every path
 then asks for it as ``Authorization: Bearer <token>``, or as the password of HTTP Basic (what a
@@ -19,6 +28,7 @@ import base64
 import binascii
 import hmac
 import importlib.resources
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -34,6 +44,7 @@ from gateway.state import GATEWAY, Gateway
 from gateway.workers import Group
 
 _REALM = 'realm="kvgate admin"'
+_RELOAD_TIMEOUT_S = 30.0  # a worker's reload reads, validates and applies the file
 # the probes answer anyone, as on the proxy port: an orchestrator probes without a token
 _OPEN = frozenset({"/healthz", "/readyz"})
 
@@ -121,6 +132,16 @@ def _presented(request: web.Request, token: str) -> bool:
     return hmac.compare_digest(value.encode(), token.encode())
 
 
+def _parsed(answer: str | None) -> object:
+    """A worker's JSON answer; None for none, or for one that is not JSON."""
+    if answer is None:
+        return None
+    try:
+        return json.loads(answer)
+    except ValueError:
+        return None
+
+
 async def _metrics(request: web.Request) -> web.Response:
     body = _own_metrics(request.app[GATEWAY])
     if GROUP in request.app:
@@ -134,31 +155,39 @@ def _own_metrics(gw: Gateway) -> bytes:
     return generate_latest(gw.metrics.registry)
 
 
-def worker_metrics_app(proxy: web.Application) -> web.Application:
-    """This worker's own /metrics, on its private Unix socket, for the other workers of its group
-    to gather (no token: only the group's directory reaches it)."""
-    gw = proxy[GATEWAY]
-
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=_own_metrics(gw), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
+def worker_app(proxy: web.Application) -> web.Application:
+    """This worker's own /metrics, /admin/state and POST /admin/reload, on its private Unix
+    socket, for the worker answering the admin port to gather (no token: only the group's
+    directory reaches it)."""
     own = web.Application()
-    own.router.add_get("/metrics", metrics)
+    own[GATEWAY] = proxy[GATEWAY]
+    own[CONTROL] = proxy[CONTROL]
+    own.router.add_get("/metrics", _metrics)
+    own.router.add_get("/admin/state", _state)
+    own.router.add_post("/admin/reload", _reload)
     return own
 
 
 async def _state(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    own = await _own_state(request.app)
+    if GROUP not in request.app:
+        return web.json_response(own)
+    group = request.app[GROUP]
+    answers = await group.gather("GET", "/admin/state", json.dumps(own))
+    workers = {w: _parsed(a) for w, a in answers.items()}
+    return web.json_response({"answered_by": str(group.index), "workers": workers})
+
+
+async def _own_state(app: web.Application) -> dict[str, object]:
+    gw = app[GATEWAY]
     policy = gw.live.policy
-    return web.json_response(
-        {
-            "policy": {"source": policy.source, "fingerprint": policy.fingerprint},
-            "draining": request.app[CONTROL].draining,
-            "store": {"kind": store_kind(policy), "degraded": gw.live.store.degraded},
-            "admission": gw.admitter.snapshot(),
-            "limits": await _limits(gw),
-        }
-    )
+    return {
+        "policy": {"source": policy.source, "fingerprint": policy.fingerprint},
+        "draining": app[CONTROL].draining,
+        "store": {"kind": store_kind(policy), "degraded": gw.live.store.degraded},
+        "admission": gw.admitter.snapshot(),
+        "limits": await _limits(gw),
+    }
 
 
 async def _limits(gw: Gateway) -> dict[str, list[dict[str, object]]]:
@@ -196,18 +225,26 @@ def _all_buckets(policy: Policy) -> list[BucketSpec]:
 
 
 async def _reload(request: web.Request) -> web.Response:
-    control = request.app[CONTROL]
-    policy = request.app[GATEWAY].live.policy
-    if control.watcher is None:
+    watcher = request.app[CONTROL].watcher
+    if watcher is None:
         return web.json_response(
             {"error": "this gateway was started without a policy file to reload"}, status=409
         )
-    control.watcher.request_reload()
-    # The reload runs in the watcher's task: its result is in the log, in
-    # kvgate_policy_reloads_total and in the fingerprint of /admin/state.
-    return web.json_response(
-        {"status": "reload requested", "policy": policy.fingerprint}, status=202
+    outcome, error = await watcher.reload()
+    own: dict[str, object] = {
+        "result": outcome,
+        "policy": request.app[GATEWAY].live.policy.fingerprint,
+    }
+    if error is not None:
+        own["error"] = error
+    if GROUP not in request.app:
+        return web.json_response(own, status=422 if outcome == "error" else 200)
+    answers = await request.app[GROUP].gather(
+        "POST", "/admin/reload", json.dumps(own), _RELOAD_TIMEOUT_S
     )
+    workers = {w: _parsed(a) for w, a in answers.items()}
+    failed = any(isinstance(r, dict) and r.get("result") == "error" for r in workers.values())
+    return web.json_response({"workers": workers}, status=422 if failed else 200)
 
 
 _PAGE = importlib.resources.files("gateway").joinpath("status.html").read_bytes()

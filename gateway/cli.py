@@ -344,7 +344,7 @@ async def _run(
 ) -> None:
     """The gateway's listeners until a signal; ``group``: this process is one worker of
     ``--workers N`` and shares both ports with the others (SO_REUSEPORT)."""
-    from gateway.admin import CONTROL, build_admin_app, worker_metrics_app
+    from gateway.admin import CONTROL, build_admin_app, worker_app
     from gateway.app import CONNECTIONS, build_app
 
     log = logging.getLogger("kvgate")
@@ -388,7 +388,7 @@ async def _run(
             admin, listen.admin_host, listen.admin_port, "--admin-port", reuse_port=shared_port
         )
         if group is not None:
-            own = web.AppRunner(worker_metrics_app(app), access_log=None)
+            own = web.AppRunner(worker_app(app), access_log=None)
             await own.setup()
             runners.append(own)
             path = group.socket_of(group.index)

@@ -6,6 +6,9 @@ A worker that dies is started again (after a pause that doubles while they keep 
 ``MAX_RESTART_PAUSE_S``); on SIGTERM or SIGINT the supervisor sends SIGTERM to every worker,
 which drains as one process does (``server.grace_period``), and kills what is left after it.
 SIGHUP is passed on to every worker (each one reloads the policy, as one process does).
+A worker is tied to its supervisor's life: when the supervisor dies, even by SIGKILL (which it
+cannot pass on), each worker gets SIGTERM and drains (``prctl(PR_SET_PDEATHSIG)`` on Linux; a
+thread watching ``getppid`` elsewhere), so no orphan keeps the port.
 
 Metrics: each worker also serves its own exposition on a Unix socket in a private directory,
 and a worker answering the public /metrics gathers every worker's and merges them
@@ -23,9 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +42,8 @@ _log = logging.getLogger("kvgate")
 
 MAX_RESTART_PAUSE_S = 10.0
 _SCRAPE_TIMEOUT_S = 2.0
+_PARENT_POLL_S = 0.5  # how soon a worker without PR_SET_PDEATHSIG sees its supervisor gone
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def merge_expositions(pages: list[tuple[str, str]]) -> str:
@@ -81,7 +89,8 @@ def _labelled(sample: str, worker: str) -> str:
 
 
 class Group:
-    """A worker's view of its process group: where every worker serves its own metrics."""
+    """A worker's view of its process group: where every worker serves its own metrics, state
+    and reload (``gateway.admin.worker_app``, on a Unix socket in the group's directory)."""
 
     def __init__(self, directory: Path, index: int, workers: int) -> None:
         self.directory = directory
@@ -93,29 +102,37 @@ class Group:
 
     async def metrics(self, own: str) -> str:
         """Every live worker's page merged; this worker's is ``own``."""
-        pages = await asyncio.gather(
-            *(self._scrape(i) for i in range(self.workers) if i != self.index)
-        )
-        found = [(str(self.index), own)]
-        found += [(str(i), p) for i, p in pages if p is not None]
-        found.sort(key=lambda wp: int(wp[0]))
+        pages = await self.gather("GET", "/metrics", own)
+        found = [(w, p) for w, p in pages.items() if p is not None]
         return merge_expositions(found)
 
-    async def _scrape(self, index: int) -> tuple[int, str | None]:
-        path = self.socket_of(index)
-        if not path.exists():
-            return index, None  # restarting
-        timeout = aiohttp.ClientTimeout(total=_SCRAPE_TIMEOUT_S)
+    async def gather(
+        self, method: str, path: str, own: str, timeout_s: float = _SCRAPE_TIMEOUT_S
+    ) -> dict[str, str | None]:
+        """Every worker's answer to ``method path`` on its socket, by worker index in order;
+        this worker's is ``own``, and one that did not answer (restarting, or stuck for
+        ``timeout_s``) None."""
+        others = [i for i in range(self.workers) if i != self.index]
+        answers = await asyncio.gather(*(self._ask(i, method, path, timeout_s) for i in others))
+        found: dict[int, str | None] = dict(zip(others, answers, strict=True))
+        found[self.index] = own
+        return {str(i): found[i] for i in sorted(found)}
+
+    async def _ask(self, index: int, method: str, path: str, timeout_s: float) -> str | None:
+        socket_path = self.socket_of(index)
+        if not socket_path.exists():
+            return None  # restarting
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with (
                 aiohttp.ClientSession(
-                    connector=aiohttp.UnixConnector(path=str(path)), timeout=timeout
+                    connector=aiohttp.UnixConnector(path=str(socket_path)), timeout=timeout
                 ) as session,
-                session.get("http://worker/metrics") as resp,
+                session.request(method, f"http://worker{path}") as resp,
             ):
-                return index, await resp.text()
+                return await resp.text()
         except (aiohttp.ClientError, TimeoutError, OSError):
-            return index, None
+            return None
 
 
 def supervise(workers: int, run_worker: Callable[[int], None], grace_s: float) -> int:
@@ -181,6 +198,7 @@ def supervise(workers: int, run_worker: Callable[[int], None], grace_s: float) -
 
 
 def _fork(index: int, run_worker: Callable[[int], None]) -> int:
+    supervisor = os.getpid()
     pid = os.fork()
     if pid:
         return pid
@@ -189,12 +207,41 @@ def _fork(index: int, run_worker: Callable[[int], None]) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)  # until its policy watcher takes it
+        tie_to_parent(supervisor)
         run_worker(index)
     except BaseException:
         _log.exception("worker %d failed", index)
         code = 1
     finally:
         os._exit(code)
+
+
+def tie_to_parent(parent: int, *, kernel: bool = True) -> None:
+    """Have this process get SIGTERM when ``parent`` (the process that forked it) dies.
+
+    On Linux the kernel sends it (``PR_SET_PDEATHSIG``); the parent may have died before that
+    was set, so ``getppid`` is checked after. Elsewhere a daemon thread polls ``getppid``: an
+    orphan is reparented, so a changed parent pid means the supervisor is gone (``kernel``
+    False: that way on Linux too)."""
+    if kernel and sys.platform == "linux" and _set_pdeathsig(signal.SIGTERM):
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="kvgate-parent-watch", daemon=True).start()
+
+
+def _set_pdeathsig(signum: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols include libc's
+        return int(libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _describe(status: int) -> str:

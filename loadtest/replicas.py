@@ -5,6 +5,8 @@ backend and N gateways, and stops them all; ``drive`` sends closed-loop load rou
 gateways and counts what came back. The scale-out tests and benchmarks run on it.
 
 python -m loadtest.replicas --replicas 3 --clients 48 --duration 20 [--no-shared]
+python -m loadtest.replicas --limits --replicas 3 --clients 48 --duration 15
+python -m loadtest.replicas --bands --clients 32 --duration 15
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "llama-3.1-8b"
 KEYS = {"heavy": "sk-fleet-heavy", "light": "sk-fleet-light"}  # tenants of weight 2 and 1
+# tenants with one global limit each (``limits``): requests, and tokens (prompt + output)
+KEYS |= {"per_request": "sk-fleet-per-request", "per_token": "sk-fleet-per-token"}
+# tenants of equal weight in the best and the worst band (``bands``)
+KEYS |= {"urgent": "sk-fleet-urgent", "spare": "sk-fleet-spare"}
+REQUESTS_LIMIT = (20.0, 20.0)  # rate per second, burst
+TOKENS_LIMIT = (4000.0, 4000.0)
 
 POLICY = """\
 version: 1
@@ -47,6 +55,14 @@ tenants:
   anon: {{priority: standard}}
   heavy: {{keys: ["env:KVGATE_FLEET_HEAVY"], weight: 2}}
   light: {{keys: ["env:KVGATE_FLEET_LIGHT"], weight: 1}}
+  urgent: {{keys: ["env:KVGATE_FLEET_URGENT"], priority: critical}}
+  spare: {{keys: ["env:KVGATE_FLEET_SPARE"], priority: sheddable}}
+  per_request:
+    keys: ["env:KVGATE_FLEET_PER_REQUEST"]
+    limits: [{{unit: requests, rate: {req_rate}/s, burst: {req_burst}}}]
+  per_token:
+    keys: ["env:KVGATE_FLEET_PER_TOKEN"]
+    limits: [{{unit: tokens, rate: {tok_rate}/s, burst: {tok_burst}}}]
 admission:
   queue: {{max_wait: 30s}}
 {shared}"""
@@ -65,8 +81,11 @@ class Tally:
     oom: int = 0
     other: int = 0
     failed: int = 0  # no HTTP answer (connection refused or reset, timeout)
+    limited: int = 0  # 429: over a rate limit
     output_tokens: int = 0
+    tokens: int = 0  # prompt + output of what was served, as the backend counted them
     latencies: list[float] = field(default_factory=list)
+    counted_at: list[float] = field(default_factory=list)  # when each request not 429 was sent
 
     def line(self, seconds: float) -> str:
         lat = sorted(self.latencies) or [0.0]
@@ -89,12 +108,14 @@ class Fleet:
         lease: str = "2s",
         kv_blocks: int = 256,
         time_scale: float = 4.0,
+        sim_args: tuple[str, ...] = (),
     ) -> None:
         self.replicas = replicas
         self.shared = shared
         self.lease = lease
         self.kv_blocks = kv_blocks
         self.time_scale = time_scale
+        self.sim_args = sim_args
         self.redis_port = free_port()
         self.sim_port = free_port()
         self.ports = [free_port() for _ in range(replicas)]
@@ -133,6 +154,7 @@ class Fleet:
             str(self.kv_blocks),
             "--time-scale",
             str(self.time_scale),
+            *self.sim_args,
             cwd=ROOT,
             stdout=asyncio.subprocess.DEVNULL,
         )
@@ -171,6 +193,10 @@ class Fleet:
             model=MODEL,
             sim_port=self.sim_port,
             shared=shared if self.shared else "",
+            req_rate=REQUESTS_LIMIT[0],
+            req_burst=REQUESTS_LIMIT[1],
+            tok_rate=TOKENS_LIMIT[0],
+            tok_burst=TOKENS_LIMIT[1],
         )
         path = Path(self._dir.name) / f"gateway{i}.yaml"
         path.write_text(text)
@@ -179,6 +205,10 @@ class Fleet:
             "PYTHONPATH": str(ROOT),
             "KVGATE_FLEET_HEAVY": KEYS["heavy"],
             "KVGATE_FLEET_LIGHT": KEYS["light"],
+            "KVGATE_FLEET_PER_REQUEST": KEYS["per_request"],
+            "KVGATE_FLEET_PER_TOKEN": KEYS["per_token"],
+            "KVGATE_FLEET_URGENT": KEYS["urgent"],
+            "KVGATE_FLEET_SPARE": KEYS["spare"],
         }
         with (self.log_dir / f"gateway{i}.log").open("ab") as log:
             self.gateways[i] = await asyncio.create_subprocess_exec(
@@ -270,11 +300,18 @@ async def drive(
                     await asyncio.sleep(0.05)
                     continue
                 tally.latencies.append(time.monotonic() - t0)
+                if resp.status != 429:
+                    tally.counted_at.append(t0)
                 if resp.status == 200:
                     tally.ok += 1
                     found = re.search(rb'"completion_tokens":\s*(\d+)', data)
                     tally.output_tokens += int(found.group(1)) if found else 0
-                elif resp.status in (429, 503):
+                    found = re.search(rb'"total_tokens":\s*(\d+)', data)
+                    tally.tokens += int(found.group(1)) if found else 0
+                elif resp.status == 429:
+                    tally.limited += 1
+                    await asyncio.sleep(0.1)
+                elif resp.status == 503:
                     tally.shed += 1
                     await asyncio.sleep(0.1)
                 elif b"oom" in data:
@@ -336,7 +373,95 @@ async def weights(replicas: int, clients: int, duration_s: float) -> tuple[Tally
     return heavy, light
 
 
+@dataclass
+class LimitCheck:
+    """What a tenant with one global limit got through every replica, against that limit over
+    the same span: ``burst + rate * span`` (span: from the first request sent to the last one
+    counted, so the ends of the run do not count against it)."""
+
+    unit: str
+    admitted: float
+    allowed: float
+
+    @property
+    def ratio(self) -> float:
+        return self.admitted / self.allowed
+
+    def line(self) -> str:
+        return (
+            f"{self.unit}: admitted {self.admitted:.0f} against {self.allowed:.0f} allowed "
+            f"({(self.ratio - 1) * 100:+.1f}%)"
+        )
+
+
+def _allowed(tally: Tally, start: float, limit: tuple[float, float]) -> float:
+    rate, burst = limit
+    span = max(tally.counted_at, default=start) - start
+    return burst + rate * span
+
+
+async def limits(replicas: int, clients: int, duration_s: float) -> list[LimitCheck]:
+    """A tenant with a requests limit and one with a tokens limit, each sending far more than
+    its limit round robin over every replica (clients each), on a backend that is never the
+    bottleneck (outputs always ``max_tokens``, so what is charged is what is served)."""
+    sim = ("--output-mean-ratio", "1", "--output-sigma", "0")
+    async with Fleet(replicas, kv_blocks=8192, time_scale=20.0, sim_args=sim) as fleet:
+        start = time.monotonic()
+        per_request, per_token = await asyncio.gather(
+            drive(
+                fleet.urls,
+                clients=clients,
+                duration_s=duration_s,
+                tenant="per_request",
+                max_tokens=16,
+                prompt_chars=80,
+            ),
+            drive(
+                fleet.urls,
+                clients=clients,
+                duration_s=duration_s,
+                tenant="per_token",
+                max_tokens=64,
+                prompt_chars=400,
+            ),
+        )
+    for tally in (per_request, per_token):
+        if tally.shed or tally.failed or tally.other or tally.oom:
+            raise RuntimeError(f"the backend was a bottleneck: {tally.line(duration_s)}")
+    return [
+        LimitCheck(
+            "requests", len(per_request.counted_at), _allowed(per_request, start, REQUESTS_LIMIT)
+        ),
+        LimitCheck("tokens", per_token.tokens, _allowed(per_token, start, TOKENS_LIMIT)),
+    ]
+
+
+async def bands(replicas: int, clients: int, duration_s: float) -> tuple[Tally, Tally]:
+    """A critical tenant and a sheddable one of equal weight under overload, each on its own
+    replica (or both on one): what each was served."""
+    async with Fleet(replicas) as fleet:
+        urgent, spare = await asyncio.gather(
+            drive(fleet.urls[:1], clients=clients, duration_s=duration_s, tenant="urgent"),
+            drive(fleet.urls[-1:], clients=clients, duration_s=duration_s, tenant="spare"),
+        )
+    return urgent, spare
+
+
 async def _main(args: argparse.Namespace) -> None:
+    if args.bands:
+        for replicas in (1, 2):
+            urgent, spare = await bands(replicas, args.clients // 2, args.duration)
+            total = max(urgent.output_tokens + spare.output_tokens, 1)
+            print(
+                f"replicas {replicas}: critical got {urgent.output_tokens} tokens "
+                f"({urgent.output_tokens / total:.0%}), sheddable {spare.output_tokens} "
+                f"(shed {spare.shed})"
+            )
+        return
+    if args.limits:
+        for check in await limits(args.replicas, args.clients, args.duration):
+            print(f"replicas {args.replicas}: {check.line()}")
+        return
     if args.weights:
         for replicas in (1, 2):
             heavy, light = await weights(replicas, args.clients // 2, args.duration)
@@ -358,6 +483,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=48)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--no-shared", action="store_true")
+    parser.add_argument(
+        "--bands",
+        action="store_true",
+        help="a critical and a sheddable tenant, on one replica, then each on its own of two",
+    )
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="tenants with one global requests or tokens limit, over every replica",
+    )
     parser.add_argument(
         "--weights",
         action="store_true",

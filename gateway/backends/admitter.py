@@ -8,16 +8,17 @@ runs one ``BackendMonitor`` per backend. Everything runs on one event loop; no l
 Cancellation: when the task awaiting ``acquire`` is cancelled (the client left), its entry leaves
 the queue; if a placement raced the cancellation, it is released at once. Nothing leaks.
 
-With a ``SharedLink`` (``admission.shared``), every placement on a backend counted in bytes is
-confirmed in Redis before ``acquire`` returns; a refused one (other replicas filled the backend
-first) is offered again with the foreign figure Redis answered. Releases and a heartbeat every
-``refresh_s`` publish this replica's figure per backend and refresh the other replicas'.
+With a ``SharedLink`` (``admission.shared``), every placement on a backend counted in bytes or
+slots is confirmed in Redis before ``acquire`` returns; a refused one (other replicas filled the
+backend first) is offered again with the foreign figure Redis answered. Releases and a heartbeat
+every ``refresh_s`` publish this replica's figure per backend and refresh the other replicas'.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 
 import aiohttp
 
@@ -29,6 +30,8 @@ from gateway.core.clock import Clock
 from gateway.core.lifecycle import Health
 from gateway.core.pool import AdmissionConfig, Ticket
 from gateway.core.types import Outcome
+
+_WAITING_BEATS = 10  # heartbeats per refresh interval of a backend with requests waiting
 
 
 class Shed(Exception):
@@ -133,7 +136,7 @@ class Admitter:
         """Wait for room on a backend; raise ``Shed`` when admission refuses."""
         while True:
             lease = await self._admit(ticket)
-            if self._shared is None or await self._confirm(self._shared, lease, ticket.weight):
+            if self._shared is None or await self._confirm(self._shared, lease, ticket):
                 return lease
 
     async def _admit(self, ticket: Ticket) -> Lease:
@@ -164,16 +167,18 @@ class Admitter:
             raise Shed.of(result)
         return Lease(self, result)
 
-    async def _confirm(self, shared: SharedLink, lease: Lease, weight: float) -> bool:
+    async def _confirm(self, shared: SharedLink, lease: Lease, ticket: Ticket) -> bool:
         """Record the placement in the shared store; False when it was refused there (the
         lease is then gone and the request is to be offered again)."""
         url = lease.backend_url
         limit = self._core.ceiling(lease.model, url, self._clock.now())
         if limit is None:
-            return True  # capacity not counted in bytes: nothing shared to check against
+            return True  # an adaptive concurrency limit: nothing shared to check against
         try:
-            held = self._core.held_bytes(url)
-            recorded, foreign = await shared.confirm(url, held, limit, weight)
+            held = self._core.held(url)
+            recorded, foreign = await shared.confirm(
+                url, held, limit, ticket.weight, int(ticket.priority)
+            )
         except asyncio.CancelledError:
             lease.release()  # the next figure published corrects one recorded just now
             raise
@@ -297,10 +302,14 @@ class Admitter:
         self._dispatch()
 
     async def _beat_forever(self, shared: SharedLink) -> None:
-        while True:
-            await self._beat({bc.url for _, bc in self._core.backends()})
-            # a replica with requests waiting hears of freed memory sooner
-            await asyncio.sleep(shared.refresh_s)
+        """Every backend each ``refresh_s``; those with requests waiting ten times as often, so
+        a replica that waits hears of freed memory (and publishes its demand) sooner."""
+        for tick in itertools.count():
+            urls = {bc.url for _, bc in self._core.backends()}
+            if tick % _WAITING_BEATS:
+                urls = {url for url in urls if self._core.waiting_weight(url) > 0}
+            await self._beat(urls)
+            await asyncio.sleep(shared.refresh_s / _WAITING_BEATS)
 
     async def _beat(self, urls: set[str]) -> None:
         shared = self._shared
@@ -312,9 +321,10 @@ class Admitter:
             *(
                 shared.beat(
                     url,
-                    self._core.held_bytes(url),
+                    self._core.held(url),
                     self._core.waiting_weight(url),
                     self._core.url_ceiling(url, now),
+                    self._core.waiting_band(url),
                 )
                 for url in ordered
             )

@@ -63,7 +63,7 @@ class SharedLink:
         return 1.0 / self.replicas if self._degraded else 1.0
 
     async def confirm(
-        self, backend: str, nbytes: int, limit: float, weight: float = 1.0
+        self, backend: str, nbytes: int, limit: float, weight: float = 1.0, band: int = 0
     ) -> tuple[bool | None, int | None]:
         """(True: recorded, False: refused, None: degraded, decided locally; the foreign bytes
         when Redis answered). A failure now degrades the link and refuses: the placement was
@@ -71,19 +71,24 @@ class SharedLink:
         if self._degraded:
             return None, None
         try:
-            recorded, foreign = await self.store.reserve(backend, nbytes, limit, weight)
+            recorded, foreign = await self.store.reserve(backend, nbytes, limit, weight, band)
         except StoreError as exc:
             self._switch(True, exc)
             return False, None
         return recorded, foreign
 
     async def beat(
-        self, backend: str, nbytes: int, want: float = 0.0, limit: float | None = None
+        self,
+        backend: str,
+        nbytes: int,
+        want: float = 0.0,
+        limit: float | None = None,
+        band: int | None = None,
     ) -> int | None:
-        """Publish this replica's figure and demand; the foreign bytes, or None when Redis did
-        not answer."""
+        """Publish this replica's figure, demand and best band waiting; the foreign bytes, or
+        None when Redis did not answer."""
         try:
-            foreign = await self.store.beat(backend, nbytes, want, limit)
+            foreign = await self.store.beat(backend, nbytes, want, limit, band)
         except StoreError as exc:
             self._switch(True, exc)
             return None

@@ -210,10 +210,11 @@ class Admission:
         lease = self._leases.get(lease_id)
         return None if lease is None else lease.url
 
-    def held_bytes(self, url: str) -> int:
-        """Bytes this process holds (or is confirming) on the backend at ``url``."""
+    def held(self, url: str) -> int:
+        """What this process holds (or is confirming) on the backend at ``url``, in the unit
+        its ``ceiling`` counts (bytes, or slots)."""
         return sum(
-            rt.reserved_bytes for pool in self._pools.values() if (rt := pool.backends.get(url))
+            rt.shared_held() for pool in self._pools.values() if (rt := pool.backends.get(url))
         )
 
     def waiting_weight(self, url: str) -> float:
@@ -226,6 +227,14 @@ class Admission:
                     weights[e.tenant] = e.weight
         return sum(weights.values())
 
+    def waiting_band(self, url: str) -> int | None:
+        """The best band queued for a model the backend at ``url`` serves (None: nothing
+        waits), for priority across replicas."""
+        bands = [
+            e.priority for pool in self._pools.values() if url in pool.backends for e in pool.queue
+        ]
+        return int(min(bands)) if bands else None
+
     def url_ceiling(self, url: str, now: float) -> float | None:
         """``ceiling`` of the backend at ``url`` (the first model's that has it)."""
         for pool in self._pools.values():
@@ -235,16 +244,16 @@ class Admission:
         return None
 
     def ceiling(self, model: str, url: str, now: float) -> float | None:
-        """``BackendRuntime.ceiling`` of one backend; None if unknown or not in bytes."""
+        """``BackendRuntime.ceiling`` of one backend; None if unknown or not shared."""
         rt = self._runtime(model, url)
         return None if rt is None else rt.ceiling(now)
 
     def observe_foreign(self, url: str, nbytes: int, now: float) -> None:
-        """Other replicas hold ``nbytes`` on the backend at ``url`` (the shared store says)."""
+        """Other replicas hold ``nbytes`` on the backend at ``url`` (the shared store says;
+        slots on a slot backend)."""
         for pool in self._pools.values():
             rt = pool.backends.get(url)
-            if rt is not None and rt.foreign_bytes != nbytes:
-                rt.foreign_bytes = nbytes
+            if rt is not None and rt.observe_foreign(nbytes):
                 self._pump_pool(pool, now)
 
     def set_share(self, share: float, now: float) -> None:
@@ -257,7 +266,7 @@ class Admission:
             for rt in pool.backends.values():
                 rt.share = share
                 if share < 1:
-                    rt.foreign_bytes = 0
+                    rt.observe_foreign(0)
             self._pump_pool(pool, now)
 
     # -- backend observations -----------------------------------------------------------------

@@ -143,8 +143,10 @@ class BackendRuntime:
         self.signals: BackendSignals | None = None
         self.reserved_bytes = 0
         self.inflight = 0
-        # Other gateway replicas' reservations here, as the shared store last reported them.
+        # Other gateway replicas' reservations here, as the shared store last reported them:
+        # bytes, or slots on a slot backend (``observe_foreign``).
         self.foreign_bytes = 0
+        self.foreign_slots = 0
         # This process's share of the backend: 1, or 1/replicas while the shared store is lost
         # (and 1/workers for workers without one).
         self.share = 1.0
@@ -255,6 +257,7 @@ class BackendRuntime:
             "free": v.free,
             "reserved_bytes": self.reserved_bytes,
             "foreign_bytes": self.foreign_bytes,
+            "foreign_slots": self.foreign_slots,
             "share": self.share,
             "inflight": self.inflight,
             "fragmentation": v.fragmentation,
@@ -370,11 +373,13 @@ class BackendRuntime:
         if kind is CapacityKind.BYTES:
             return self._bytes_view(now, factor, sig)
         if kind is CapacityKind.SLOTS:
-            slots = self._slots or self.config.max_concurrency or self.adaptive.value
+            slots = self._total_slots()
             usable = _whole(slots * factor * self.pressure.value(now) * self.share)
-            foreign = 0.0
+            # the scrape saw other replicas' requests as of then; the shared store's figure
+            # may be newer
+            foreign = float(self.foreign_slots)
             if sig is not None and sig.running is not None:
-                foreign = max(0.0, sig.running - self._inflight_at_scrape)
+                foreign = max(foreign, sig.running - self._inflight_at_scrape)
             free = usable - self.inflight - foreign
             return CapacityView(kind, phase, slots, usable, free, None, None, sig is None)
         limit = self.adaptive.value
@@ -492,13 +497,32 @@ class BackendRuntime:
         )
 
     def ceiling(self, now: float) -> float | None:
-        """The most every replica together may reserve here now, in bytes (what a shared
-        confirmation checks); None where capacity is not counted in bytes."""
+        """The most every replica together may hold here now (what a shared confirmation
+        checks): bytes, or slots on a slot backend; None where capacity is an adaptive
+        concurrency limit (each replica learns its own)."""
+        factor = self.lifecycle.capacity_factor(now) * self.pressure.value(now)
+        if self.kind() is CapacityKind.SLOTS:
+            return _whole(self._total_slots() * factor)
         if self.kind() is not CapacityKind.BYTES:
             return None
         total = float(self.total_bytes() or 0)
-        factor = self.lifecycle.capacity_factor(now) * self.pressure.value(now)
         return total * (1.0 - self.cap.headroom) * factor * self.overcommit.value
+
+    def shared_held(self) -> int:
+        """What this process holds here in the unit ``ceiling`` counts: bytes, or slots."""
+        return self.inflight if self.kind() is CapacityKind.SLOTS else self.reserved_bytes
+
+    def observe_foreign(self, amount: int) -> bool:
+        """Other replicas hold ``amount`` here (``ceiling``'s unit), as the shared store says;
+        whether that changed what this one plans."""
+        if self.kind() is CapacityKind.SLOTS:
+            changed, self.foreign_slots = amount != self.foreign_slots, amount
+        else:
+            changed, self.foreign_bytes = amount != self.foreign_bytes, amount
+        return changed
+
+    def _total_slots(self) -> float:
+        return float(self._slots or self.config.max_concurrency or self.adaptive.value)
 
     def place(self, need_bytes: int) -> None:
         self.reserved_bytes += need_bytes

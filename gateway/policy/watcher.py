@@ -96,6 +96,7 @@ class PolicyWatcher:
         self._stamp = self._stat()
         self._last_error: str | None = None
         self._wake = asyncio.Event()
+        self._checking = asyncio.Lock()  # one look at a time: a reload and the watch's own
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -109,6 +110,15 @@ class PolicyWatcher:
         self._stamp = None
         self._wake.set()
 
+    async def reload(self) -> tuple[str, str | None]:
+        """Reload now, even if the file's stamp did not change, and answer the outcome: "ok",
+        "restart_required", "unchanged" (the file holds the serving policy) or "error" (the
+        previous policy keeps serving), with the error's message."""
+        self._stamp = None
+        async with self._checking:
+            outcome = await self.check()
+        return outcome, self._last_error if outcome == "error" else None
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -119,31 +129,34 @@ class PolicyWatcher:
                     async with asyncio.timeout(self._interval_s):
                         await self._wake.wait()
                 self._wake.clear()
-                await self.check()
+                async with self._checking:
+                    await self.check()
         finally:
             # Removing the handler would restore SIGHUP's default action, and a `kill -HUP`
             # during the shutdown drain would end the process with requests in flight.
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGHUP, _ignore_sighup)
 
-    async def check(self) -> None:
-        """One look at the file; never raises (but lets cancellation through)."""
+    async def check(self) -> str:
+        """One look at the file; its outcome (``reload``'s, "unchanged" also when the file's
+        stamp is); never raises (but lets cancellation through)."""
         try:
-            await self._check()
+            return await self._check()
         except PolicyError as exc:
             self._failed(str(exc), None)
         except Exception as exc:  # any failure keeps the old policy serving
             self._failed(f"{self._path}: {type(exc).__name__}: {units.excerpt(str(exc))}", exc)
+        return "error"
 
-    async def _check(self) -> None:
+    async def _check(self) -> str:
         stamp = await asyncio.to_thread(self._stat)
         if stamp is not None and stamp == self._stamp:
-            return
+            return "unchanged"
         self._stamp = stamp
         policy, digest = await asyncio.to_thread(read_policy, self._path)
         if digest == self._digest:
             self._last_error = None
-            return
+            return "unchanged"
         await self._apply(policy)
         self._digest = digest
         self._last_error = None
@@ -157,9 +170,10 @@ class PolicyWatcher:
                 policy.fingerprint,
                 "; ".join(pending),
             )
-            return
+            return "restart_required"
         self._report("ok")
         log.info("policy reloaded from %s, fingerprint %s", self._path, policy.fingerprint)
+        return "ok"
 
     def _failed(self, message: str, exc: Exception | None) -> None:
         try:

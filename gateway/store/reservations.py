@@ -3,8 +3,8 @@
 One Lua call confirms a placement (``reserve.lua``: check every live replica's figure against the
 backend's limit and record this replica's new one) and one records a release or a heartbeat
 (``beat.lua``); ``gateway.core.shared.LeaseBook`` is their pure twin and documents the
-semantics. Keys are ``kvgate:{<prefix>|<backend url>}:held``, ``:seqs``, ``:beats`` and
-``:wants``: the hash tag is per backend, so in Redis Cluster each call touches one slot and
+semantics. Keys are ``kvgate:{<prefix>|<backend url>}:held``, ``:seqs``, ``:beats``, ``:wants``
+and ``:bands``: the hash tag is per backend, so in Redis Cluster each call touches one slot and
 backends spread across the cluster. Time comes from Redis ``TIME`` unless a ``clock`` is given
 (tests). Every Redis or socket failure is raised as ``gateway.errors.StoreError``; ``timeout_s``
 bounds each reply, so a dead Redis costs a request at most that long before the caller falls
@@ -28,17 +28,24 @@ _Arg = str | float | int
 
 
 def backend_keys(prefix: str, url: str) -> list[str]:
-    """The four keys of one backend, in the order the scripts take them."""
+    """The five keys of one backend, in the order the scripts take them."""
     tag = f"kvgate:{{{prefix}|{url.replace('{', '%7B').replace('}', '%7D')}}}"
-    return [f"{tag}:held", f"{tag}:seqs", f"{tag}:beats", f"{tag}:wants"]
+    return [f"{tag}:held", f"{tag}:seqs", f"{tag}:beats", f"{tag}:wants", f"{tag}:bands"]
 
 
 def reserve_args(
-    now: _Arg, replica: str, seq: int, nbytes: int, lease_s: float, limit: float, weight: float
+    now: _Arg,
+    replica: str,
+    seq: int,
+    nbytes: int,
+    lease_s: float,
+    limit: float,
+    weight: float,
+    band: int = 0,
 ) -> list[_Arg]:
     """ARGV of ``reserve.lua``."""
     cap = limit if math.isfinite(limit) else 2**62
-    return [*_common(now, replica, seq, nbytes, lease_s), cap, weight]
+    return [*_common(now, replica, seq, nbytes, lease_s), cap, weight, band]
 
 
 def beat_args(
@@ -49,10 +56,12 @@ def beat_args(
     lease_s: float,
     want: float,
     limit: float | None = None,
+    band: int | None = None,
 ) -> list[_Arg]:
-    """ARGV of ``beat.lua`` (``limit`` None: unknown, no fairness applied)."""
+    """ARGV of ``beat.lua`` (``limit`` None: unknown, no fairness applied; ``band`` None:
+    nothing waits)."""
     cap = 0 if limit is None else limit if math.isfinite(limit) else 2**62
-    return [*_common(now, replica, seq, nbytes, lease_s), want, cap]
+    return [*_common(now, replica, seq, nbytes, lease_s), want, cap, "" if band is None else band]
 
 
 def _common(now: _Arg, replica: str, seq: int, nbytes: int, lease_s: float) -> list[_Arg]:
@@ -94,13 +103,14 @@ class RedisReservations:
         return ("" if self._clock is None else self._clock.now()), self._seq
 
     async def reserve(
-        self, backend: str, nbytes: int, limit: float, weight: float = 1.0
+        self, backend: str, nbytes: int, limit: float, weight: float = 1.0, band: int = 0
     ) -> tuple[bool, int]:
         """Record ``nbytes`` as this replica's figure on ``backend`` if every live replica's
-        figure fits under ``limit`` and no waiting replica is kept below its share (``weight``:
-        the requesting tenant's); (recorded, other replicas' bytes)."""
+        figure fits under ``limit``, no waiting replica is kept below its share (``weight``:
+        the requesting tenant's) and none waits with a better band than ``band`` (the
+        request's); (recorded, other replicas' bytes)."""
         now, seq = self._next()
-        args = reserve_args(now, self.replica, seq, nbytes, self.lease_s, limit, weight)
+        args = reserve_args(now, self.replica, seq, nbytes, self.lease_s, limit, weight, band)
         try:
             reply = await self._reserve(keys=backend_keys(self._prefix, backend), args=args)
         except (redis.exceptions.RedisError, OSError) as exc:
@@ -108,12 +118,18 @@ class RedisReservations:
         return reply[0] == 1, int(reply[1])
 
     async def beat(
-        self, backend: str, nbytes: int, want: float = 0.0, limit: float | None = None
+        self,
+        backend: str,
+        nbytes: int,
+        want: float = 0.0,
+        limit: float | None = None,
+        band: int | None = None,
     ) -> int:
-        """Record ``nbytes`` and demand ``want`` as this replica's on ``backend`` and renew its
-        heartbeat; the bytes there it may not plan on (``gateway.core.shared``)."""
+        """Record ``nbytes``, demand ``want`` and the best band waiting (``band``) as this
+        replica's on ``backend`` and renew its heartbeat; the bytes there it may not plan on
+        (``gateway.core.shared``)."""
         now, seq = self._next()
-        args = beat_args(now, self.replica, seq, nbytes, self.lease_s, want, limit)
+        args = beat_args(now, self.replica, seq, nbytes, self.lease_s, want, limit, band)
         try:
             reply = await self._beat(keys=backend_keys(self._prefix, backend), args=args)
         except (redis.exceptions.RedisError, OSError) as exc:

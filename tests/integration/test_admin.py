@@ -124,10 +124,20 @@ async def test_the_reload_trigger_reloads_the_file(
     edited = policy_text([stub_url]).replace("max_wait: 5s", "max_wait: 4s")
     path.write_text(edited)
     answer = await ops.post("/admin/reload")
-    assert answer.status == 202
-    assert (await answer.json())["policy"] == policy.fingerprint
-    await until(lambda: client.app[GATEWAY].live.policy.fingerprint != policy.fingerprint)
-    assert client.app[GATEWAY].live.policy.max_wait_s == 4.0
+    live = client.app[GATEWAY].live.policy
+    assert answer.status == 200
+    assert await answer.json() == {"result": "ok", "policy": live.fingerprint}
+    assert live.fingerprint != policy.fingerprint
+    assert live.max_wait_s == 4.0
+    again = await ops.post("/admin/reload")
+    assert (again.status, (await again.json())["result"]) == (200, "unchanged")
+    path.write_text(edited.replace("max_wait: 4s", "max_wait: soon"))
+    broken = await ops.post("/admin/reload")
+    body = await broken.json()
+    assert broken.status == 422
+    assert (body["result"], body["policy"]) == ("error", live.fingerprint)
+    assert "max_wait" in body["error"]
+    assert client.app[GATEWAY].live.policy is live
 
 
 async def test_the_reload_trigger_without_a_file_says_so(

@@ -44,6 +44,7 @@ ops = st.lists(
         st.floats(0, 3),
         st.integers(-2, 1),  # added to the sequence number: late and repeated writes too
         st.sampled_from([0, 0, 1, 2, 3]),  # demand (beat) or tenant weight (reserve)
+        st.sampled_from([None, 0, 1, 2]),  # the best band waiting (beat) or the request's
     ),
     min_size=1,
     max_size=30,
@@ -53,26 +54,27 @@ ops = st.lists(
 @settings(max_examples=100)
 @given(ops=ops)
 def test_lua_and_the_pure_twin_agree(
-    client: redis.Redis, ops: list[tuple[str, str, int, float, int, int]]
+    client: redis.Redis, ops: list[tuple[str, str, int, float, int, int, int | None]]
 ) -> None:
     reserve = client.register_script(script_source("reserve"))
     beat = client.register_script(script_source("beat"))
     keys = backend_keys(f"diff-{uuid.uuid4().hex}", "http://gpu:8000")
     book = LeaseBook()
     now, seq, limit = 0.0, 10, 1000
-    for op, replica, nbytes, dt, skew, w in ops:
+    for op, replica, nbytes, dt, skew, w, band in ops:
         now += dt
         seq += 2
         s = seq + skew
         if op == "reserve":
-            weight = max(w, 1)
-            args = reserve_args(now, replica, s, nbytes, LEASE, limit, weight)
+            weight, mine = max(w, 1), band or 0
+            args = reserve_args(now, replica, s, nbytes, LEASE, limit, weight, mine)
             got = reserve(keys=keys, args=args)
-            want = book.reserve(replica, s, nbytes, limit, LEASE, now, weight)
+            want = book.reserve(replica, s, nbytes, limit, LEASE, now, weight, mine)
             assert (got[0] == 1, got[1]) == want
         else:
-            got = beat(keys=keys, args=beat_args(now, replica, s, nbytes, LEASE, w, limit))
-            assert got == book.beat(replica, s, nbytes, LEASE, now, w, limit)
+            args = beat_args(now, replica, s, nbytes, LEASE, w, limit, band)
+            got = beat(keys=keys, args=args)
+            assert got == book.beat(replica, s, nbytes, LEASE, now, w, limit, band)
     client.delete(*keys)
 
 

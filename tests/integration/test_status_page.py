@@ -1,6 +1,7 @@
 """The status page in a real headless browser (Chromium through Selenium): it shows the backends,
 queues and bucket levels of the live gateway and refreshes by itself, behind the admin token
-(HTTP Basic, what a browser can send). Skipped, with the install lines, where no browser is."""
+(HTTP Basic, what a browser can send), and every worker's rows under ``--workers 2``. Skipped,
+with the install lines, where no browser is."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -136,3 +138,22 @@ async def test_the_status_page_says_when_it_cannot_update(
     await _shown(browser, "#backends td.phase", "ready")
     await ops.server.close()  # the admin listener goes away under the open page
     await until(lambda: any("not updated" in t for t in _text(browser, "#error")), TIMEOUT_S)
+
+
+async def test_the_status_page_of_a_worker_group_shows_every_worker(
+    browser: Any, tmp_path: Path, stub_url: str
+) -> None:
+    from tests.integration.test_workers import _start_group
+
+    proc, _, admin = await _start_group(tmp_path, stub_url)
+    try:
+        await asyncio.to_thread(browser.get, f"{admin}/status")
+        await _shown(browser, "#backends td.worker", "1")
+        assert sorted(_text(browser, "#backends td.worker")) == ["0", "1"]
+        assert sorted(_text(browser, "#queues td.worker")) == ["0", "1"]
+        summary = _text(browser, "#summary")[0]
+        assert "worker 0: policy" in summary
+        assert "worker 1: policy" in summary
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)

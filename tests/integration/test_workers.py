@@ -1,6 +1,7 @@
 """``kvgate run --workers 2`` as a user runs it: one port for both (and one admin port), one
-/metrics for the group on the admin listener, a worker killed is started again, and SIGTERM lets
-requests in flight finish on every worker."""
+/metrics for the group on the admin listener, a worker killed is started again, SIGTERM lets
+requests in flight finish on every worker, and a supervisor killed with SIGKILL takes its
+workers with it; the admin listener answers for the whole group."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -22,30 +24,131 @@ from tests.integration.test_cli import ROOT, _free_port, _kvgate
 
 pytestmark = pytest.mark.integration
 
+ACME = {"Authorization": "Bearer sk-acme"}
+
 
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
     return sorted(int(p) for p in out.stdout.split())
 
 
-async def test_two_workers_share_a_port_restart_and_drain(
-    tmp_path: Path, stub: StubBackend, stub_url: str
-) -> None:
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _bindable(port: int) -> bool:
+    """Nobody listens on 127.0.0.1:``port`` (bound without SO_REUSEPORT, so any holder counts)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+_ORPHAN = """
+import os, sys, time
+from gateway.workers import tie_to_parent
+parent = os.getpid()
+child = os.fork()
+if child == 0:
+    tie_to_parent(parent, kernel=sys.argv[1] == "kernel")
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("way", ["kernel", "poll"])
+def test_a_process_tied_to_its_parent_ends_when_the_parent_is_killed(way: str) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN, way],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    ) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        try:
+            parent.kill()
+            parent.wait(10)
+            deadline = time.monotonic() + 10
+            while _alive(child) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _alive(child)
+        finally:
+            if _alive(child):
+                os.kill(child, signal.SIGKILL)
+
+
+async def _start_group(
+    tmp_path: Path, stub_url: str, workers: int = 2, server: str = ""
+) -> tuple[asyncio.subprocess.Process, str, str]:
+    """``kvgate run --workers N`` in front of ``stub_url``, once every worker is in /metrics;
+    (the supervisor, the proxy's URL, the admin URL)."""
     port, admin_port = _free_port(), _free_port()
     text = policy_text([stub_url]).replace(
         "server:\n",
-        f"server:\n  port: {port}\n  admin: {{port: {admin_port}}}\n  grace_period: 10s\n",
+        f"server:\n  port: {port}\n  admin: {{port: {admin_port}}}\n{server}",
         1,
     )
     (tmp_path / "policy.yaml").write_text(text)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "gateway", "run", "-c", str(tmp_path / "policy.yaml"), "--workers", "2"),
+        *("-m", "gateway", "run", "-c", str(tmp_path / "policy.yaml"), "--workers", str(workers)),
         env={"PATH": "/usr/bin:/bin", "ACME_KEY": "sk-acme", "PYTHONPATH": str(ROOT)},
         stderr=asyncio.subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
-    admin = f"http://127.0.0.1:{admin_port}"
+    url, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+    want = {str(i) for i in range(workers)}
+    try:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
+            while True:
+                try:
+                    async with session.get(f"{admin}/metrics") as r:
+                        if set(re.findall(r'worker="(\d+)"', await r.text())) == want:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc, url, admin
+
+
+async def test_workers_end_and_free_the_ports_when_the_supervisor_is_killed(
+    tmp_path: Path, stub_url: str
+) -> None:
+    proc, url, admin = await _start_group(
+        tmp_path, stub_url, server="  drain_delay: 0s\n  grace_period: 2s\n"
+    )
+    workers = _children(proc.pid)
+    try:
+        assert len(workers) == 2
+        proc.kill()  # SIGKILL: the supervisor can pass nothing on
+        await proc.wait()
+        ports = [int(u.rpartition(":")[2]) for u in (url, admin)]
+        async with asyncio.timeout(15):
+            while any(_alive(w) for w in workers) or not all(map(_bindable, ports)):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+    finally:
+        for w in filter(_alive, workers):
+            os.kill(w, signal.SIGKILL)
+
+
+async def test_two_workers_share_a_port_restart_and_drain(
+    tmp_path: Path, stub: StubBackend, stub_url: str
+) -> None:
+    proc, url, admin = await _start_group(tmp_path, stub_url, server="  grace_period: 10s\n")
     try:
         async with aiohttp.ClientSession() as session:
 
@@ -114,3 +217,52 @@ def test_a_port_in_use_is_one_clear_line_before_any_worker_starts(tmp_path: Path
     assert "Traceback" not in result.stderr
     assert f"kvgate: 127.0.0.1:{admin_port} is already in use" in result.stderr
     assert "--admin-port PORT" in result.stderr
+
+
+async def test_the_admin_listener_answers_for_every_worker(
+    tmp_path: Path, stub: StubBackend, stub_url: str
+) -> None:
+    proc, url, admin = await _start_group(tmp_path, stub_url)
+    policy = tmp_path / "policy.yaml"
+    try:
+        async with aiohttp.ClientSession() as session:
+            stub.hold_first_byte = True
+            body = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
+            held = asyncio.ensure_future(
+                session.post(f"{url}/v1/chat/completions", json=body, headers=ACME)
+            )
+            await until(lambda: len(stub.requests) == 1, 10)
+            async with session.get(f"{admin}/admin/state") as r:
+                state = await r.json()
+            assert state["answered_by"] in {"0", "1"}
+            assert set(state["workers"]) == {"0", "1"}
+            inflight = {
+                w: s["admission"]["m1"]["backends"][0]["inflight"]
+                for w, s in state["workers"].items()
+            }
+            assert sorted(inflight.values()) == [0, 1]  # each worker's own, not one twice
+            stub.release.set()
+            assert (await asyncio.wait_for(held, 10)).status == 200
+
+            policy.write_text(policy.read_text().replace("max_wait: 5s", "max_wait: 4s"))
+            async with session.post(f"{admin}/admin/reload") as r:
+                assert r.status == 200
+                reloaded = (await r.json())["workers"]
+            assert set(reloaded) == {"0", "1"}
+            # the file watch may see the edit first: then the reload finds it unchanged
+            assert {x["result"] for x in reloaded.values()} <= {"ok", "unchanged"}
+            fingerprints = {x["policy"] for x in reloaded.values()}
+            assert len(fingerprints) == 1
+            async with session.get(f"{admin}/admin/state") as r:
+                after = (await r.json())["workers"]
+            assert {s["policy"]["fingerprint"] for s in after.values()} == fingerprints
+
+            policy.write_text(policy.read_text().replace("max_wait: 4s", "max_wait: soon"))
+            async with session.post(f"{admin}/admin/reload") as r:
+                assert r.status == 422
+                failed = (await r.json())["workers"]
+            assert {x["result"] for x in failed.values()} == {"error"}
+            assert {x["policy"] for x in failed.values()} == fingerprints  # the last good one
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)

@@ -1,8 +1,9 @@
--- units: seconds (now, lease; float), bytes (figures, limit; integers), weights (float)
+-- units: seconds (now, lease; float), bytes or slots (figures, limit; integers), weights (float)
 -- Twin of gateway/core/shared.py LeaseBook.beat (with reserve.lua): keep the steps identical.
 -- KEYS and ARGV[1..6] as in reserve.lua; ARGV[7]: the replica's demand (the weights of the
 -- tenants waiting in its queue for this backend); ARGV[8]: limit in bytes (0: unknown, no
--- fairness). Reply: the bytes this replica may not plan on.
+-- fairness); ARGV[9]: the best band waiting there, or '' (none). Reply: the bytes this replica
+-- may not plan on.
 local EPOCH_S = 1700000000
 local now
 if ARGV[1] == '' then
@@ -18,6 +19,7 @@ for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', string.format
   redis.call('HDEL', KEYS[1], dead)
   redis.call('HDEL', KEYS[2], dead)
   redis.call('HDEL', KEYS[4], dead)
+  redis.call('HDEL', KEYS[5], dead)
 end
 redis.call('ZADD', KEYS[3], string.format('%.17g', now + lease), replica)
 local stored = tonumber(redis.call('HGET', KEYS[2], replica))
@@ -25,6 +27,11 @@ if stored == nil or seq > stored then
   redis.call('HSET', KEYS[2], replica, ARGV[3])
   redis.call('HSET', KEYS[1], replica, ARGV[4])
   redis.call('HSET', KEYS[4], replica, ARGV[7])
+  if tonumber(ARGV[7]) > 0 and ARGV[9] ~= '' then
+    redis.call('HSET', KEYS[5], replica, ARGV[9])
+  else
+    redis.call('HDEL', KEYS[5], replica)
+  end
 end
 local foreign = 0
 local all = redis.call('HGETALL', KEYS[1])
@@ -33,13 +40,17 @@ for i = 1, #all, 2 do
     foreign = foreign + tonumber(all[i + 1])
   end
 end
-for i = 1, 4 do
+for i = 1, 5 do
   redis.call('PEXPIRE', KEYS[i], ttl_ms)
 end
 if limit <= 0 then
   return foreign
 end
--- LeaseBook._cap, for a tenant of weight 1
+-- LeaseBook._cap, for a tenant of weight 1 in the best band waiting here (none: any band)
+local band = math.huge
+if ARGV[9] ~= '' then
+  band = tonumber(ARGV[9])
+end
 local cap = limit
 local wants = redis.call('HGETALL', KEYS[4])
 local mine = 0.0
@@ -48,7 +59,7 @@ for i = 1, #wants, 2 do
   local w = tonumber(wants[i + 1])
   if wants[i] == replica then
     mine = w
-  elseif w > 0 then
+  elseif w > 0 and (tonumber(redis.call('HGET', KEYS[5], wants[i])) or band) <= band then
     others[#others + 1] = {wants[i], w}
   end
 end

@@ -1,10 +1,12 @@
--- units: seconds (now, lease; float), bytes (figures, limit; integers), weights (float)
+-- units: seconds (now, lease; float), bytes or slots (figures, limit; integers), weights (float)
 -- Twin of gateway/core/shared.py LeaseBook.reserve (with beat.lua): keep the steps identical.
 -- KEYS[1]: hash replica -> bytes; KEYS[2]: hash replica -> sequence number; KEYS[3]: zset
--- replica -> heartbeat expiry; KEYS[4]: hash replica -> demand (waiting tenants' weights).
+-- replica -> heartbeat expiry; KEYS[4]: hash replica -> demand (waiting tenants' weights);
+-- KEYS[5]: hash replica -> the best priority band waiting there (lower is better).
 -- ARGV[1]: now, or '' to read Redis TIME (less EPOCH_S); ARGV[2]: replica; ARGV[3]: sequence
 -- number; ARGV[4]: the replica's new figure in bytes; ARGV[5]: lease in seconds; ARGV[6]: key
--- TTL in ms; ARGV[7]: limit in bytes; ARGV[8]: the requesting tenant's weight.
+-- TTL in ms; ARGV[7]: limit in bytes; ARGV[8]: the requesting tenant's weight; ARGV[9]: the
+-- request's band.
 -- Reply: {recorded 0|1, bytes this replica may not plan on}
 local EPOCH_S = 1700000000
 local now
@@ -16,12 +18,13 @@ else
 end
 local replica, seq, nbytes = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local lease, ttl_ms, limit = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
-local weight = tonumber(ARGV[8])
+local weight, band = tonumber(ARGV[8]), tonumber(ARGV[9])
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', string.format('%.17g', now))) do
   redis.call('ZREM', KEYS[3], dead)
   redis.call('HDEL', KEYS[1], dead)
   redis.call('HDEL', KEYS[2], dead)
   redis.call('HDEL', KEYS[4], dead)
+  redis.call('HDEL', KEYS[5], dead)
 end
 redis.call('ZADD', KEYS[3], string.format('%.17g', now + lease), replica)
 local foreign = 0
@@ -40,7 +43,7 @@ for i = 1, #wants, 2 do
   local w = tonumber(wants[i + 1])
   if wants[i] == replica then
     mine = w
-  elseif w > 0 then
+  elseif w > 0 and (tonumber(redis.call('HGET', KEYS[5], wants[i])) or band) <= band then
     others[#others + 1] = {wants[i], w}
   end
 end
@@ -59,6 +62,15 @@ if #others > 0 then
     end
   end
 end
+-- nothing while another replica waits with a better band
+local bands = redis.call('HGETALL', KEYS[5])
+for i = 1, #bands, 2 do
+  if bands[i] ~= replica and tonumber(bands[i + 1]) < band
+      and (tonumber(redis.call('HGET', KEYS[4], bands[i])) or 0) > 0 then
+    cap = 0
+    break
+  end
+end
 local blocked = math.max(foreign, limit - cap)
 local recorded = 0
 if nbytes + blocked <= limit then
@@ -69,7 +81,7 @@ if nbytes + blocked <= limit then
     redis.call('HSET', KEYS[1], replica, ARGV[4])
   end
 end
-for i = 1, 4 do
+for i = 1, 5 do
   redis.call('PEXPIRE', KEYS[i], ttl_ms)
 end
 return {recorded, blocked}
