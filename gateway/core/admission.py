@@ -143,6 +143,7 @@ class Admission:
             cost=float(_tokens_cost(ticket, self.outputs)),
             enqueued_at=now,
             deadline=ticket.deadline,
+            rank=_density(ticket, self.outputs),
         )
         if not pool.queue.push(entry):
             retry = self._wait_estimate(pool, ticket.priority, entry.cost, now)
@@ -643,6 +644,15 @@ def _tokens_cost(ticket: Ticket, outputs: OutputLengths) -> int:
     """KV bytes a request is charged in fair share: prompt + likely output."""
     out = outputs.likely(ticket.model, ticket.tenant, ticket.max_output_tokens)
     return (ticket.prompt_tokens + out) * ticket.kv_bytes_per_token
+
+
+def _density(ticket: Ticket, outputs: OutputLengths) -> float:
+    """Tokens of KV a request holds on average per token it makes: its prompt and half its
+    likely output, for as many steps as it makes tokens (``Entry.rank``)."""
+    return (
+        ticket.prompt_tokens
+        + outputs.likely(ticket.model, ticket.tenant, ticket.max_output_tokens) / 2
+    )
 
 
 def _retry(seconds: float | None) -> float:
