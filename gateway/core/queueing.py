@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -155,9 +156,15 @@ class FairQueue:
         first = self.oldest()
         return 0.0 if first is None else now - first.enqueued_at
 
-    def bytes_ahead(self, priority: Priority) -> float:
-        """Bytes queued in ``priority``'s band and the bands served before it."""
-        return sum(b for p, b in self._band_bytes.items() if p <= priority)
+    def bytes_ahead(self, priority: Priority, rank: float = math.inf) -> float:
+        """Bytes queued in the bands served before ``priority``'s, and in its own band by
+        entries no less dense than ``rank`` (by default all of it): what a tenant's turns
+        serve before an entry of that density."""
+        before = sum(b for p, b in self._band_bytes.items() if p < priority)
+        if rank == math.inf:
+            return before + self._band_bytes[priority]
+        flows = self._bands[priority].flows.values()
+        return before + sum(e.cost for flow in flows for e in flow if e.rank <= rank)
 
     def has_band(self, priority: Priority) -> bool:
         return bool(self._bands[priority].flows)

@@ -140,6 +140,28 @@ def test_a_tenant_s_shorter_prompt_goes_first_when_memory_frees() -> None:
     assert older.entry_id not in events
 
 
+def test_the_wait_predicted_at_arrival_counts_only_what_is_served_before_it() -> None:
+    # Queued ahead: three sparse requests (800-token prompts). A dense arrival is served before
+    # them, so its predicted wait is its own bytes; a sparse one waits behind all three.
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000)), clock.now())
+    up(adm, clock, "a")
+    warm = placed(adm.offer(ticket(clock, 900), clock.now()))
+    clock.advance(1.0)
+    adm.release(warm.lease_id, output_tokens=10, ttft_s=0.1, failure=None, now=clock.now())
+    placed(adm.offer(ticket(clock, 1000), clock.now()))  # drain: 900 tokens of KV a second
+    base = ticket(clock)
+    sparse = msgspec.structs.replace(base, prompt_tokens=800, max_output_tokens=100)
+    for _ in range(3):
+        assert isinstance(adm.offer(sparse, clock.now()), Queued)
+    soon = clock.now() + 1.0
+    dense = msgspec.structs.replace(base, prompt_tokens=50, max_output_tokens=100, deadline=soon)
+    assert isinstance(adm.offer(dense, clock.now()), Queued)
+    late = msgspec.structs.replace(sparse, deadline=soon)
+    shed = rejected(adm.offer(late, clock.now()), Outcome.SHED_DEADLINE)
+    assert shed.retry_after_s == pytest.approx((3 * 900 + 150 + 900) / 900)
+
+
 def test_a_release_places_the_smallest_waiting_request_that_now_fits() -> None:
     # A pump skips the queue when not even its smallest request fits; that index must follow
     # entries in and out.

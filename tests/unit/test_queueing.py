@@ -173,6 +173,17 @@ def test_each_tenant_is_served_in_density_order(ranks: list[tuple[int, int]]) ->
         assert mine == sorted(mine)
 
 
+def test_bytes_ahead_of_a_density() -> None:
+    q = FairQueue(QueueConfig())
+    q.push(entry(cost=5, priority=Priority.CRITICAL, rank=900))
+    q.push(entry(cost=3, rank=100))
+    q.push(entry("b", cost=7, rank=500))
+    q.push(entry(cost=11, priority=Priority.SHEDDABLE, rank=1))
+    assert q.bytes_ahead(Priority.STANDARD) == 15
+    assert q.bytes_ahead(Priority.STANDARD, rank=100) == 8
+    assert q.bytes_ahead(Priority.STANDARD, rank=50) == 5
+
+
 def test_equal_weights_share_equally_among_three() -> None:
     served = fairness_run({"a": 1.0, "b": 1.0, "c": 1.0}, services=6000, seed=7)
     total = sum(served.values())
