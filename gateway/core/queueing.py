@@ -160,11 +160,12 @@ class FairQueue:
         """Bytes queued in the bands served before ``priority``'s, and in its own band by
         entries no less dense than ``rank`` (by default all of it): what a tenant's turns
         serve before an entry of that density."""
-        before = sum(b for p, b in self._band_bytes.items() if p < priority)
+        # float starts: compiled with mypyc, a sum without one is typed int
+        before = sum((b for p, b in self._band_bytes.items() if p < priority), 0.0)
         if rank == math.inf:
             return before + self._band_bytes[priority]
         flows = self._bands[priority].flows.values()
-        return before + sum(e.cost for flow in flows for e in flow if e.rank <= rank)
+        return before + sum((e.cost for flow in flows for e in flow if e.rank <= rank), 0.0)
 
     def has_band(self, priority: Priority) -> bool:
         return bool(self._bands[priority].flows)
