@@ -44,6 +44,9 @@ class Comparison(msgspec.Struct, kw_only=True):
     failed: dict[str, str] = {}  # target -> why it could not run
     bound_tokens_per_s: float = 0.0  # no gateway's goodput can exceed it (loadtest.bound)
     oracle_tokens_per_s: float = 0.0  # achieved by the clairvoyant scheduler (loadtest.oracle)
+    # the same scheduler when a contiguous backend allocates the max_tokens each request asks
+    # (as for every target here); equal to oracle_tokens_per_s on a paged backend
+    oracle_as_sent_tokens_per_s: float = 0.0
     horizon_s: float = 0.0  # every goodput is per second of this
     limiter_sweep: dict[str, float] = {}  # limit -> goodput tok/s; the best is "limiter"
     limiter_limit: int | None = None
@@ -190,6 +193,9 @@ def write_results(
     shape = trace_shape(scenario, planned)
     bound = upper_bound(scenario, planned).tokens_per_s
     oracle = clairvoyant(scenario, planned).tokens_per_s
+    as_sent = oracle
+    if scenario.backend.mode != "paged":
+        as_sent = clairvoyant(scenario, planned, as_sent=True).tokens_per_s
     for target, (records, samples) in results.items():
         write_jsonl(out / f"records-{target}.jsonl", records)
         write_jsonl(out / f"backend-{target}.jsonl", samples)
@@ -204,6 +210,7 @@ def write_results(
         failed=failed,
         bound_tokens_per_s=bound,
         oracle_tokens_per_s=oracle,
+        oracle_as_sent_tokens_per_s=as_sent,
         horizon_s=scenario.duration_s + scenario.drain_timeout_s,
         limiter_sweep={str(k): v for k, v in (sweep or {}).items()},
         limiter_limit=best if sweep else (scenario.limiter.limit if "limiter" in results else None),

@@ -9,6 +9,11 @@ its SLO. At every step it admits, densest first (fewest KV blocks held per token
 within the cache at every step to come (paged: the running set's known growth curves;
 contiguous: a first-fit region of prompt + output, with max_tokens set to the true output) and
 whose estimated finish meets its deadline (and comes before a known restart).
+
+``as_sent=True`` keeps every rule but one: a contiguous engine allocates prompt + the request's
+own ``max_tokens``, as it does for any gateway that forwards the request unchanged. The gap
+between the two is what knowing output lengths is worth on a contiguous backend, which no
+admission rule can take back (only rewriting ``max_tokens`` could).
 """
 
 from __future__ import annotations
@@ -61,7 +66,9 @@ def _step_estimate(cfg: SimConfig, engine: Engine, batch: int, last: float) -> f
     return max(last, base * engine.step_multiplier())
 
 
-def clairvoyant(scenario: Scenario, planned: Sequence[PlannedRequest]) -> OracleResult:
+def clairvoyant(
+    scenario: Scenario, planned: Sequence[PlannedRequest], *, as_sent: bool = False
+) -> OracleResult:
     cfg = scenario.backend
     ts = cfg.time_scale
     horizon = scenario.duration_s + scenario.drain_timeout_s
@@ -78,6 +85,10 @@ def clairvoyant(scenario: Scenario, planned: Sequence[PlannedRequest]) -> Oracle
     last_step = cfg.decode_step_s
     nxt = 0
     end = horizon * ts
+
+    def cap(req: PlannedRequest) -> int:
+        """The max_tokens the engine is sent (a contiguous one allocates prompt + it)."""
+        return req.max_tokens if as_sent and cfg.mode != "paged" else req.output_tokens
 
     def deadline(req: PlannedRequest) -> float:
         return (req.at_s + slos[req.tenant].latency_s) * ts
@@ -108,13 +119,13 @@ def clairvoyant(scenario: Scenario, planned: Sequence[PlannedRequest]) -> Oracle
                     keep.append(req)
                     continue
             else:
-                need = -(-(req.prompt_tokens + req.output_tokens) // cfg.block_size)
+                need = -(-(req.prompt_tokens + cap(req)) // cfg.block_size)
                 # one per step: the engine places regions at the next step, first fit
                 if placed_contiguous or engine.largest_free_blocks() < need:
                     keep.append(req)
                     continue
                 placed_contiguous = True
-            seq = engine.submit(req.prompt_tokens, req.output_tokens, req.output_tokens)
+            seq = engine.submit(req.prompt_tokens, cap(req), req.output_tokens)
             live[seq] = _Live(req)
         queue = keep
 

@@ -19,8 +19,9 @@ Shed reasons, each a ``Rejection`` whose ``retry_after_s`` is an estimate, not a
   ``shed_above`` (Retry-After = typical time a request holds its memory);
 - ``SHED_DEADLINE``: the wait expected from the drain rate exceeds the deadline, or the deadline
   passed in the queue.
-Wait estimate: (bytes queued ahead in the same or better bands, this request included, minus
-bytes free now) / bytes finished per second over the last 10 s.
+Wait estimate: (bytes queued ahead: in better bands, and in the same band by requests at least
+as dense, this request included; minus bytes free now) / bytes finished per second over the
+last 10 s.
 
 With ``enabled=False`` there is no queue and no memory accounting: round robin over serving
 backends.
@@ -29,6 +30,7 @@ backends.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import msgspec
@@ -123,10 +125,12 @@ class Admission:
                 "request needs more KV memory than any backend of the model has",
                 False,
             )
+        rank = _density(ticket, self.outputs)
         if pool.codel.sheds(ticket.priority) and pool.all_ready(now):
-            # Refuse at the door only while the queue ahead already holds a target delay of
-            # work: an emptied queue would leave memory idle the moment it frees.
-            retry = self._wait_estimate(pool, ticket.priority, 0.0, now)
+            # Refuse at the door only while the queue ahead of it (what its band would serve
+            # before a request this dense) already holds a target delay of work: an emptied
+            # queue would leave memory idle the moment it frees.
+            retry = self._wait_estimate(pool, ticket.priority, 0.0, now, rank=rank)
             if retry is None or retry >= pool.codel.target_s:
                 return Rejection(Outcome.SHED_OVERLOAD, _retry(retry), "queue delay above target")
         if not len(pool.queue):
@@ -143,6 +147,7 @@ class Admission:
             cost=float(_tokens_cost(ticket, self.outputs)),
             enqueued_at=now,
             deadline=ticket.deadline,
+            rank=rank,
         )
         if not pool.queue.push(entry):
             retry = self._wait_estimate(pool, ticket.priority, entry.cost, now)
@@ -153,7 +158,7 @@ class Admission:
             if eid == entry.id:
                 del self._events[i]
                 return verdict
-        rejection = self._reject_on_arrival(pool, ticket, cands, now)
+        rejection = self._reject_on_arrival(pool, ticket, cands, rank, now)
         if rejection is not None:
             self._drop(pool, entry.id)
             return rejection
@@ -542,7 +547,8 @@ class Admission:
     def _review(self, pool: Pool, now: float) -> None:
         """Shed, with the predicted wait as Retry-After, every queued request whose predicted
         start has moved past its deadline. What is ahead of an entry: every byte queued in a
-        band served before its own, and what its band queued before it. A load that runs past
+        band served before its own, and what its band holds that is denser (or as dense and
+        queued before it): the order a tenant's turns take. A load that runs past
         its prediction proves the prediction wrong: its waiters then leave only at their
         deadline."""
         if not any(b.serving(now) or not b.load_overdue(now) for b in pool.backends.values()):
@@ -552,7 +558,7 @@ class Admission:
             band_bytes[e.priority] += e.cost
         seen = dict.fromkeys(Priority, 0.0)
         late: list[tuple[Entry, float]] = []
-        for e in pool.queue:
+        for e in sorted(pool.queue, key=lambda e: (e.rank, e.id)):
             seen[e.priority] += e.cost
             ahead = seen[e.priority] + sum(b for p, b in band_bytes.items() if p < e.priority)
             cands = pool.candidates(pool.waiting[e.id].ticket)
@@ -567,11 +573,11 @@ class Admission:
             self._events.append((e.id, Rejection(outcome, _retry(wait), msg)))
 
     def _reject_on_arrival(
-        self, pool: Pool, ticket: Ticket, cands: list[BackendRuntime], now: float
+        self, pool: Pool, ticket: Ticket, cands: list[BackendRuntime], rank: float, now: float
     ) -> Rejection | None:
         budget = ticket.deadline - now
         serving = [b for b in cands if b.serving(now)]
-        wait = self._start_in(pool, cands, ticket.priority, 0.0, now)
+        wait = self._start_in(pool, cands, ticket.priority, 0.0, now, rank=rank)
         if not serving:
             if wait is not None and wait > budget:
                 msg = (
@@ -599,15 +605,17 @@ class Admission:
         now: float,
         *,
         ahead: float | None = None,
+        rank: float = math.inf,
     ) -> float | None:
         """Seconds until a request of ``priority`` is predicted to start: when a backend can
         serve (now, or the predicted end of its load or ejection), plus the drain of the bytes
-        ahead of it (``ahead``, else every byte of its band and better, plus ``extra``) beyond
-        what is free then. None when neither tells (no backend up and none predicted)."""
+        ahead of it (``ahead``, else every byte of better bands and of its band at least as
+        dense as ``rank``, plus ``extra``) beyond what is free then. None when neither tells
+        (no backend up and none predicted)."""
         if not cands:
             return None
         ready_at = min(b.predicted_ready_at(now) for b in cands)
-        queue = self._wait_estimate(pool, priority, extra, now, ahead=ahead, at=ready_at)
+        queue = self._wait_estimate(pool, priority, extra, now, ahead=ahead, at=ready_at, rank=rank)
         return max(0.0, ready_at - now) + (queue or 0.0)
 
     def _wait_estimate(
@@ -619,10 +627,12 @@ class Admission:
         *,
         ahead: float | None = None,
         at: float | None = None,
+        rank: float = math.inf,
     ) -> float | None:
-        """Seconds for the bytes ahead (by default every byte queued in ``priority``'s band and
-        better, plus ``extra``) beyond what is free to drain at the measured rate; from ``at``
-        (a backend's predicted return) what is free is what it will have then."""
+        """Seconds for the bytes ahead (by default every byte queued in better bands and in
+        ``priority``'s band at least as dense as ``rank``, plus ``extra``) beyond what is free
+        to drain at the measured rate; from ``at`` (a backend's predicted return) what is free
+        is what it will have then."""
         rate = pool.drain.bytes_per_s(now)
         if rate is None or rate <= 0:
             return None
@@ -632,7 +642,8 @@ class Admission:
             free = sum(
                 max(0.0, rt.view(now).free) for rt in pool.backends.values() if rt.serving(now)
             )
-        backlog = (pool.queue.bytes_ahead(priority) + extra if ahead is None else ahead) - free
+        queued = pool.queue.bytes_ahead(priority, rank) + extra if ahead is None else ahead
+        backlog = queued - free
         return max(0.0, backlog) / rate
 
     def _drop(self, pool: Pool, entry_id: int) -> bool:
@@ -652,6 +663,15 @@ def _tokens_cost(ticket: Ticket, outputs: OutputLengths) -> int:
     """KV bytes a request is charged in fair share: prompt + likely output."""
     out = outputs.likely(ticket.model, ticket.tenant, ticket.max_output_tokens)
     return (ticket.prompt_tokens + out) * ticket.kv_bytes_per_token
+
+
+def _density(ticket: Ticket, outputs: OutputLengths) -> float:
+    """Tokens of KV a request holds on average per token it makes: its prompt and half its
+    likely output, for as many steps as it makes tokens (``Entry.rank``)."""
+    return (
+        ticket.prompt_tokens
+        + outputs.likely(ticket.model, ticket.tenant, ticket.max_output_tokens) / 2
+    )
 
 
 def _retry(seconds: float | None) -> float:

@@ -3,9 +3,13 @@
 Order: priority band first (critical < standard < sheddable); inside a band, deficit round robin
 between tenants on KV bytes, each visit granting ``quantum * weight`` (quantum: the largest
 queued cost / the smallest weight, so one visit can always pay for any entry); inside a tenant,
-FIFO. No head-of-line blocking: an entry that does not fit now is skipped and later ones that
-fit are served. A tenant whose turn is cut short because nothing of it fits keeps its turn (and
-its credit) for the next pump, so capacity freed one request at a time still splits by weight.
+densest first: fewest tokens of KV held per token made (``Entry.rank``), then FIFO. Under
+overload that spends the memory a tenant's share buys on the requests that make the most output
+with it (the large ones wait, and leave by CoDel or their deadline); it changes no tenant's
+share, which is counted in bytes. No head-of-line blocking: an entry that does not fit now is
+skipped and later ones that fit are served. A tenant whose turn is cut short because nothing of
+it fits keeps its turn (and its credit) for the next pump, so capacity freed one request at a
+time still splits by weight.
 
 Ageing: an entry that has waited ``age_bound_s`` is served first within its band; if it does not
 fit, nothing of its band or lower is served until it does (room is kept for it as memory frees),
@@ -17,7 +21,9 @@ Higher bands still pass it.
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,7 +49,9 @@ class QueueConfig:
 
 @dataclass(slots=True, eq=False)
 class Entry:
-    """One waiting request. ``cost`` is its KV bytes, the currency of fair share."""
+    """One waiting request. ``cost`` is its KV bytes, the currency of fair share; ``rank`` its
+    density, tokens of KV held on average per token it makes (prompt + output / 2: a sequence
+    holds its prompt and, on average, half its output while it decodes); equal ranks are FIFO."""
 
     id: int
     tenant: str
@@ -52,13 +60,18 @@ class Entry:
     cost: float
     enqueued_at: float
     deadline: float
+    rank: float = 0.0
+
+
+def _order(e: Entry) -> tuple[float, int]:
+    return (e.rank, e.id)
 
 
 class _Band:
     __slots__ = ("deficit", "flows", "in_turn", "ring")
 
     def __init__(self) -> None:
-        self.flows: dict[str, deque[Entry]] = {}
+        self.flows: dict[str, list[Entry]] = {}  # each tenant's entries, densest first
         self.ring: deque[str] = deque()
         self.deficit: dict[str, float] = {}
         self.in_turn: set[str] = set()
@@ -98,10 +111,10 @@ class FairQueue:
         band = self._bands[entry.priority]
         flow = band.flows.get(entry.tenant)
         if flow is None:
-            flow = band.flows[entry.tenant] = deque()
+            flow = band.flows[entry.tenant] = []
             band.ring.append(entry.tenant)
             band.deficit[entry.tenant] = 0.0
-        flow.append(entry)
+        bisect.insort(flow, entry, key=_order)
         self._by_id[entry.id] = entry
         self._bytes += entry.cost
         self._band_bytes[entry.priority] += entry.cost
@@ -143,9 +156,16 @@ class FairQueue:
         first = self.oldest()
         return 0.0 if first is None else now - first.enqueued_at
 
-    def bytes_ahead(self, priority: Priority) -> float:
-        """Bytes queued in ``priority``'s band and the bands served before it."""
-        return sum(b for p, b in self._band_bytes.items() if p <= priority)
+    def bytes_ahead(self, priority: Priority, rank: float = math.inf) -> float:
+        """Bytes queued in the bands served before ``priority``'s, and in its own band by
+        entries no less dense than ``rank`` (by default all of it): what a tenant's turns
+        serve before an entry of that density."""
+        # float starts: compiled with mypyc, a sum without one is typed int
+        before = sum((b for p, b in self._band_bytes.items() if p < priority), 0.0)
+        if rank == math.inf:
+            return before + self._band_bytes[priority]
+        flows = self._bands[priority].flows.values()
+        return before + sum((e.cost for flow in flows for e in flow if e.rank <= rank), 0.0)
 
     def has_band(self, priority: Priority) -> bool:
         return bool(self._bands[priority].flows)
@@ -185,12 +205,11 @@ class FairQueue:
         served: list[Entry],
     ) -> bool:
         bound = self.config.ageing_s
+        if self.oldest_age(now) < bound:
+            return True  # not even the oldest entry of the queue has aged
         aged: list[Entry] = []
         for flow in band.flows.values():
-            for e in flow:  # FIFO: the aged entries of a tenant are a prefix of its flow
-                if now - e.enqueued_at < bound:
-                    break
-                aged.append(e)
+            aged.extend(e for e in flow if now - e.enqueued_at >= bound)
         aged.sort(key=lambda e: (e.enqueued_at, e.id))
         for e in aged:
             if not fits(e):

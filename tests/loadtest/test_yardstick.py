@@ -77,6 +77,17 @@ def test_bound_holds_over_the_clairvoyant_scheduler(shape: str, seed: int) -> No
     assert bound.tokens < offered  # overloaded: not everything can be served
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_allocating_max_tokens_costs_the_scheduler_on_a_contiguous_backend_only(seed: int) -> None:
+    for shape, costs in (("contiguous", True), ("paged", False)):
+        scenario = SHAPES[shape].with_seed(seed)
+        trace = plan(scenario)
+        knows = clairvoyant(scenario, trace).tokens
+        sent = clairvoyant(scenario, trace, as_sent=True)
+        assert sent.preemptions == 0
+        assert (sent.tokens < knows) if costs else (sent.tokens == knows)
+
+
 def one(output: int, latency_s: float) -> tuple[Scenario, list[PlannedRequest]]:
     scenario = small({"time_scale": 1.0})
     tenant = msgspec.structs.replace(scenario.tenants["a"], slo=Slo(ttft_s=1, latency_s=latency_s))

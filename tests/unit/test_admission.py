@@ -3,6 +3,7 @@ Retry-After, release, reload and the round-robin mode."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -116,6 +117,49 @@ def test_queues_when_full_and_release_places_the_waiting_one() -> None:
     snap = adm.snapshot(clock.now())[M]
     assert isinstance(snap, dict)
     assert snap["backends"][0]["reserved_bytes"] == 800 * KVT  # idempotent release
+
+
+def test_a_tenant_s_shorter_prompt_goes_first_when_memory_frees() -> None:
+    # Same tenant, same output allowance: the shorter prompt holds less KV per token it makes,
+    # so it passes an older, longer one (FIFO would place the 800 and leave the 600 waiting).
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000)), clock.now())
+    up(adm, clock, "a")
+    first = placed(adm.offer(ticket(clock, 900), clock.now()))
+    base = ticket(clock)
+    long_prompt = msgspec.structs.replace(base, prompt_tokens=500, max_output_tokens=300)
+    short_prompt = msgspec.structs.replace(base, prompt_tokens=300, max_output_tokens=300)
+    older = adm.offer(long_prompt, clock.now())
+    younger = adm.offer(short_prompt, clock.now())
+    assert isinstance(older, Queued)
+    assert isinstance(younger, Queued)
+    clock.advance(1.0)
+    adm.release(first.lease_id, output_tokens=10, ttft_s=0.1, failure=None, now=clock.now())
+    events = dict(adm.take_events())
+    assert placed(events[younger.entry_id]).reserved_bytes == 600 * KVT
+    assert older.entry_id not in events
+
+
+def test_the_wait_predicted_at_arrival_counts_only_what_is_served_before_it() -> None:
+    # Queued ahead: three sparse requests (800-token prompts). A dense arrival is served before
+    # them, so its predicted wait is its own bytes; a sparse one waits behind all three.
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000)), clock.now())
+    up(adm, clock, "a")
+    warm = placed(adm.offer(ticket(clock, 900), clock.now()))
+    clock.advance(1.0)
+    adm.release(warm.lease_id, output_tokens=10, ttft_s=0.1, failure=None, now=clock.now())
+    placed(adm.offer(ticket(clock, 1000), clock.now()))  # drain: 900 tokens of KV a second
+    base = ticket(clock)
+    sparse = msgspec.structs.replace(base, prompt_tokens=800, max_output_tokens=100)
+    for _ in range(3):
+        assert isinstance(adm.offer(sparse, clock.now()), Queued)
+    soon = clock.now() + 1.0
+    dense = msgspec.structs.replace(base, prompt_tokens=50, max_output_tokens=100, deadline=soon)
+    assert isinstance(adm.offer(dense, clock.now()), Queued)
+    late = msgspec.structs.replace(sparse, deadline=soon)
+    shed = rejected(adm.offer(late, clock.now()), Outcome.SHED_DEADLINE)
+    assert shed.retry_after_s == pytest.approx((3 * 900 + 150 + 900) / 900)
 
 
 def test_a_release_places_the_smallest_waiting_request_that_now_fits() -> None:
