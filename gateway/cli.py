@@ -272,10 +272,19 @@ def _supervise(
             workers,
         )
     directory = Path(tempfile.mkdtemp(prefix="kvgate-workers-"))
+    supervisor = os.getpid()
 
     def worker(index: int) -> None:
         group = Group(directory, index, workers)
-        runner(_run(policy, listen, watch=watch, demo=False, group=group))
+        try:
+            runner(_run(policy, listen, watch=watch, demo=False, group=group))
+        finally:
+            if os.getppid() != supervisor:
+                # the supervisor died (SIGKILL: its cleanup never ran); the last worker out
+                # removes the group's directory
+                group.socket_of(index).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
 
     try:
         # each worker fails readiness for drain_delay on SIGTERM before it drains

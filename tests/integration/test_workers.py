@@ -103,7 +103,12 @@ async def _start_group(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *("-m", "gateway", "run", "-c", str(tmp_path / "policy.yaml"), "--workers", str(workers)),
-        env={"PATH": "/usr/bin:/bin", "ACME_KEY": "sk-acme", "PYTHONPATH": str(ROOT)},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "ACME_KEY": "sk-acme",
+            "PYTHONPATH": str(ROOT),
+            "TMPDIR": str(tmp_path),  # where the group's directory of sockets is made
+        },
         stderr=asyncio.subprocess.DEVNULL,
     )
     url, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
@@ -140,6 +145,8 @@ async def test_workers_end_and_free_the_ports_when_the_supervisor_is_killed(
         async with asyncio.timeout(15):
             while any(_alive(w) for w in workers) or not all(map(_bindable, ports)):  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
+        # the last worker out removed the group's directory
+        assert [n for n in os.listdir(tmp_path) if n.startswith("kvgate-workers-")] == []
     finally:
         for w in filter(_alive, workers):
             os.kill(w, signal.SIGKILL)
