@@ -122,6 +122,7 @@ def _chat(stream: bool = False) -> dict[str, object]:
     }
 
 
+@pytest.mark.timeout(150)
 async def test_requests_sent_while_the_backend_loads_are_all_served_in_priority_order(
     make_gateway: MakeGateway,
 ) -> None:
@@ -129,7 +130,7 @@ async def test_requests_sent_while_the_backend_loads_are_all_served_in_priority_
     client, _ = await make_gateway(_policy(backend.url), wait_ready=False)
     sends = []
     try:
-        # 8 s with nothing listening, as vLLM while its engine starts
+        # the 60 s load: 30 s with nothing listening, as vLLM while its engine starts,
         for i in range(6):
             band = "sheddable" if i % 2 else "standard"
             headers = {"x-kvgate-priority": band, "x-test-id": f"{band}-{i}"}
@@ -139,9 +140,9 @@ async def test_requests_sent_while_the_backend_loads_are_all_served_in_priority_
                 )
             )
             await asyncio.sleep(1.0)
-        await asyncio.sleep(2.0)
-        await backend.start()  # then 8 s of 503 "Loading model", as llama.cpp
-        await asyncio.sleep(8.0)
+        await asyncio.sleep(24.0)
+        await backend.start()  # then 30 s of 503 "Loading model", as llama.cpp
+        await asyncio.sleep(30.0)
         assert not any(s.done() for s in sends)  # held, none shed
         backend.loading = False
         responses = await asyncio.wait_for(asyncio.gather(*sends), 30)
