@@ -353,19 +353,20 @@ def _markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in body]
 
 
-def headline(summaries: Mapping[str, TargetSummary], ceiling: float) -> str:
-    """The verdict in one line: which target kept the most goodput in the steady window, against
-    the ceiling and the others, with the OOM errors each let through."""
+def headline(summaries: Mapping[str, TargetSummary], bound: float) -> str:
+    """The verdict in one line: which target kept the most goodput over the run's horizon, as a
+    share of the LP bound (the same horizon: a window's rate against the whole run's bound
+    could read above 100%) and against the others, with the OOM errors each let through."""
     if not summaries:
         return "**Verdict:** no target ran."
-    ranked = sorted(summaries.items(), key=lambda kv: kv[1].steady_goodput_tokens_per_s)
+    ranked = sorted(summaries.items(), key=lambda kv: kv[1].goodput_tokens_per_s)
     best, top = ranked[-1]
 
     def share(s: TargetSummary) -> str:
-        return _pct(s.steady_goodput_tokens_per_s / ceiling) if ceiling > 0 else "-"
+        return _pct(s.goodput_tokens_per_s / bound) if bound > 0 else "-"
 
     others = ", ".join(f"{name} {share(s)}" for name, s in reversed(ranked[:-1]))
-    text = f"**Verdict:** {best} kept the most steady goodput, {share(top)} of the ceiling"
+    text = f"**Verdict:** {best} kept the most goodput, {share(top)} of the upper bound"
     if others:
         text += f" (against {others})"
     ooms = ", ".join(f"{name} {s.oom}" for name, s in summaries.items())
