@@ -27,6 +27,12 @@ from gateway.store.redis import script_source
 _Arg = str | float | int
 
 
+def lease_script(name: str) -> str:
+    """``reserve`` or ``beat``, after the steps they share (``lease.lua``: Redis scripts cannot
+    import)."""
+    return script_source("lease") + "\n" + script_source(name)
+
+
 def backend_keys(prefix: str, url: str) -> list[str]:
     """The five keys of one backend, in the order the scripts take them."""
     tag = f"kvgate:{{{prefix}|{url.replace('{', '%7B').replace('}', '%7D')}}}"
@@ -95,8 +101,8 @@ class RedisReservations:
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=retry
         )
-        self._reserve = self._redis.register_script(script_source("reserve"))
-        self._beat = self._redis.register_script(script_source("beat"))
+        self._reserve = self._redis.register_script(lease_script("reserve"))
+        self._beat = self._redis.register_script(lease_script("beat"))
 
     def _next(self) -> tuple[_Arg, int]:
         self._seq += 1

@@ -18,8 +18,13 @@ from gateway.backends.shared import SharedLink
 from gateway.core.clock import FakeClock
 from gateway.core.lifecycle import Health
 from gateway.core.shared import LeaseBook
-from gateway.store.redis import script_source
-from gateway.store.reservations import RedisReservations, backend_keys, beat_args, reserve_args
+from gateway.store.reservations import (
+    RedisReservations,
+    backend_keys,
+    beat_args,
+    lease_script,
+    reserve_args,
+)
 from tests.unit.test_admission import KVT, M, backend, config, ticket
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
@@ -56,8 +61,8 @@ ops = st.lists(
 def test_lua_and_the_pure_twin_agree(
     client: redis.Redis, ops: list[tuple[str, str, int, float, int, int, int | None]]
 ) -> None:
-    reserve = client.register_script(script_source("reserve"))
-    beat = client.register_script(script_source("beat"))
+    reserve = client.register_script(lease_script("reserve"))
+    beat = client.register_script(lease_script("beat"))
     keys = backend_keys(f"diff-{uuid.uuid4().hex}", "http://gpu:8000")
     book = LeaseBook()
     now, seq, limit = 0.0, 10, 1000
