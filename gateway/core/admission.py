@@ -193,7 +193,19 @@ class Admission:
         if pool is None or rt is None:
             return
         pool.drain.record(lease.nbytes, now - lease.placed_at, now)
-        rt.finished(lease.nbytes, failure=failure, ttft_s=ttft_s, now=now)
+        held = 0
+        if failure is None and output_tokens is not None:
+            held = rt.need_bytes(
+                lease.ticket.prompt_tokens + output_tokens, lease.ticket.kv_bytes_per_token
+            )
+        rt.finished(
+            lease.nbytes,
+            failure=failure,
+            ttft_s=ttft_s,
+            now=now,
+            placed_at=lease.placed_at,
+            held_bytes=held,
+        )
         if failure is None and output_tokens is not None:
             self.outputs.observe(lease.model, lease.tenant, output_tokens)
         self._pump_pool(pool, now)
@@ -207,7 +219,7 @@ class Admission:
         pool = self._pools.get(lease.model)
         rt = None if pool is None else pool.backends.get(lease.url)
         if pool is not None and rt is not None:
-            rt.unplace(lease.nbytes)
+            rt.unplace(lease.nbytes, placed_at=lease.placed_at)
             self._pump_pool(pool, now)
         return lease.ticket
 

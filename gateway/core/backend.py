@@ -158,6 +158,11 @@ class BackendRuntime:
         self._reserved_at_scrape = 0
         self._pending_at_scrape = 0
         self._placed_since_scrape = 0
+        # Since the last scrape: reservations placed and still held, and the KV freed by
+        # requests the scrape saw running (``unplace``); the gauge shows neither yet.
+        self._live_since_scrape = 0
+        self._freed_since_scrape = 0
+        self._scrape_at = -math.inf
         self._inflight_at_scrape = 0
         self._capacity_tokens: int | None = None
         self._slots: int | None = None
@@ -224,12 +229,20 @@ class BackendRuntime:
         self.lifecycle.observe_health(health, now)
 
     def finished(
-        self, need_bytes: int, *, failure: Failure | None, ttft_s: float | None, now: float
+        self,
+        need_bytes: int,
+        *,
+        failure: Failure | None,
+        ttft_s: float | None,
+        now: float,
+        placed_at: float | None = None,
+        held_bytes: int = 0,
     ) -> None:
         """A request placed here ended: free its reservation and learn from how it went
         (nothing listening: it is down until a probe finds it up; 5xx and timeouts count
-        towards ejection; an OOM is memory pressure)."""
-        self.unplace(need_bytes)
+        towards ejection; an OOM is memory pressure). ``held_bytes``: the KV it held when it
+        ended, as far as known (0: unknown)."""
+        self.unplace(need_bytes, placed_at=placed_at, held_bytes=held_bytes)
         if failure == "connect":
             self.lifecycle.went_down(now)
         elif failure == "oom":
@@ -318,6 +331,9 @@ class BackendRuntime:
         self._reserved_at_scrape = self.reserved_bytes
         self._pending_at_scrape = pending_bytes
         self._placed_since_scrape = 0
+        self._live_since_scrape = 0
+        self._freed_since_scrape = 0
+        self._scrape_at = now
         self._inflight_at_scrape = self.inflight
         self._capacity_tokens = sig.capacity_tokens or self._capacity_tokens
         self._slots = sig.total_slots or self._slots
@@ -408,7 +424,7 @@ class BackendRuntime:
             # the gauge saw other replicas' requests as of the scrape; the shared store's
             # figure may be newer
             foreign = max(usage * real_total - self._reserved_at_scrape, self.foreign_bytes, 0.0)
-            admitted_since = max(0.0, own - self._reserved_at_scrape)
+            admitted_since = self._live_since_scrape - self._freed_since_scrape
             gauge_left = usable - usage * real_total - admitted_since
             free = min(usable * self.overcommit.value - own - foreign, gauge_left)
         if frag is not None and largest is None:
@@ -528,10 +544,24 @@ class BackendRuntime:
         self.reserved_bytes += need_bytes
         self.inflight += 1
         self._placed_since_scrape += need_bytes
+        self._live_since_scrape += need_bytes
 
-    def unplace(self, need_bytes: int) -> None:
+    def unplace(
+        self, need_bytes: int, *, placed_at: float | None = None, held_bytes: int = 0
+    ) -> None:
+        """Free a reservation. One placed since the last scrape leaves what that scrape does
+        not show; one the scrape saw running gives back the KV it held, at once: a backend frees
+        a finished sequence's blocks when it ends, and waiting for the next scrape to see them
+        left a tenth of an overloaded cache idle between scrapes. A contiguous server frees
+        the whole region it allocated, the reservation."""
         self.reserved_bytes = max(0, self.reserved_bytes - need_bytes)
         self.inflight = max(0, self.inflight - 1)
+        if placed_at is None or placed_at >= self._scrape_at:
+            self._live_since_scrape = max(0, self._live_since_scrape - need_bytes)
+        elif self.config.memory_kind is MemoryKind.CONTIGUOUS:
+            self._freed_since_scrape += need_bytes
+        else:
+            self._freed_since_scrape += min(held_bytes, need_bytes)
 
     def _largest_free(self, reported: float) -> float:
         """A reported largest free block, less what may have been carved from it since.

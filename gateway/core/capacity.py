@@ -4,7 +4,8 @@ A backend's capacity has one of three kinds:
 - ``BYTES`` (its KV size is known, from ``kv_capacity`` or its metrics):
   ``usable = capacity * (1 - headroom) * warm-up factor * pressure``;
   ``free = min(usable * overcommit - reserved - foreign, usable - measured usage - admitted
-  since the scrape)`` where ``reserved`` is what this gateway's requests in flight there hold,
+  since the scrape + freed since the scrape)`` (freed: the KV held by requests the scrape saw
+  running that have ended since, which their backend has freed already) where ``reserved`` is what this gateway's requests in flight there hold,
   ``foreign`` is usage the gauge shows beyond what we had reserved at the scrape (another
   gateway, or our estimates running over), and ``overcommit`` (``gateway.core.overcommit``, 1
   but for paged backends) lets reservations exceed usable while the measured usage stays under

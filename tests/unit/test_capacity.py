@@ -136,6 +136,35 @@ def test_usage_gauge_caps_free_and_counts_foreign_use() -> None:
     assert rt.view(clock.now()).free == pytest.approx(4 * GIB)
 
 
+def test_kv_freed_since_the_scrape_counts_at_once_reservations_placed_since_only_leave() -> None:
+    clock = FakeClock()
+    rt = runtime(clock, cap=CapacityConfig(headroom=0.0))
+    rt.overcommit.value = 2.0  # reservations are not the bound here; the gauge is
+    rt.place(4 * GIB)  # ours, running at the scrape, holding 3 GiB of its 4 GiB reservation
+    clock.advance(1.0)
+    rt.apply_signals(BackendSignals(at=clock.now(), kv_usage=0.3), clock.now())
+    rt.place(2 * GIB)  # admitted after the scrape
+    assert rt.view(clock.now()).free == pytest.approx(10 * GIB - 3 * GIB - 2 * GIB)
+    rt.unplace(2 * GIB, placed_at=clock.now(), held_bytes=GIB)  # gone before the gauge saw it
+    assert rt.view(clock.now()).free == pytest.approx(7 * GIB)
+    rt.finished(
+        4 * GIB, failure=None, ttft_s=None, now=clock.now(), placed_at=0.0, held_bytes=3 * GIB
+    )
+    # the backend freed its 3 GiB when it ended; the gauge shows them only at the next scrape
+    assert rt.view(clock.now()).free == pytest.approx(10 * GIB)
+
+
+def test_an_ended_request_of_unknown_size_gives_nothing_back_before_the_next_scrape() -> None:
+    clock = FakeClock()
+    rt = runtime(clock, cap=CapacityConfig(headroom=0.0))
+    rt.overcommit.value = 2.0
+    rt.place(4 * GIB)
+    clock.advance(1.0)
+    rt.apply_signals(BackendSignals(at=clock.now(), kv_usage=0.3), clock.now())
+    rt.finished(4 * GIB, failure="timeout", ttft_s=None, now=clock.now(), placed_at=0.0)
+    assert rt.view(clock.now()).free == pytest.approx(7 * GIB)
+
+
 def test_usage_gauge_never_lets_free_exceed_what_it_shows() -> None:
     clock = FakeClock()
     rt = runtime(clock, cap=CapacityConfig(headroom=0.5))

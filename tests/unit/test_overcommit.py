@@ -13,10 +13,30 @@ BOUND = {"target": 0.9, "reserved_share": 1.0, "preempted": False}
 
 
 def test_grows_while_bound_by_reservations_and_usage_is_low() -> None:
-    oc = Overcommit()
+    oc = Overcommit(probing=False)
     for _ in range(5):
         oc.observe(usage=0.4, **BOUND)  # type: ignore[arg-type]
     assert abs(oc.value - 1.5) < 1e-9
+
+
+def test_slow_start_multiplies_until_the_first_step_down_then_adds() -> None:
+    oc = Overcommit()
+    for _ in range(3):
+        oc.observe(usage=0.4, **BOUND)  # type: ignore[arg-type]
+    assert abs(oc.value - 1.25**3) < 1e-9
+    oc.observe(usage=0.95, **BOUND)  # type: ignore[arg-type]  # above target: one step down
+    assert not oc.probing
+    after = oc.value
+    oc.observe(usage=0.4, **BOUND)  # type: ignore[arg-type]
+    assert abs(oc.value - (after + oc.step)) < 1e-9
+
+
+def test_a_preemption_ends_slow_start() -> None:
+    oc = Overcommit()
+    oc.observe(usage=0.4, **BOUND)  # type: ignore[arg-type]
+    oc.observe(usage=0.4, target=0.9, reserved_share=1.0, preempted=True)
+    assert not oc.probing
+    assert abs(oc.value - 1.0) < 1e-9
 
 
 def test_does_not_grow_while_requests_wait_inside_the_backend() -> None:
