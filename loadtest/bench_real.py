@@ -32,12 +32,14 @@ import yaml
 from loadtest.generator import PlannedRequest, check_loopback, classify, parse_retry_after, plan
 from loadtest.real_report import (
     SERVER_METRICS,
+    SWEEP_EXTRA,
     Flavor,
     Record,
     ServerSample,
     Summary,
     best_limit,
     kvgate_figures,
+    next_limit,
     parse_metrics,
     report,
     summarise,
@@ -396,10 +398,16 @@ class Bench:
         if len(limits) == 1:
             return limits[0]
         goodput: dict[int, float] = {}
-        for limit in limits:
+        extra = 0
+        while limits:
+            limit = limits.pop(0)
             async with limiter(self.server, limit, self.out) as url:
                 s = await self.one(f"limiter-{limit}", url, f"sweep limit{limit}")
             goodput[limit] = s.goodput_tokens_per_s
+            further = None if limits or extra >= SWEEP_EXTRA else next_limit(goodput)
+            if further is not None and further not in goodput:
+                limits.append(further)
+                extra += 1
         best = best_limit(goodput)
         self.log(f"limiter sweep goodput {goodput} -> limit {best}")
         return best

@@ -21,6 +21,7 @@ from loadtest.bound import upper_bound
 from loadtest.ceiling import ceiling_tokens_per_s
 from loadtest.generator import Extra, PlannedRequest, run_trace
 from loadtest.oracle import clairvoyant
+from loadtest.real_report import SWEEP_EXTRA, best_limit, next_limit
 from loadtest.records import BackendSample, RequestRecord, Result, write_jsonl
 from loadtest.report import TargetSummary, render_markdown, render_table, summarise
 from loadtest.scenario import Scenario
@@ -232,20 +233,25 @@ def write_results(
 async def sweep_limiter(
     scenario: Scenario, planned: Sequence[PlannedRequest], out: Path
 ) -> tuple[tuple[list[RequestRecord], list[BackendSample]], dict[int, float]]:
-    """Run the limiter at each limit of ``scenario.limiter.sweep`` on the same trace; return the
-    best run (by goodput over the horizon) and every limit's goodput."""
+    """Run the limiter at each limit of ``scenario.limiter.sweep`` on the same trace, then
+    further out while the best is at an end (``next_limit``, at most ``SWEEP_EXTRA`` more);
+    return the best run (by goodput over the horizon) and every limit's goodput."""
     weights = {name: tenant.weight for name, tenant in scenario.tenants.items()}
     run_s = scenario.duration_s + scenario.drain_timeout_s
     goodput: dict[int, float] = {}
-    best: tuple[list[RequestRecord], list[BackendSample]] | None = None
-    for limit in scenario.limiter.sweep:
+    runs: dict[int, tuple[list[RequestRecord], list[BackendSample]]] = {}
+    todo = list(scenario.limiter.sweep)
+    extra = 0
+    while todo:
+        limit = todo.pop(0)
         print(f"--- limiter sweep: limit {limit}", file=sys.stderr)
-        run = await run_target(scenario, planned, "limiter", out, limit)
+        runs[limit] = run = await run_target(scenario, planned, "limiter", out, limit)
         goodput[limit] = summarise(run[0], weights, scenario.duration_s, run_s).goodput_tokens_per_s
-        if best is None or goodput[limit] > max(v for k, v in goodput.items() if k != limit):
-            best = run
-    assert best is not None
-    return best, goodput
+        further = None if todo or extra >= SWEEP_EXTRA else next_limit(goodput)
+        if further is not None and further not in goodput:
+            todo.append(further)
+            extra += 1
+    return runs[best_limit(goodput)], goodput
 
 
 async def run_targets(

@@ -5,11 +5,12 @@ A backend's capacity has one of three kinds:
   ``usable = capacity * (1 - headroom) * warm-up factor * pressure``;
   ``free = min(usable * overcommit - reserved - foreign, usable - measured usage - admitted
   since the scrape + freed since the scrape)`` (freed: the KV held by requests the scrape saw
-  running that have ended since, which their backend has freed already) where ``reserved`` is what this gateway's requests in flight there hold,
-  ``foreign`` is usage the gauge shows beyond what we had reserved at the scrape (another
-  gateway, or our estimates running over), and ``overcommit`` (``gateway.core.overcommit``, 1
-  but for paged backends) lets reservations exceed usable while the measured usage stays under
-  it. Without a fresh usage gauge: ``free = usable - reserved``.
+  running that have ended since, which their backend has freed already) where ``reserved`` is
+  what this gateway's requests in flight there hold, ``foreign`` is usage the gauge shows
+  beyond what we had reserved at the scrape (another gateway, or our estimates running over),
+  and ``overcommit`` (``gateway.core.overcommit``, 1 but for paged backends) lets reservations
+  exceed usable while the measured usage stays under it. Without a fresh usage gauge:
+  ``free = usable - reserved``.
   A request needing more than a reported largest free block does not go there (it waits;
   ageing reserves room for it). Where only a fragmentation ratio is reported, the fragmented
   share of free memory is unusable, and a *large* request (over ``large_request`` of usable)

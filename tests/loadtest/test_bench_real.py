@@ -21,6 +21,7 @@ from loadtest.real_report import (
     kvgate_figures,
     markdown_table,
     median_summary,
+    next_limit,
     parse_metrics,
     percentile,
     summarise,
@@ -198,6 +199,15 @@ def test_the_table_shows_ratios_against_direct() -> None:
 def test_the_sweep_keeps_the_best_limit_and_the_smaller_on_a_tie() -> None:
     assert best_limit({8: 10.0, 16: 30.0, 24: 20.0}) == 16
     assert best_limit({24: 30.0, 16: 30.0}) == 16
+
+
+def test_the_sweep_goes_on_past_an_end_that_is_best_and_stops_inside() -> None:
+    assert next_limit({8: 10.0, 16: 30.0, 24: 20.0}) is None
+    assert next_limit({12: 10.0, 20: 20.0, 28: 30.0}) == 36
+    assert next_limit({12: 30.0, 20: 20.0, 28: 10.0}) == 4
+    assert next_limit({2: 30.0, 8: 20.0}) == 1
+    assert next_limit({1: 30.0, 8: 20.0}) is None
+    assert next_limit({16: 30.0}) is None
 
 
 def test_kvgate_figures_come_from_its_metrics_and_admin_state() -> None:
