@@ -108,6 +108,7 @@ class Tenant:
     weight: float
     shadow: bool
     models: frozenset[str] | None = None  # the models it may use; None: every model
+    max_wait_s: float | None = None  # its queue deadline; None: the policy's max_wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +192,7 @@ def compile_policy(
             t.weight,
             t.shadow or spec.shadow,
             None if t.models is None else frozenset(t.models),
+            None if t.max_wait is None else units.parse_duration(t.max_wait),
         )
         for name, t in spec.tenants.items()
     }

@@ -280,8 +280,12 @@ class Tenant(Base, frozen=True, kw_only=True):
     limits: list[Limit] = msgspec.field(default_factory=list)
     shadow: bool = False
     models: list[str] | None = None  # the models it may use; None: every model
+    # how long its requests may queue for admission; None: admission.queue.max_wait
+    max_wait: Duration | None = None
 
     def __post_init__(self) -> None:
+        if self.max_wait is not None:
+            _check(self, "max_wait", units.parse_duration)
         for key in self.keys:
             if key.startswith("env:"):
                 continue

@@ -105,7 +105,8 @@ class Exchange:
         self.gw = gw
         self.live = gw.live  # the one read of the live state: see the module docstring
         self.started = gw.clock.now()
-        # the queue deadline, waiting for buckets included: the policy's max_wait, or less
+        # the queue deadline, waiting for buckets included: the policy's max_wait (or the
+        # tenant's, once known), or less
         self.deadline = self.started + asked_max_wait(request.headers, self.live.policy.max_wait_s)
         self.tenant: Tenant | None = None
         self.model: Model | None = None
@@ -164,8 +165,11 @@ class Exchange:
 
     def _authenticate(self) -> web.Response | None:
         policy = self.live.policy
-        self.tenant = policy.tenant_for_key(api_key(self.request.headers))
-        if self.tenant is not None:
+        self.tenant = tenant = policy.tenant_for_key(api_key(self.request.headers))
+        if tenant is not None:
+            if tenant.max_wait_s is not None:
+                wait = asked_max_wait(self.request.headers, tenant.max_wait_s)
+                self.deadline = self.started + wait
             return None
         return responses.error(Outcome.UNAUTHORIZED, responses.BAD_KEY)
 

@@ -76,6 +76,11 @@ def _error(text: str) -> str:
             "got .nan (not a number)",
         ),
         (
+            HEAD + "tenants: {a: {max_wait: soon}}\n",
+            "p.yaml: line 6, at $.tenants.a.max_wait: expected a duration like '30s', "
+            "'100ms' or '5m', got 'soon'",
+        ),
+        (
             HEAD.replace("head_dim: 64", f"head_dim: {BIG}"),
             "p.yaml: line 4, at $.models.m.kv.head_dim: Expected `int` <= 2147483647, "
             "got a 401-digit number",
@@ -89,6 +94,7 @@ def _error(text: str) -> str:
         "probe_interval-inf",
         "size-400-digits",
         "share-nan",
+        "tenant-max_wait-word",
         "int-400-digits",
     ],
 )
