@@ -83,10 +83,12 @@ async def forward(
 ) -> web.StreamResponse:
     """Proxy the request to the same path on ``backend_url``; fills ``relay`` as it goes (also
     when it raises). ``extra_headers`` are added to the client's response (the gateway's
-    rate-limit headers); ``on_start`` is called when the backend's response headers arrive."""
+    rate-limit headers, named in lower case); ``on_start`` is called when the backend's
+    response headers arrive."""
     loop = asyncio.get_running_loop()
-    end_by = loop.time() + timeouts.total_s
-    first_byte_by = loop.time() + timeouts.first_byte_s
+    now = loop.time()
+    end_by = now + timeouts.total_s
+    first_byte_by = now + timeouts.first_byte_s
     # conditionals, not min(): see ``limits.ratelimit_headers``
     deadline = Deadline(first_byte_by if first_byte_by < end_by else end_by)
     stream = _Stream(request, relay, deadline, timeouts, end_by, answer)
@@ -112,9 +114,8 @@ async def forward(
                 relay.completion_tokens = 0  # an error answer carries no output
             if upstream.status >= 500:
                 relay.failure = "5xx"
-            out_headers = downstream_headers(upstream.headers)
+            out_headers = downstream_headers(upstream.headers, extra_headers)
             _point_at_gateway(out_headers, backend_url, request)
-            out_headers.update(extra_headers)
             length = upstream.content_length
             stream.is_sse = upstream.content_type == "text/event-stream"
             if request.method == "HEAD":
