@@ -83,15 +83,29 @@ async def forward(
 ) -> web.StreamResponse:
     """Proxy the request to the same path on ``backend_url``; fills ``relay`` as it goes (also
     when it raises). ``extra_headers`` are added to the client's response (the gateway's
-    rate-limit headers); ``on_start`` is called when the backend's response headers arrive."""
+    rate-limit headers, named in lower case); ``on_start`` is called when the backend's
+    response headers arrive."""
     loop = asyncio.get_running_loop()
-    end_by = loop.time() + timeouts.total_s
-    deadline = Deadline(min(loop.time() + timeouts.first_byte_s, end_by))
+    now = loop.time()
+    end_by = now + timeouts.total_s
+    first_byte_by = now + timeouts.first_byte_s
+    # conditionals, not min(): see ``limits.ratelimit_headers``
+    deadline = Deadline(first_byte_by if first_byte_by < end_by else end_by)
     stream = _Stream(request, relay, deadline, timeouts, end_by, answer)
     try:
-        upstream = await _send_request(
-            request.method, session, backend_url + request.path_qs, body, headers, timeouts
-        )
+        method, url = request.method, backend_url + request.path_qs
+        timeout = _connect_timeout(timeouts.connect_s)
+        try:  # the first attempt awaited here, not in a coroutine of its own (see _send_again)
+            upstream = await session.request(
+                method,
+                url,
+                data=body or None,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+            )
+        except _SEND_ERRORS as exc:
+            upstream = await _send_again(exc, method, session, url, body, headers, timeout)
         async with upstream:
             relay.status = upstream.status
             headers_at = clock.now()
@@ -100,9 +114,8 @@ async def forward(
                 relay.completion_tokens = 0  # an error answer carries no output
             if upstream.status >= 500:
                 relay.failure = "5xx"
-            out_headers = downstream_headers(upstream.headers)
+            out_headers = downstream_headers(upstream.headers, extra_headers)
             _point_at_gateway(out_headers, backend_url, request)
-            out_headers.update(extra_headers)
             length = upstream.content_length
             stream.is_sse = upstream.content_type == "text/event-stream"
             if request.method == "HEAD":
@@ -223,7 +236,8 @@ class _Stream:
                 self.deadline.move(self._end_by)
                 if out and not await _send(response, out, relay):
                     break
-                self.deadline.move(min(loop.time() + self._timeouts.idle_s, self._end_by))
+                idle_by = loop.time() + self._timeouts.idle_s
+                self.deadline.move(idle_by if idle_by < self._end_by else self._end_by)
             else:
                 last = tap.flush() if tap is not None else b""
                 if tail is not None:
@@ -292,40 +306,51 @@ def _point_at_gateway(headers: CIMultiDict[str], backend_url: str, request: web.
             headers[name] = f"{request.scheme}://{request.host}{value[len(backend_url) :]}"
 
 
-async def _send_request(
+# What a first attempt may fail with before ``_send_again`` decides (see there).
+_SEND_ERRORS = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ConnectionTimeoutError,
+    aiohttp.ClientConnectionResetError,
+    aiohttp.ClientOSError,
+)
+
+
+async def _send_again(
+    exc: Exception,
     method: str,
     session: aiohttp.ClientSession,
     url: str,
     body: bytes,
     headers: CIMultiDict[str],
-    timeouts: UpstreamTimeouts,
+    connect: aiohttp.ClientTimeout,
 ) -> aiohttp.ClientResponse:
-    """The upstream request, sent once more on a fresh connection when a pooled one turned out
-    to be closed before the request was written whole (a keep-alive race under churn, or a
-    server that restarted while the request waited in the queue): a server never acts on a
-    request it did not receive whole, so that retry cannot do the work twice. Nothing is
-    retried once the request is written."""
-    timeout = _connect_timeout(timeouts.connect_s)
+    """After the upstream request failed with ``exc``: the request sent once more on a fresh
+    connection when a pooled one turned out to be closed before the request was written whole
+    (a keep-alive race under churn, or a server that restarted while the request waited in the
+    queue): a server never acts on a request it did not receive whole, so that retry cannot do
+    the work twice. Nothing is retried once the request is written. The first attempt is made
+    by ``forward`` itself: a coroutine layer around it would be paid on every request."""
     retries = 1
     while True:
+        if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+            raise UpstreamConnectError(f"cannot connect to backend: {exc}") from exc
+        said = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, aiohttp.ClientOSError) and not said.startswith(_UNWRITTEN):
+            raise exc
+        if not retries:
+            raise UpstreamConnectError(f"backend connection reset: {exc}") from exc
+        retries -= 1
         try:
             return await session.request(
                 method,
                 url,
                 data=body or None,
                 headers=headers,
-                timeout=timeout,
+                timeout=connect,
                 allow_redirects=False,
             )
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise UpstreamConnectError(f"cannot connect to backend: {exc}") from exc
-        except (aiohttp.ClientConnectionResetError, aiohttp.ClientOSError) as exc:
-            said = exc.strerror or str(exc)
-            if isinstance(exc, aiohttp.ClientOSError) and not said.startswith(_UNWRITTEN):
-                raise
-            if not retries:
-                raise UpstreamConnectError(f"backend connection reset: {exc}") from exc
-            retries -= 1
+        except _SEND_ERRORS as again:
+            exc = again
 
 
 @functools.lru_cache(maxsize=16)

@@ -91,12 +91,23 @@ def upstream_headers(
     return out
 
 
-def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def downstream_headers(
+    upstream: CIMultiDictProxy[str], own: Mapping[str, str] | None = None
+) -> CIMultiDict[str]:
+    """The backend's end-to-end headers for the client, then the gateway's ``own`` (named in
+    lower case), which replace any of the backend's of the same name."""
     listed = _connection_tokens(upstream)
     dropped = _NOT_DOWNSTREAM | listed if listed else _NOT_DOWNSTREAM
-    return CIMultiDict(
-        [(name, value) for name, value in upstream.items() if name.lower() not in dropped]
+    own = own or {}
+    out = CIMultiDict(
+        [
+            (name, value)
+            for name, value in upstream.items()
+            if (lower := name.lower()) not in dropped and lower not in own
+        ]
     )
+    out.extend(own)  # appended: cheaper than update's search for each name
+    return out
 
 
 def api_key(headers: Mapping[str, str]) -> str | None:

@@ -5,6 +5,8 @@ settle the charge against the real usage afterwards (``gateway.core.cost.settlem
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -19,6 +21,8 @@ from gateway.proxy.responses import reset_text
 from gateway.store.base import LimitStore
 
 _HEADER_UNITS = (Unit.REQUESTS, Unit.TOKENS)
+_UNIT_OF = operator.attrgetter("unit")
+_ALLOWED = Verdict(allowed=True)  # no bucket applies (a frozen value, shared)
 
 
 class Charge(msgspec.Struct, frozen=True, gc=False):
@@ -35,7 +39,7 @@ class Charge(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def units(self) -> tuple[Unit, ...]:
-        return tuple(spec.unit for spec in self.specs)
+        return tuple(map(_UNIT_OF, self.specs))  # map in C: no generator per settlement
 
 
 async def charge(
@@ -50,12 +54,10 @@ async def charge(
     of up to ``max_wait_s`` (``Charge.verdict.wait_s``). When the client leaves during a
     networked store's round trip, the take may still land: ``orphaned`` gets that charge then,
     to undo."""
+    held = charge_now(store, specs, cost, max_wait_s)
+    if held is not None:
+        return held
     amounts = tuple(cost.amount(spec.unit) for spec in specs)
-    if not specs:
-        return Charge(specs, amounts, Verdict(allowed=True))
-    verdict = store.acquire_now(specs, amounts, max_wait_s)
-    if verdict is not None:
-        return Charge(specs, amounts, verdict)
     take = asyncio.ensure_future(store.acquire(specs, amounts, max_wait_s))
     try:
         verdict = await asyncio.shield(take)
@@ -68,6 +70,18 @@ async def charge(
         take.add_done_callback(landed)
         raise
     return Charge(specs, amounts, verdict)
+
+
+def charge_now(
+    store: LimitStore, specs: tuple[BucketSpec, ...], cost: Cost, max_wait_s: float = 0.0
+) -> Charge | None:
+    """``charge`` without awaiting, where the store decides at once (memory, or no buckets);
+    None: only the store's round trip can tell (``charge``)."""
+    amounts = tuple(cost.amount(spec.unit) for spec in specs)
+    if not specs:
+        return Charge(specs, amounts, _ALLOWED)
+    verdict = store.acquire_now(specs, amounts, max_wait_s)
+    return None if verdict is None else Charge(specs, amounts, verdict)
 
 
 def settle(
@@ -86,24 +100,42 @@ def settle(
     return store.adjust(held.specs, deltas)
 
 
+# The three header names of each unit with headers, made once (not formatted per request).
+_HEADER_NAMES = tuple(
+    tuple(f"x-ratelimit-{part}-{unit._value_}" for part in ("limit", "remaining", "reset"))
+    for unit in _HEADER_UNITS
+)
+
+
 def ratelimit_headers(held: Charge) -> dict[str, str]:
     """OpenAI's headers for requests and tokens: the tightest bucket of each unit."""
     remaining = held.verdict.remaining
     if not remaining:  # a verdict the store's fallback made up knows no levels
         return {}
-    tightest: dict[Unit, int] = {}
+    tightest = [-1] * len(_HEADER_UNITS)  # by unit of _HEADER_UNITS, the bucket's index
     for i, spec in enumerate(held.specs):
         if spec.unit in _HEADER_UNITS:
-            j = tightest.get(spec.unit)
-            if j is None or remaining[i] < remaining[j]:
-                tightest[spec.unit] = i
+            u = _HEADER_UNITS.index(spec.unit)
+            j = tightest[u]
+            if j < 0 or remaining[i] < remaining[j]:
+                tightest[u] = i
+    # Indexing and conditionals rather than zip(strict=True) and max(): on Python 3.11 those
+    # builtins parse their arguments the slow way, hundreds of instructions a call.
     headers: dict[str, str] = {}
-    for unit, i in tightest.items():
-        name = unit.value
-        headers[f"x-ratelimit-limit-{name}"] = f"{held.specs[i].burst:.0f}"
-        headers[f"x-ratelimit-remaining-{name}"] = f"{max(remaining[i], 0):.0f}"
-        headers[f"x-ratelimit-reset-{name}"] = reset_text(held.verdict.reset_s[i])
+    for u, i in enumerate(tightest):
+        if i >= 0:
+            limit, left, reset = _HEADER_NAMES[u]
+            level = remaining[i]
+            headers[limit] = _whole(held.specs[i].burst)
+            headers[left] = f"{level if level > 0 else 0:.0f}"
+            headers[reset] = reset_text(held.verdict.reset_s[i])
     return headers
+
+
+@functools.lru_cache(maxsize=256)
+def _whole(burst: float) -> str:
+    # a bucket's burst, the same for each of its requests: formatted once
+    return f"{burst:.0f}"
 
 
 def rate_refusal(

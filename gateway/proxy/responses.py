@@ -119,11 +119,14 @@ def error(
     )
 
 
+_OPENAI_SHAPE = ErrorShape.OPENAI  # bound once: see ``exchange._OK``
+
+
 def shaped(response: web.StreamResponse, shape: ErrorShape) -> web.StreamResponse:
     """``response`` in the error shape of the request's API: Anthropic's is
     ``{"type": "error", "error": {"type", "message"}}`` with 529 for overload. Answers that are
     not the gateway's own errors pass unchanged."""
-    if shape is ErrorShape.OPENAI or not isinstance(response, ErrorResponse):
+    if shape is _OPENAI_SHAPE or not isinstance(response, ErrorResponse):
         return response
     status, type_ = _ANTHROPIC[response.outcome]
     if status is not None:
@@ -145,7 +148,8 @@ def retry_headers(seconds: float) -> dict[str, str]:
 def reset_text(seconds: float) -> str:
     """OpenAI's ``x-ratelimit-reset-*`` format: ``1s``, ``6m0s``, ``120ms``."""
     if seconds < 1:
-        return f"{max(math.ceil(seconds * 1000), 0)}ms"
+        ms = math.ceil(seconds * 1000)
+        return f"{ms if ms > 0 else 0}ms"  # not max(): see ``limits.ratelimit_headers``
     whole = math.ceil(seconds)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)

@@ -27,6 +27,10 @@ class AnswerShape(enum.Enum):
     LLAMACPP = "llamacpp"  # `tokens_evaluated` / `tokens_predicted`, or `timings`
     GENERATE = "generate"  # TGI `details.generated_tokens`, SGLang `meta_info`
 
+    # Members are singletons: hashed by identity, in C, for the reader tables looked up per
+    # answer (``Enum.__hash__`` is a Python-level call).
+    __hash__ = object.__hash__
+
 
 class Usage(msgspec.Struct, frozen=True, gc=False):
     """Tokens in and out as reported (None: not reported), and the answer's id where the API

@@ -16,8 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.errors import UpstreamConnectError
-from gateway.policy.compile import UpstreamTimeouts
-from gateway.proxy.forward import _send_request
+from gateway.proxy.forward import _SEND_ERRORS, _connect_timeout, _send_again
 from gateway.state import GATEWAY
 from tests.integration.conftest import MakeGateway, until
 
@@ -224,18 +223,21 @@ class _FlakySession:
         return self.answer
 
 
-_TIMEOUTS = UpstreamTimeouts(connect_s=1.0, first_byte_s=1.0, idle_s=1.0, total_s=1.0)
-
-
 async def _send(session: _FlakySession) -> object:
-    return await _send_request(
-        "POST",
-        session,  # type: ignore[arg-type]
-        "http://127.0.0.1:1/v1/chat/completions",
-        b"{}",
-        CIMultiDict(),
-        _TIMEOUTS,
-    )
+    """The upstream send as ``forward`` makes it: one attempt, then ``_send_again``."""
+    url, timeout = "http://127.0.0.1:1/v1/chat/completions", _connect_timeout(1.0)
+    try:
+        return await session.request("POST", url, data=b"{}", timeout=timeout)
+    except _SEND_ERRORS as exc:
+        return await _send_again(
+            exc,
+            "POST",
+            session,  # type: ignore[arg-type]
+            url,
+            b"{}",
+            CIMultiDict(),
+            timeout,
+        )
 
 
 @pytest.mark.parametrize(

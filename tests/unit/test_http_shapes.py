@@ -50,6 +50,13 @@ def test_downstream_headers_keep_end_to_end_ones() -> None:
     assert dict(out) == {"Content-Type": "text/event-stream", "X-Req": "1"}
 
 
+def test_the_gateways_own_headers_replace_the_backends() -> None:
+    upstream = CIMultiDict([("X-Request-Id", "backend's"), ("X-Req", "1")])
+    out = downstream_headers(CIMultiDictProxy(upstream), {"x-request-id": "gateway's"})
+    assert out.getall("x-request-id") == ["gateway's"]
+    assert out["X-Req"] == "1"
+
+
 def test_error_has_openai_shape_and_retry_headers() -> None:
     response = responses.error(Outcome.SHED_QUEUE_FULL, "busy", retry_after_s=1.2)
     assert response.status == 503
