@@ -359,11 +359,11 @@ class Exchange:
             self.gw.metrics.timed(self.gw.metrics.queue_wait, model.name, lease.queued_s)
             # forwarded from here, not from a coroutine of its own: each layer is paid again on
             # every resume of the request
-            backend, sent_body, answer = self._upstream(lease, body, strip_usage)
             relay = self.relay = Relay()
             sent = self.gw.clock.now()
             connected = True
-            try:
+            try:  # from the lease on, whatever happens ends in its release (``finally``)
+                backend, sent_body, answer = self._upstream(lease, body, strip_usage)
                 response = await forward(
                     self.request,
                     self._session(),

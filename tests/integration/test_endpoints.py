@@ -15,6 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.metrics import Metrics
+from gateway.proxy.apis import routes
+from gateway.state import GATEWAY
 from tests.integration.api_stub import ApiStub
 from tests.integration.conftest import MakeGateway, policy_text, until
 from tests.integration.traffic import requests_total
@@ -275,6 +277,27 @@ async def test_a_model_alias_is_rewritten_upstream_and_answered_with_its_public_
     assert {model for _, model in api.seen} == {"org/served-7b"}
     models = await (await client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["m1"]
+
+
+async def test_a_lease_is_released_when_preparing_the_upstream_body_fails(
+    make_gateway: MakeGateway, api: ApiStub, api_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _ = await make_gateway(
+        policy_text([api_url], backend_extra=", served_name: org/served-7b")
+    )
+
+    def broken(body: bytes, name: str) -> bytes:
+        raise RuntimeError("rename failed")
+
+    monkeypatch.setattr(routes, "with_model", broken)
+    body = {"model": "m1", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}
+    answer = await client.post("/v1/chat/completions", json=body)
+    assert answer.status == 500
+    assert (await answer.json())["error"]["message"]
+    state = client.app[GATEWAY].admitter.snapshot()["m1"]
+    assert isinstance(state, dict)
+    assert [(b["inflight"], b["reserved_bytes"]) for b in state["backends"]] == [(0, 0)]
+    assert api.seen == []
 
 
 async def test_unknown_endpoints_follow_the_policy(
