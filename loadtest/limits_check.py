@@ -2,7 +2,8 @@
 minute under a mixed load (not N requests), and a tenant limited to 2 GiB·s/s of
 ``kv_gib_seconds`` holds about 2 GiB of KV cache on average.
 
-python -m loadtest.limits_check [--seed N] [--duration S] [--warmup S] --out DIR
+python -m loadtest.limits_check [--seed N | --seeds N,M,...] [--duration S] [--warmup S]
+    [--wait] [--scale K] --out DIR
 
 One kvgate in front of two simulated GPUs (paged, 16 GiB of KV each, far from saturated): each
 tenant sends to its own model on its own GPU, so the second GPU's own time integral of KV blocks
@@ -12,8 +13,12 @@ held is that tenant's real KV memory. Both tenants offer about 2.5x their limit 
 holds the initial full bucket and everything it admitted, which has settled by then. With
 ``--wait`` the token limit lets a request wait for its turn; issue 10's aim is then that large
 requests (prompts of ``LARGE_PROMPT`` or more) get a share of the tokens they ask for within 10%
-of the small ones' share (``large_to_small``, over the whole run). A measurement, not a test: the
-exit code is 0 whether or not an aim is met.
+of the small ones' share (``large_to_small``, over the whole run). A share is a count of
+requests served out of a few hundred, so one run at the default size moves by several percent
+with a handful of requests; ``--scale K`` multiplies the tokens tenant's limit, burst, arrival
+rate and GPU by K (the same sizes, overload and waits, K times the requests), and ``--seeds``
+runs one seed after another and prints every run's figures and their medians (``summary.json``).
+A measurement, not a test: the exit code is 0 whether or not an aim is met.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ KV_BURST = 20.0
 LARGE_PROMPT = 2000  # prompts of the large component are at least this long
 MAX_PROMPT, MAX_MAX_TOKENS = 8000, 1200
 TOLERANCE = {TOKENS: 0.05, KV: 0.10}
+LARGE_TO_SMALL_TOLERANCE = 0.10  # issue 10: large requests' share within 10% of small ones'
 SIM = SimConfig(
     kv_blocks=8192,  # 16 GiB: 128k tokens, several times what both tenants hold
     max_num_seqs=256,
@@ -71,12 +77,27 @@ SIM = SimConfig(
 TYPICAL_BATCH = 16  # sequences per step assumed by the policy's decode speed
 
 
-def decode_tokens_per_s(sim: SimConfig) -> float:
-    """Per-sequence output tokens per wall second at TYPICAL_BATCH: the policy's ``speed``."""
-    return sim.time_scale / (sim.decode_step_s + sim.step_per_seq_s * TYPICAL_BATCH)
+def decode_tokens_per_s(sim: SimConfig, batch: float = TYPICAL_BATCH) -> float:
+    """Per-sequence output tokens per wall second at ``batch``: the policy's ``speed``."""
+    return sim.time_scale / (sim.decode_step_s + sim.step_per_seq_s * batch)
 
 
-def burst_note() -> str:
+def sim_for(name: str, scale: float = 1.0) -> SimConfig:
+    """The tenant's simulated GPU. The tokens tenant's is ``scale`` times SIM (prefill speed,
+    KV blocks, sequences, and a step that grows ``scale`` times slower with the batch), so it is
+    as loaded by ``scale`` times the traffic, and its requests last as long."""
+    if name != TOKENS or scale == 1.0:
+        return SIM
+    return msgspec.structs.replace(
+        SIM,
+        prefill_tokens_per_s=SIM.prefill_tokens_per_s * scale,
+        kv_blocks=round(SIM.kv_blocks * scale),
+        max_num_seqs=round(SIM.max_num_seqs * scale),
+        step_per_seq_s=SIM.step_per_seq_s / scale,
+    )
+
+
+def burst_note(scale: float = 1.0) -> str:
     """Why the bursts are what they are: each must hold the largest request's reservation (or
     that request could never pass) with room to spare, and be small beside a minute's rate."""
     largest_tokens = MAX_PROMPT + MAX_MAX_TOKENS
@@ -88,8 +109,9 @@ def burst_note() -> str:
             + MAX_MAX_TOKENS / decode_tokens_per_s(SIM)
         )
     )
+    burst = TOKENS_BURST * scale
     return (
-        f"tokens {TOKENS_BURST:.0f} = {TOKENS_BURST / largest_tokens:.1f}x the largest "
+        f"tokens {burst:.0f} = {burst / largest_tokens:.1f}x the largest "
         f"reservation ({largest_tokens}) and {TOKENS_BURST / TOKENS_PER_MIN * 60:.0f} s of "
         f"refill; kv {KV_BURST:g} GiB·s = {KV_BURST / largest_kv:.2f}x the largest estimate "
         f"({largest_kv:.1f}) and {KV_BURST / KV_GIB_S_PER_S:.0f} s of refill"
@@ -111,12 +133,12 @@ def tenant_spec(name: str, rate_per_s: float, stream_share: float) -> TenantSpec
     )
 
 
-def scenarios(seed: int, duration_s: float) -> dict[str, Scenario]:
+def scenarios(seed: int, duration_s: float, scale: float = 1.0) -> dict[str, Scenario]:
     """One scenario per tenant (the generator sends one model per scenario). Arrival rates
     offer about 2.5x each limit: ~2100 real tokens a request for the tokens tenant, ~0.75 GiB·s
     a request for the KV tenant at this simulator's speed. The KV tenant streams every request
-    so its records show when decoding began."""
-    specs = {TOKENS: tenant_spec(TOKENS, 4.8, 0.5), KV: tenant_spec(KV, 6.8, 1.0)}
+    so its records show when decoding began. The tokens tenant sends ``scale`` times as many."""
+    specs = {TOKENS: tenant_spec(TOKENS, 4.8 * scale, 0.5), KV: tenant_spec(KV, 6.8, 1.0)}
     return {
         name: Scenario(
             name=f"limits-{name}",
@@ -124,8 +146,8 @@ def scenarios(seed: int, duration_s: float) -> dict[str, Scenario]:
             seed=seed,
             duration_s=duration_s,
             drain_timeout_s=5.0,
-            max_requests=5000,
-            backend=msgspec.structs.replace(SIM, model=MODELS[name], seed=seed),
+            max_requests=100_000,
+            backend=msgspec.structs.replace(sim_for(name, scale), model=MODELS[name], seed=seed),
             tenants={name: spec},
         )
         for name, spec in specs.items()
@@ -133,23 +155,31 @@ def scenarios(seed: int, duration_s: float) -> dict[str, Scenario]:
 
 
 def policy(
-    sim_urls: dict[str, str], port: int, admin_port: int = 9464, *, wait: bool = False
+    sim_urls: dict[str, str],
+    port: int,
+    admin_port: int = 9464,
+    *,
+    wait: bool = False,
+    scale: float = 1.0,
 ) -> dict[str, object]:
     """The gateway's policy: one model (and GPU) per tenant, one limit per tenant."""
-    speed = {
-        "prefill_tokens_per_s": SIM.prefill_tokens_per_s * SIM.time_scale,
-        "decode_tokens_per_s": round(decode_tokens_per_s(SIM), 1),
-    }
+    sims = {name: sim_for(name, scale) for name in sim_urls}
+    batches = {name: TYPICAL_BATCH * (scale if name == TOKENS else 1.0) for name in sim_urls}
     models = {
         MODELS[name]: {
             "kv": {"layers": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bf16"},
             "context": 16384,
             "default_max_tokens": 1024,
-            "speed": speed,
+            "speed": {
+                "prefill_tokens_per_s": sims[name].prefill_tokens_per_s * sims[name].time_scale,
+                "decode_tokens_per_s": round(decode_tokens_per_s(sims[name], batches[name]), 1),
+            },
             "backends": [
                 {
                     "url": url,
-                    "kv_capacity": f"{SIM.kv_blocks * SIM.block_size * SIM.kv_bytes_per_token}",
+                    "kv_capacity": (
+                        f"{sims[name].kv_blocks * SIM.block_size * SIM.kv_bytes_per_token}"
+                    ),
                     "signals": "vllm",
                     "memory": "paged",
                     "warmup": "0s",
@@ -162,8 +192,8 @@ def policy(
     limits = {
         TOKENS: {
             "unit": "tokens",
-            "rate": f"{TOKENS_PER_MIN:.0f}/min",
-            "burst": TOKENS_BURST,
+            "rate": f"{TOKENS_PER_MIN * scale:.0f}/min",
+            "burst": TOKENS_BURST * scale,
             "wait": wait,
         },
         KV: {"unit": "kv_gib_seconds", "rate": f"{KV_GIB_S_PER_S:g}/s", "burst": KV_BURST},
@@ -370,7 +400,9 @@ class Run(msgspec.Struct, kw_only=True):
     outcomes: dict[str, dict[str, int]]
 
 
-async def run(scens: dict[str, Scenario], out: Path, *, wait: bool = False) -> Run:
+async def run(
+    scens: dict[str, Scenario], out: Path, *, wait: bool = False, scale: float = 1.0
+) -> Run:
     """Start both simulators and the gateway, fire both traces at once, stop everything."""
     counters: dict[str, list[tuple[float, float]]] = {TOKENS: [], KV: []}
     sims: dict[str, list[BackendSample]] = {TOKENS: [], KV: []}
@@ -383,7 +415,7 @@ async def run(scens: dict[str, Scenario], out: Path, *, wait: bool = False) -> R
         }
         port, admin_port = free_port(), free_port()
         policy_path = out / "policy.yaml"
-        written = policy(urls, port, admin_port, wait=wait)
+        written = policy(urls, port, admin_port, wait=wait, scale=scale)
         policy_path.write_text(yaml.safe_dump(written, sort_keys=False))
         args = [sys.executable, "-m", "gateway", "run", "-c", str(policy_path)]
         gateway = await Process.start("gateway", args, out / "gateway.log")
@@ -424,6 +456,8 @@ class Requests(msgspec.Struct, kw_only=True):
     served_large: float  # the same for the large requests
     large_to_small: float | None  # served_large / served_small: 1.0 is an equal share
     mean_attempts: float
+    ok_at_first: float  # of the successful requests, the share that passed at their first attempt
+    retry_ok: float | None  # of the first retries after a 429, the share that passed
     results: dict[str, int]
 
 
@@ -453,6 +487,7 @@ class KvResult(msgspec.Struct, kw_only=True):
 
 class LimitsCheck(msgspec.Struct, kw_only=True):
     seed: int
+    scale: float
     duration_s: float
     window_s: tuple[float, float]
     burst_note: str
@@ -481,8 +516,21 @@ def requests_summary(
         served_large=served[True],
         large_to_small=served[True] / served[False] if served[False] else None,
         mean_attempts=sum(attempts) / len(attempts) if attempts else 0.0,
+        ok_at_first=sum(len(r.attempt_statuses) == 1 for r in ok) / len(ok) if ok else 0.0,
+        retry_ok=_retry_ok(records),
         results=dict(Counter(r.result.value for r in records)),
     )
+
+
+def _retry_ok(records: Sequence[RequestRecord]) -> float | None:
+    """Of the requests that came back after a 429, the share whose first retry passed: how
+    often the ``Retry-After`` a refused client was told held."""
+    retried = [
+        r.attempt_statuses[1]
+        for r in records
+        if len(r.attempt_statuses) > 1 and r.attempt_statuses[0] == 429
+    ]
+    return sum(status == 200 for status in retried) / len(retried) if retried else None
 
 
 def _served(records: Sequence[RequestRecord], large: bool) -> float:
@@ -500,26 +548,30 @@ def _scaled(value: float | None, factor: float) -> float | None:
     return None if value is None else value * factor
 
 
-def summarise(result: Run, scens: dict[str, Scenario], warmup_s: float) -> LimitsCheck:
+def summarise(
+    result: Run, scens: dict[str, Scenario], warmup_s: float, scale: float = 1.0
+) -> LimitsCheck:
     start, end = warmup_s, scens[TOKENS].duration_s
     planned = {name: plan(s) for name, s in scens.items()}
     tok, kv = result.counters[TOKENS], result.counters[KV]
     backend = _scaled(sim_kv_held(result.sims[KV], start, end, SIM), 1.0 / GIB)
     kv_records = result.records[KV]
+    limit_per_min = TOKENS_PER_MIN * scale
     return LimitsCheck(
         seed=scens[TOKENS].seed,
+        scale=scale,
         duration_s=end,
         window_s=(start, end),
-        burst_note=burst_note(),
+        burst_note=burst_note(scale),
         tokens=TokensResult(
-            limit_per_min=TOKENS_PER_MIN,
-            burst=TOKENS_BURST,
+            limit_per_min=limit_per_min,
+            burst=TOKENS_BURST * scale,
             offered_per_min=offered_per_min(planned[TOKENS], start, end),
             gateway_per_min=_scaled(rate(tok, start, end), 60.0),
             gateway_fit_per_min=_scaled(fitted_rate(tok, start, end), 60.0),
             records_per_min=tokens_per_min(result.records[TOKENS], start, end),
             warmup_per_min=_scaled(rate(tok, tok[0][0], start), 60.0) if tok else None,
-            aim_met=verdict(rate(tok, start, end), TOKENS_PER_MIN / 60.0, TOLERANCE[TOKENS]),
+            aim_met=verdict(rate(tok, start, end), limit_per_min / 60.0, TOLERANCE[TOKENS]),
         ),
         kv=KvResult(
             limit_gib_s_per_s=KV_GIB_S_PER_S,
@@ -553,7 +605,8 @@ def render(check: LimitsCheck) -> str:
     start, end = check.window_s
     met = {True: "aim MET", False: "aim MISSED"}
     lines = [
-        f"limits check: seed {check.seed}, run {check.duration_s:g} s, steady window "
+        f"limits check: seed {check.seed}, scale {check.scale:g}, run {check.duration_s:g} s, "
+        "steady window "
         f"{start:g}-{end:g} s (the first {start:g} s hold the initial burst and its settling)",
         f"bursts: {check.burst_note}",
         f"(a) {TOKENS}: limit {t.limit_per_min:,.0f} tokens/min, aim ±{TOLERANCE[TOKENS]:.0%}",
@@ -586,7 +639,9 @@ def render(check: LimitsCheck) -> str:
         lines.append(
             f"{name}: ok small {req.ok_small}/{req.offered_small}, large "
             f"{req.ok_large}/{req.offered_large} ({req.ok_tokens_large_share:.0%} of ok tokens), "
-            f"{req.mean_attempts:.1f} attempts a request; {req.results}"
+            f"{req.mean_attempts:.1f} attempts a request; {req.results}; ok at the first "
+            f"attempt {req.ok_at_first:.0%}, first retries after a 429 that passed "
+            f"{'n/a' if req.retry_ok is None else f'{req.retry_ok:.0%}'}"
         )
         lines.append(
             f"  share of offered tokens served: small {req.served_small:.1%}, large "
@@ -597,11 +652,104 @@ def render(check: LimitsCheck) -> str:
     return "\n".join(lines)
 
 
+class RunFigures(msgspec.Struct, kw_only=True):
+    """One run's figures for issue 10: the tokens tenant's shares, and the 429s it was sent."""
+
+    seed: int
+    large_to_small: float | None
+    served_small: float
+    served_large: float
+    ok_small: int
+    ok_large: int
+    offered_small: int
+    offered_large: int
+    rate_limited: int  # 429s the gateway answered the tokens tenant (kvgate_requests_total)
+    limit_ratio: float | None  # admitted tokens over the limit, in the steady window
+    aim_met: bool  # large_to_small within LARGE_TO_SMALL_TOLERANCE of 1
+
+
+class Summary(msgspec.Struct, kw_only=True):
+    runs: list[RunFigures]
+    median_large_to_small: float | None
+    median_rate_limited: float
+    aim_met_every_run: bool
+
+
+def _median(values: Sequence[float]) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def figures(check: LimitsCheck) -> RunFigures:
+    req = check.requests[TOKENS]
+    ratio = req.large_to_small
+    admitted = check.tokens.gateway_per_min
+    return RunFigures(
+        seed=check.seed,
+        large_to_small=ratio,
+        served_small=req.served_small,
+        served_large=req.served_large,
+        ok_small=req.ok_small,
+        ok_large=req.ok_large,
+        offered_small=req.offered_small,
+        offered_large=req.offered_large,
+        rate_limited=check.gateway_outcomes.get(TOKENS, {}).get("rate_limited", 0),
+        limit_ratio=None if admitted is None else admitted / check.tokens.limit_per_min,
+        aim_met=ratio is not None and abs(ratio - 1.0) <= LARGE_TO_SMALL_TOLERANCE,
+    )
+
+
+def summary(checks: Sequence[LimitsCheck]) -> Summary:
+    """Every run's figures and their medians: the aim holds only if it holds in every run."""
+    runs = [figures(check) for check in checks]
+    ratios = [r.large_to_small for r in runs if r.large_to_small is not None]
+    return Summary(
+        runs=runs,
+        median_large_to_small=_median(ratios),
+        median_rate_limited=_median([float(r.rate_limited) for r in runs]) or 0.0,
+        aim_met_every_run=bool(runs) and all(r.aim_met for r in runs),
+    )
+
+
+def render_summary(result: Summary) -> str:
+    lines = [
+        f"{TOKENS}, per run: seed, large/small share (aim ±{LARGE_TO_SMALL_TOLERANCE:.0%}), "
+        "small and large served, 429s answered, admitted/limit"
+    ]
+    for r in result.runs:
+        ratio = "n/a" if r.large_to_small is None else f"{r.large_to_small:.3f}x"
+        lines.append(
+            f"  seed {r.seed}: {ratio} ({'met' if r.aim_met else 'MISSED'}), small "
+            f"{r.served_small:.1%} ({r.ok_small}/{r.offered_small}), large {r.served_large:.1%} "
+            f"({r.ok_large}/{r.offered_large}), 429s {r.rate_limited}, limit "
+            f"{_num(r.limit_ratio)}x"
+        )
+    median = result.median_large_to_small
+    lines.append(
+        f"  median: {'n/a' if median is None else f'{median:.3f}x'}, 429s "
+        f"{result.median_rate_limited:.0f}; aim "
+        f"{'MET in every run' if result.aim_met_every_run else 'MISSED in some run'}"
+    )
+    return "\n".join(lines)
+
+
+def _seeds(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.limits_check", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--seeds",
+        type=_seeds,
+        help="run these seeds one after another (N,M,...), each in DIR/seed-N",
+    )
     parser.add_argument("--duration", type=float, default=80.0, help="seconds of arrivals")
     parser.add_argument("--warmup", type=float, default=20.0, help="seconds left out at the start")
     parser.add_argument("--out", required=True, help="directory for limits.json, records, logs")
@@ -610,21 +758,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="the token limit makes requests wait for their turn (wait: true) instead of a 429",
     )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="the tokens tenant's limit, traffic and GPU, times this (more requests a run)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.warmup < args.duration - 10:
         parser.error("need 0 < --warmup < --duration - 10 (a window of 10 s at least)")
+    if not args.scale > 0:
+        parser.error("need --scale > 0")
     out = Path(args.out)
+    seeds: list[int] = args.seeds or [args.seed]
+    checks = []
+    for seed in seeds:
+        where = out / f"seed-{seed}" if args.seeds else out
+        checks.append(_one(seed, args.duration, args.warmup, args.wait, args.scale, where))
+    result = summary(checks)
+    (out / "summary.json").write_bytes(msgspec.json.format(msgspec.json.encode(result)) + b"\n")
+    print(render_summary(result))
+    return 0
+
+
+def _one(
+    seed: int, duration_s: float, warmup_s: float, wait: bool, scale: float, out: Path
+) -> LimitsCheck:
     out.mkdir(parents=True, exist_ok=True)
-    scens = scenarios(args.seed, args.duration)
-    result = _run_loop(run(scens, out, wait=args.wait))
+    scens = scenarios(seed, duration_s, scale)
+    result = _run_loop(run(scens, out, wait=wait, scale=scale))
     for name in scens:
         write_jsonl(out / f"records-{name}.jsonl", result.records[name])
         write_jsonl(out / f"backend-{name}.jsonl", result.sims[name])
     (out / "counters.json").write_bytes(msgspec.json.encode(result.counters))
-    check = summarise(result, scens, args.warmup)
+    check = summarise(result, scens, warmup_s, scale)
     (out / "limits.json").write_bytes(msgspec.json.format(msgspec.json.encode(check)) + b"\n")
-    print(render(check))
-    return 0
+    print(render(check), flush=True)
+    return check
 
 
 def _run_loop(main: Coroutine[object, None, Run]) -> Run:

@@ -24,8 +24,20 @@ take's turn begins no earlier, and it goes on no earlier (FIFO per bucket; the r
 are not lost, they shorten the waits of the takes after). Neither time depends on the size of
 the take, so every size has the same chance of a turn, and a take still goes on within its
 budget plus its own refill time. A take whose turn would begin after its budget is refused at
-once, and its ``retry_after_s`` is when it would be granted its turn (not when it would pass
-without waiting): a client that honours it comes back when the queue has room for it.
+once.
+
+Refused takes are told apart, so that their retries do not collide: a waiting bucket keeps a
+third time, its *line*: when the next refused take's place in the line of retries begins. A
+refused take is told to come back when the queue has room for it (when its turn would begin
+within its budget) or, if later, when its place begins; its place then lasts its own refill
+time, so the take refused after it is told that much later (``places_of``). Each is told when
+its own turn would come if the takes refused before it came back at theirs, instead of every
+one being told the same moment, when only one of them could be granted (a thundering herd).
+Like the turn, the place does not depend on the take's own size. The line only spaces the
+retries: a take is granted by the queue alone, whoever it is (a store cannot tell a retry from
+a new request), so a place is a forecast, not a reservation, and costs nothing if its client
+never comes back. Places are given up to ``LINE_HORIZON_S`` ahead; a take refused beyond that
+is told when the line ends and takes no place.
 """
 
 from __future__ import annotations
@@ -41,6 +53,12 @@ from gateway.core.types import Unit
 EPSILON_S = 1e-6
 """Slack in seconds when comparing a new TAT with the tolerance: above the float rounding of
 clock readings up to 1e9 s (0.12 µs there), below any wait worth reporting (Lua uses the same)."""
+
+LINE_HORIZON_S = 60.0
+"""How far ahead a refused take is given a place in the line of retries. Clients honour a
+``Retry-After`` up to about a minute (openai-python ignores a longer one and backs off on its
+own), so places further out would mostly go unclaimed, and would only tell the takes after
+them to wait longer still (Lua uses the same)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +86,14 @@ class Verdict(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """The answer to an all-or-nothing take across several buckets.
 
     ``retry_after_s`` is the exact wait until the same take would pass (for buckets that
-    ``waits``: be granted its turn, with the same ``max_wait_s``) if nothing else touched the
-    buckets (0 when allowed, ``inf`` when ``never``); ``wait_s`` (allowed only) is how long
-    the caller waits before going on, for buckets that ``waits`` (the take is already recorded).
-    ``remaining`` and ``reset_s`` are per spec, in the order given, after this decision: units
-    left (below 0 after a settled overrun, or a take that waits) and seconds until the bucket is
-    full again. ``store_error`` marks a verdict made up by a fallback policy because the limit
-    store failed (allow: allowed; deny: refused, mapped to 503).
+    ``waits``: be granted its turn, with the same ``max_wait_s``, and no earlier than its place
+    in the line of retries) if nothing else touched the buckets (0 when allowed, ``inf`` when
+    ``never``); ``wait_s`` (allowed only) is how long the caller waits before going on, for
+    buckets that ``waits`` (the take is already recorded). ``remaining`` and ``reset_s`` are
+    per spec, in the order given, after this decision: units left (below 0 after a settled
+    overrun, or a take that waits) and seconds until the bucket is full again. ``store_error``
+    marks a verdict made up by a fallback policy because the limit store failed (allow:
+    allowed; deny: refused, mapped to 503).
     """
 
     allowed: bool
@@ -104,6 +123,7 @@ def try_take(
     now: float,
     max_wait_s: float = 0.0,
     turns: Sequence[float | None] | None = None,
+    lines: Sequence[float | None] | None = None,
 ) -> tuple[Verdict, tuple[float, ...] | None]:
     """Take ``amounts[i]`` from every bucket ``specs[i]`` (current TAT ``tats[i]``), or nothing.
 
@@ -114,13 +134,17 @@ def try_take(
     bucket that ``waits`` passes a take whose turn begins at most ``max_wait_s`` from now (a
     turn begins no earlier than ``turns[i]``, the bucket's last turn given) and it goes on when
     its amount has refilled, never before that turn. The longest such wait is the verdict's
-    ``wait_s``, and the caller records ``turn_of`` as the new turn of those buckets.
+    ``wait_s``, and the caller records ``turn_of`` as the new turn of those buckets. A refused
+    take comes back no earlier than the ``lines[i]`` of the buckets that wait (the place the
+    line gives it); the caller records ``places_of`` as their new lines.
     """
     count = len(specs)
     if len(tats) != count or len(amounts) != count:
         raise ValueError("tats, specs and amounts must have the same length")
     if turns is not None and len(turns) != count:
         raise ValueError("turns and specs must have the same length")
+    if lines is not None and len(lines) != count:
+        raise ValueError("lines and specs must have the same length")
     starts: list[float] = []
     news: list[float] = []
     allowed = True
@@ -168,6 +192,13 @@ def try_take(
                     if not never and late > worst:
                         worst = late
                         blocking = i
+    if not allowed and not never and lines is not None:
+        # its place in the line of retries, after the places of the takes refused before it
+        for i in range(count):
+            line = lines[i]
+            if specs[i].waits and amounts[i] > 0 and line is not None and line - now > worst:
+                worst = line - now
+                blocking = i
     ends = news if allowed else starts
     remaining = tuple(specs[i].burst - (ends[i] - now) * specs[i].rate_per_s for i in range(count))
     reset_s = tuple(end - now for end in ends)
@@ -192,6 +223,22 @@ def turn_of(verdict: Verdict, now: float) -> float | None:
     if not verdict.allowed or verdict.wait_s <= 0:
         return None
     return now + verdict.wait_s
+
+
+def places_of(
+    verdict: Verdict, specs: Sequence[BucketSpec], amounts: Sequence[float], now: float
+) -> tuple[float | None, ...] | None:
+    """The new line of every bucket that ``waits`` after a refused take (``None`` for the
+    others; ``None`` alone when nothing is booked: the take passed, can never pass, or was
+    told to come back beyond ``LINE_HORIZON_S``). The take's place begins when it was told to
+    come back and lasts its amount's refill time, so the next refused take is told after it."""
+    if verdict.allowed or verdict.never or verdict.retry_after_s > LINE_HORIZON_S:
+        return None
+    back = now + verdict.retry_after_s
+    return tuple(
+        back + amount / spec.rate_per_s if spec.waits and amount > 0 else None
+        for spec, amount in zip(specs, amounts, strict=True)
+    )
 
 
 def adjust(tat: float | None, spec: BucketSpec, delta: float, now: float) -> float:

@@ -1,18 +1,18 @@
 """The in-process limit store: the embedded default for one gateway, and the test double.
 
-State is a dict of bucket key to TAT on the injected clock, and one of waiting bucket key to its
-last turn given (``gateway.core.bucket.turn_of``). A bucket whose TAT is in the past is full and
-needs no state, nor does a turn in the past, so such keys are dropped: on every write, and by an
-occasional sweep whose cost is amortised over the writes that grew the dicts (memory stays within
-about twice the number of buckets that are not full, plus a constant). Calls never suspend, so
-each is atomic on the event loop.
+State is a dict of bucket key to TAT on the injected clock, and two of waiting bucket key to its
+last turn given (``gateway.core.bucket.turn_of``) and to its line of retries (``places_of``). A
+bucket whose TAT is in the past is full and needs no state, nor does a turn or a line in the past,
+so such keys are dropped: on every write, and by an occasional sweep whose cost is amortised over
+the writes that grew the dicts (memory stays within about twice the number of buckets that are not
+full, plus a constant). Calls never suspend, so each is atomic on the event loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.core.bucket import BucketSpec, Verdict, adjust, level, try_take, turn_of
+from gateway.core.bucket import BucketSpec, Verdict, adjust, level, places_of, try_take, turn_of
 from gateway.core.clock import Clock
 
 _MIN_SWEEP_SIZE = 1024
@@ -21,17 +21,18 @@ _MIN_SWEEP_SIZE = 1024
 class MemoryLimitStore:
     """A ``LimitStore`` in a dict; ``clock`` gives ``now`` (seconds) for every decision."""
 
-    __slots__ = ("_clock", "_sweep_at", "_tats", "_turns")
+    __slots__ = ("_clock", "_lines", "_sweep_at", "_tats", "_turns")
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._tats: dict[str, float] = {}
         self._turns: dict[str, float] = {}
+        self._lines: dict[str, float] = {}
         self._sweep_at = _MIN_SWEEP_SIZE
 
     def __len__(self) -> int:
-        """Times held: TATs of buckets not known to be full, and turns not yet past."""
-        return len(self._tats) + len(self._turns)
+        """Times held: TATs of buckets not known to be full, turns and lines not yet past."""
+        return len(self._tats) + len(self._turns) + len(self._lines)
 
     @property
     def degraded(self) -> bool:
@@ -43,11 +44,19 @@ class MemoryLimitStore:
         now = self._clock.now()
         tats = self._tats
         current = [tats.get(spec.key) for spec in specs]
-        turns = None
+        turns: list[float | None] | None = None
+        lines: list[float | None] | None = None
         if any(spec.waits for spec in specs):
             turns = [self._turns.get(spec.key) if spec.waits else None for spec in specs]
-        verdict, news = try_take(current, specs, amounts, now, max_wait_s, turns)
-        if news is not None:
+            lines = [self._lines.get(spec.key) if spec.waits else None for spec in specs]
+        verdict, news = try_take(current, specs, amounts, now, max_wait_s, turns, lines)
+        if news is None:
+            places = places_of(verdict, specs, amounts, now) if lines is not None else None
+            if places is not None:
+                for spec, place in zip(specs, places, strict=True):
+                    if place is not None:
+                        self._store(self._lines, spec.key, place, now)
+        else:
             for spec, new in zip(specs, news, strict=True):
                 self._store(tats, spec.key, new, now)
             turn = turn_of(verdict, now)
@@ -86,6 +95,7 @@ class MemoryLimitStore:
     async def close(self) -> None:
         self._tats.clear()
         self._turns.clear()
+        self._lines.clear()
 
     def _store(self, times: dict[str, float], key: str, time: float, now: float) -> None:
         if time > now:
@@ -96,7 +106,8 @@ class MemoryLimitStore:
             times.pop(key, None)
 
     def _sweep(self, now: float) -> None:
-        for times in (self._tats, self._turns):
+        every = (self._tats, self._turns, self._lines)
+        for times in every:
             for key in [key for key, time in times.items() if time <= now]:
                 del times[key]
-        self._sweep_at = max(_MIN_SWEEP_SIZE, 2 * len(self._tats), 2 * len(self._turns))
+        self._sweep_at = max(_MIN_SWEEP_SIZE, *(2 * len(times) for times in every))

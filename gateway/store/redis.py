@@ -1,13 +1,15 @@
 """The shared limit store: GCRA state in Redis, one Lua script call per acquire and per adjust.
 
 Keys are ``kvgate:{<prefix>}:bucket:<BucketSpec.key>`` (a TAT), and for a bucket that waits
-``kvgate:{<prefix>}:turn:<BucketSpec.key>`` (its last turn given). One acquire spans a tenant's
-buckets and the model's buckets shared by every tenant, and it must be atomic, so in Redis Cluster
-all its keys must hash to one slot. No per-tenant or per-model tag has that property (the model's
-buckets are shared across tenants), so the hash tag is the deployment's ``prefix``: all buckets of
-one deployment live in one slot, and separate deployments (prefixes) spread across the cluster. A
-script call is a few microseconds of Redis CPU, so one slot carries tens of thousands of requests
-per second; past that, split tenants over several prefixes.
+``kvgate:{<prefix>}:turn:<BucketSpec.key>`` (its last turn given) and
+``kvgate:{<prefix>}:line:<BucketSpec.key>`` (where the next refused take's place in its line of
+retries begins). One acquire spans a tenant's buckets and the model's buckets shared by every
+tenant, and it must be atomic, so in Redis Cluster all its keys must hash to one slot. No
+per-tenant or per-model tag has that property (the model's buckets are shared across tenants), so
+the hash tag is the deployment's ``prefix``: all buckets of one deployment live in one slot, and
+separate deployments (prefixes) spread across the cluster. A script call is a few microseconds of
+Redis CPU, so one slot carries tens of thousands of requests per second; past that, split tenants
+over several prefixes.
 
 Time comes from Redis ``TIME`` (less a fixed epoch, so floats keep sub-microsecond resolution):
 every replica then reads one clock, and replica clock skew cannot bend a limit. A ``clock`` passed
@@ -51,9 +53,19 @@ def turn_key(prefix: str, spec: BucketSpec) -> str:
     return f"kvgate:{{{prefix}}}:turn:{spec.key}"
 
 
+def line_key(prefix: str, spec: BucketSpec) -> str:
+    return f"kvgate:{{{prefix}}}:line:{spec.key}"
+
+
 def acquire_keys(prefix: str, specs: Sequence[BucketSpec]) -> list[str]:
-    """KEYS of ``acquire.lua``: every bucket's TAT key, then every bucket's turn key."""
-    return [bucket_key(prefix, spec) for spec in specs] + [turn_key(prefix, spec) for spec in specs]
+    """KEYS of ``acquire.lua``: every bucket's TAT key, then every bucket's turn key, then every
+    bucket's line key (one slot: they share the prefix's hash tag)."""
+    tats = [bucket_key(prefix, spec) for spec in specs]
+    return (
+        tats
+        + [turn_key(prefix, spec) for spec in specs]
+        + [line_key(prefix, spec) for spec in specs]
+    )
 
 
 def acquire_args(

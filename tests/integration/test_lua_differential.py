@@ -11,7 +11,7 @@ import redis
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gateway.core.bucket import BucketSpec, adjust, level, try_take, turn_of
+from gateway.core.bucket import BucketSpec, adjust, level, places_of, try_take, turn_of
 from gateway.core.types import Unit
 from gateway.store.redis import (
     CALLER_CLOCK_MIN_TTL_S,
@@ -72,6 +72,17 @@ ops = st.lists(
         ("take", (0.1, 0.1, 0.0)),
     ],
 )
+@example(  # refused takes one after another: each is told its own place in the line of retries
+    params=[(10.0, 100.0, True)],
+    steps=[
+        ("take", (1.0, 0.0, 0.0)),
+        ("take", (0.5, 0.1, 0.0)),
+        ("take", (0.8, 0.1, 0.0)),
+        ("take", (0.3, 0.1, 0.0)),
+        ("advance", (0.4, 0.0, 0.0)),
+        ("take", (0.3, 0.1, 0.0)),
+    ],
+)
 def test_lua_matches_core_bucket(
     scripts: Scripts,
     params: list[tuple[float, float, bool]],
@@ -87,6 +98,7 @@ def test_lua_matches_core_bucket(
     longest_s = max(spec.burst / spec.rate_per_s for spec in specs)
     tats: list[float | None] = [None] * len(specs)
     turns: list[float | None] = [None] * len(specs)
+    lines: list[float | None] = [None] * len(specs)
     now = 1000.0
     try:
         for kind, fracs in steps:
@@ -98,11 +110,17 @@ def test_lua_matches_core_bucket(
                     for f, s in zip(fracs, specs, strict=False)
                 ]
                 max_wait_s = fracs[1] * longest_s  # some takes wait their turn, some may not
-                expected, news = try_take(tats, specs, amounts, now, max_wait_s, turns)
+                expected, news = try_take(tats, specs, amounts, now, max_wait_s, turns, lines)
                 reply = scripts.acquire(
                     keys=both, args=acquire_args(specs, amounts, now, MIN_TTL_MS, max_wait_s)
                 )
                 assert verdict_from_reply(reply, len(specs)) == expected
+                places = places_of(expected, specs, amounts, now)
+                if places is not None:
+                    lines = [
+                        old if place is None else place
+                        for place, old in zip(places, lines, strict=True)
+                    ]
                 if news is not None:
                     tats = [new if new > now else tat for new, tat in zip(news, tats, strict=True)]
                     turn = turn_of(expected, now)

@@ -151,6 +151,38 @@ async def test_waiting_turns_are_fifo_across_replicas_and_refunds(
     assert (await first.acquire([WAITING], [10.0], max_wait_s=2.0)).allowed
 
 
+async def test_refused_waiting_takes_are_told_apart_across_replicas(
+    stores: tuple[LimitStore, LimitStore, FakeClock],
+) -> None:
+    first, second, clock = stores
+    t0 = clock.now()
+    assert (await first.acquire([WAITING], [100.0], max_wait_s=30.0)).allowed
+    assert (await first.acquire([WAITING], [100.0], max_wait_s=30.0)).wait_s == pytest.approx(10)
+    # the queue has room for a take that may wait 2 s in 8 s: the first refused is told 8 s,
+    # each later one the end of the place of the one before (its refill time), whatever replica
+    told = []
+    for replica, amount in ((first, 20.0), (second, 30.0), (first, 10.0)):
+        refused = await replica.acquire([WAITING], [amount], max_wait_s=2.0)
+        assert not refused.allowed
+        told.append(refused.retry_after_s)
+    assert told == pytest.approx([8.0, 10.0, 13.0])
+
+    async def back_at(at: float, replica: LimitStore, amount: float) -> None:
+        clock.advance(t0 + at - clock.now())
+        assert (await replica.acquire([WAITING], [amount], max_wait_s=2.0)).allowed
+
+    # each that comes back when told is granted its turn: none of them is refused again
+    await back_at(8.0, second, 20.0)
+    # a new one now would find room at 10 s, by the queue alone, with the second refused take:
+    # it is told 14 s, after the last place
+    clock.advance(0.5)
+    new = await second.acquire([WAITING], [10.0], max_wait_s=2.0)
+    assert new.retry_after_s == pytest.approx(5.5)
+    await back_at(10.0, first, 30.0)
+    await back_at(13.0, second, 10.0)
+    await back_at(14.0, first, 10.0)
+
+
 async def test_replicas_share_one_state_atomically(
     stores: tuple[LimitStore, LimitStore, FakeClock],
 ) -> None:
@@ -211,6 +243,12 @@ async def test_redis_time_keys_share_a_slot_and_expire_when_full(
         assert (await store.acquire([waiting], [1.0], max_wait_s=200.0)).wait_s > 99.0
         turn = f"kvgate:{{{prefix}}}:turn:{waiting.key}"
         assert 99_000 < await client.pttl(turn) <= 100_001
+        # a refused one books its place in the line of retries, in the slot, until it ends:
+        # told to come back in 50 s, its place lasts its 50 s of refill
+        refused = await store.acquire([waiting], [0.5], max_wait_s=50.0)
+        assert refused.retry_after_s == pytest.approx(50.0, abs=1.0)
+        line = f"kvgate:{{{prefix}}}:line:{waiting.key}"
+        assert 98_000 < await client.pttl(line) <= 100_001
     finally:
         await client.aclose()
         await store.close()

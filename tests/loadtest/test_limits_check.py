@@ -3,6 +3,7 @@ and from the simulator's integral, and the policy and trace it runs with."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import yaml
 from hypothesis import given
@@ -243,3 +244,69 @@ def test_each_class_share_is_of_the_tokens_it_asked_for() -> None:
     assert summary.served_small == pytest.approx(0.5)
     assert summary.served_large == pytest.approx(3 / 5)
     assert summary.large_to_small == pytest.approx(1.2)
+
+
+def test_scale_multiplies_the_tokens_tenant_only() -> None:
+    urls = {lc.TOKENS: "http://127.0.0.1:9001", lc.KV: "http://127.0.0.1:9002"}
+    loaded = load_text(yaml.safe_dump(lc.policy(urls, 8080, wait=True, scale=4.0)), "limits-check")
+    (tokens,) = loaded.tenants[lc.TOKENS].limits
+    assert (tokens.rate, tokens.burst, tokens.wait) == ("960000/min", 64_000.0, True)
+    assert [limit.unit for limit in loaded.tenants[lc.KV].limits] == ["kv_gib_seconds"]
+    scens = lc.scenarios(1, 80.0, scale=4.0)
+    base = lc.scenarios(1, 80.0)
+    offered = lc.offered_per_min(plan(scens[lc.TOKENS]), 20.0, 80.0) / (4 * lc.TOKENS_PER_MIN)
+    assert 2.0 <= offered <= 3.5  # the same overload, four times the requests
+    assert len(plan(scens[lc.TOKENS])) > 3 * len(plan(base[lc.TOKENS]))
+    assert plan(scens[lc.KV]) == plan(base[lc.KV])
+    gpu = lc.sim_for(lc.TOKENS, 4.0)
+    assert gpu.kv_blocks == 4 * SIM.kv_blocks
+    # as many output tokens a second per sequence at four times the batch
+    assert lc.decode_tokens_per_s(gpu, 4 * lc.TYPICAL_BATCH) == pytest.approx(
+        lc.decode_tokens_per_s(SIM)
+    )
+    assert lc.sim_for(lc.KV, 4.0) == SIM
+
+
+def _check(seed: int, ratio: float, rate_limited: int) -> lc.LimitsCheck:
+    check = lc.summarise(
+        lc.Run(
+            records={lc.TOKENS: [], lc.KV: []},
+            sims={lc.TOKENS: [], lc.KV: []},
+            counters={lc.TOKENS: [], lc.KV: []},
+            outcomes={},
+        ),
+        lc.scenarios(seed, 30.0),
+        20.0,
+    )
+    requests = check.requests[lc.TOKENS]
+    shares = {"served_small": 0.4, "served_large": 0.4 * ratio, "large_to_small": ratio}
+    return msgspec.structs.replace(
+        check,
+        requests={lc.TOKENS: msgspec.structs.replace(requests, **shares)},
+        gateway_outcomes={lc.TOKENS: {"rate_limited": rate_limited, "ok": 10}},
+    )
+
+
+def test_the_summary_holds_the_aim_only_when_every_run_does() -> None:
+    good = lc.summary([_check(1, 0.95, 300), _check(2, 1.08, 500), _check(3, 1.0, 400)])
+    assert [run.seed for run in good.runs] == [1, 2, 3]
+    assert good.median_large_to_small == pytest.approx(1.0)
+    assert good.median_rate_limited == 400
+    assert good.aim_met_every_run
+    assert "MET in every run" in lc.render_summary(good)
+    one_off = lc.summary([_check(1, 0.95, 300), _check(2, 0.85, 500)])
+    assert one_off.median_large_to_small == pytest.approx(0.9)  # the median alone would pass
+    assert not one_off.aim_met_every_run
+    assert "MISSED" in lc.render_summary(one_off)
+
+
+def test_retries_are_counted_from_the_attempts() -> None:
+    first = msgspec.structs.replace(record(done_s=1.0), attempt_statuses=[200])
+    second = msgspec.structs.replace(record(done_s=1.0), attempt_statuses=[429, 200])
+    again = msgspec.structs.replace(
+        record(done_s=1.0, result=Result.RATE_LIMITED), attempt_statuses=[429, 429, 429]
+    )
+    summary = lc.requests_summary([], [first, second, again])
+    assert summary.ok_at_first == pytest.approx(0.5)
+    assert summary.retry_ok == pytest.approx(0.5)
+    assert lc.requests_summary([], [first]).retry_ok is None

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.core.bucket import BucketSpec, adjust, level, try_take, turn_of
+from gateway.core.bucket import (
+    LINE_HORIZON_S,
+    BucketSpec,
+    adjust,
+    level,
+    places_of,
+    try_take,
+    turn_of,
+)
 from gateway.core.types import Unit
 
 TOKENS = BucketSpec("t:acme:tokens", Unit.TOKENS, rate_per_s=10.0, burst=100.0)
@@ -216,3 +224,61 @@ def test_a_turn_is_booked_only_by_a_take_that_waits() -> None:
     assert passes is not None
     waits, _ = try_take(list(passes), [WAITING], [100.0], 0.0, max_wait_s=30.0)
     assert turn_of(waits, 0.0) == pytest.approx(5.0)
+
+
+def _queued(tat_ahead_s: float) -> tuple[list[float | None], list[float | None]]:
+    """A WAITING bucket at 0 s whose queue is ``tat_ahead_s`` past the tolerance: a take may
+    begin its turn in that many seconds (the TAT and the turn agree)."""
+    tat = tat_ahead_s + WAITING.burst / WAITING.rate_per_s
+    return [tat], [tat_ahead_s]
+
+
+def test_refused_takes_are_told_their_own_places_not_one_moment() -> None:
+    tats, turns = _queued(10.0)
+    lines: list[float | None] = [None]
+    told = []
+    for amount in (20.0, 50.0, 10.0):
+        refused, unchanged = try_take(tats, [WAITING], [amount], 0.0, 2.0, turns, lines)
+        assert not refused.allowed
+        assert unchanged is None  # a place changes neither the TAT nor the turn
+        told.append(refused.retry_after_s)
+        places = places_of(refused, [WAITING], [amount], 0.0)
+        assert places is not None
+        lines = list(places)
+    # the queue has room for each in 8 s; the second is told after the first's 2 s of refill,
+    # the third after the second's 5 s: not all three at 8 s, when only one could pass
+    assert told == pytest.approx([8.0, 10.0, 15.0])
+    assert lines == pytest.approx([16.0])
+    # without a line (a store that keeps none) every one is told the same moment
+    alone, _ = try_take(tats, [WAITING], [50.0], 0.0, 2.0, turns)
+    assert alone.retry_after_s == pytest.approx(8.0)
+
+
+def test_a_place_is_given_within_the_horizon_only() -> None:
+    tats, turns = _queued(LINE_HORIZON_S + 5.0)
+    refused, _ = try_take(tats, [WAITING], [10.0], 0.0, 1.0, turns, [None])
+    assert refused.retry_after_s == pytest.approx(LINE_HORIZON_S + 4.0)
+    assert places_of(refused, [WAITING], [10.0], 0.0) is None  # told, but it takes no place
+    near, _ = try_take(tats, [WAITING], [10.0], 0.0, 6.0, turns, [None])
+    assert places_of(near, [WAITING], [10.0], 0.0) == pytest.approx((LINE_HORIZON_S,))
+    # nothing to book for a take that passes or can never pass
+    passes, _ = try_take([None], [WAITING], [10.0], 0.0, 1.0, [None], [5.0])
+    assert passes.allowed
+    assert places_of(passes, [WAITING], [10.0], 0.0) is None
+    never, _ = try_take(tats, [WAITING], [500.0], 0.0, 1.0, turns, [5.0])
+    assert places_of(never, [WAITING], [500.0], 0.0) is None
+
+
+def test_a_place_is_booked_on_the_buckets_that_wait_only() -> None:
+    tats, turns = _queued(10.0)
+    specs = [REQUESTS, WAITING]
+    refused, _ = try_take([None, tats[0]], specs, [1.0, 20.0], 0.0, 2.0, [None, turns[0]])
+    assert places_of(refused, specs, [1.0, 20.0], 0.0) == (None, pytest.approx(10.0))
+    # another bucket's longer wait decides when it comes back, and so where its place begins
+    in_debt = NOW + 20.0
+    slow, _ = try_take([in_debt, tats[0]], specs, [1.0, 20.0], NOW, 2.0, [None, turns[0]])
+    assert slow.blocking == 0
+    assert places_of(slow, specs, [1.0, 20.0], NOW) == (
+        None,
+        pytest.approx(NOW + slow.retry_after_s + 2.0),
+    )

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.core.bucket import EPSILON_S, BucketSpec, adjust, level, try_take, turn_of
+from gateway.core.bucket import (
+    EPSILON_S,
+    LINE_HORIZON_S,
+    BucketSpec,
+    adjust,
+    level,
+    places_of,
+    try_take,
+    turn_of,
+)
 from gateway.core.types import Unit
 
 START = 1000.0
@@ -186,6 +196,7 @@ class Waiting:
     now: float = START
     tat: float | None = None
     turn: float | None = None
+    line: float | None = None
     held: list[float] = field(default_factory=list)  # what each granted take still holds
     debited: float = 0.0  # takes plus overruns, and what was refunded of them
     refunded: float = 0.0
@@ -193,16 +204,29 @@ class Waiting:
 
     def take(self, amount: float, max_wait_s: float) -> None:
         spec = self.spec
-        verdict, news = try_take([self.tat], [spec], [amount], self.now, max_wait_s, [self.turn])
+        state = ([self.tat], [spec])
+        verdict, news = try_take(*state, [amount], self.now, max_wait_s, [self.turn], [self.line])
         if 0 < amount <= spec.burst:
-            # whether a turn is granted does not depend on the size of the take
+            # whether a turn is granted, and when a refused take is told to come back, do not
+            # depend on the size of the take
+            tiny_amount = spec.burst * 1e-3
             tiny, _ = try_take(
-                [self.tat], [spec], [spec.burst * 1e-3], self.now, max_wait_s, [self.turn]
+                *state, [tiny_amount], self.now, max_wait_s, [self.turn], [self.line]
             )
             assert tiny.allowed == verdict.allowed, "the grant of a turn depended on its size"
+            if not verdict.allowed:
+                assert tiny.retry_after_s == self.seconds(verdict.retry_after_s, max_wait_s)
         if not verdict.allowed:
             assert news is None
             self.check_retry_after(amount, max_wait_s, verdict.retry_after_s, verdict.never)
+            places = places_of(verdict, [spec], [amount], self.now)
+            if places is None:
+                assert verdict.never or verdict.retry_after_s > LINE_HORIZON_S
+            else:
+                # the next refused take is told to come back after this one's place
+                end = self.now + verdict.retry_after_s + amount / spec.rate_per_s
+                assert places[0] == self.seconds(end, max_wait_s)
+                self.line = places[0]
             return
         assert news is not None
         self.tat = news[0]
@@ -220,6 +244,11 @@ class Waiting:
         # and it goes on within its budget plus its own refill time
         assert verdict.wait_s <= max_wait_s + amount / spec.rate_per_s + 2 * EPSILON_S
 
+    def seconds(self, value: float, max_wait_s: float) -> object:
+        """``value`` (seconds) within the float rounding of the times it was computed from."""
+        scale = self.now + 4 * self.spec.burst / self.spec.rate_per_s + max_wait_s
+        return pytest.approx(value, rel=0, abs=1e-12 * scale + 2 * EPSILON_S)
+
     def check_retry_after(
         self, amount: float, max_wait_s: float, retry_after_s: float, never: bool
     ) -> None:
@@ -232,6 +261,8 @@ class Waiting:
             [self.tat], [self.spec], [amount], self.now + retry_after_s, max_wait_s, turns
         )
         assert later.allowed, "waiting retry_after_s was not enough to be granted a turn"
+        if self.line is not None and self.line - self.now >= retry_after_s - RETRY_PROBE_S:
+            return  # told to wait for its place in the line, not only for room in the queue
         if retry_after_s > 2 * RETRY_PROBE_S:
             early_s = self.now + retry_after_s - RETRY_PROBE_S
             early, _ = try_take([self.tat], [self.spec], [amount], early_s, max_wait_s, turns)
@@ -279,3 +310,47 @@ def test_waiting_bucket_is_fifo_and_keeps_its_debt(
     # FIFO: a take granted later never goes on before one granted earlier, refunds or not
     slack = 2 * EPSILON_S + 1e-12 * run.now
     assert all(a <= b + slack for a, b in zip(run.goes, run.goes[1:], strict=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rates,
+    bursts,
+    fractions,
+    fractions,
+    st.lists(st.floats(min_value=1e-3, max_value=1.0), min_size=1, max_size=20),
+)
+def test_refused_takes_that_come_back_when_told_are_all_granted(
+    rate: float, burst: float, queue: float, budget: float, sizes: list[float]
+) -> None:
+    """Takes refused one after another are told apart: when each comes back at the time it was
+    told, in that order, the queue has room for it (the ones before it took theirs). Told the
+    same moment, as without a line, all but one would be refused again."""
+    spec = BucketSpec("k", Unit.TOKENS, rate, burst, waits=True)
+    tau = burst / rate
+    max_wait_s = budget * 3 * tau
+    now = START
+    # a queue whose turns begin up to 3 tau past the budget: every take below is refused
+    ahead = max_wait_s + 10 * RETRY_PROBE_S + queue * 3 * tau
+    tat: float | None = now + tau + ahead
+    turn: float | None = now + ahead
+    line: float | None = None
+    told: list[tuple[float, float]] = []
+    for size in sizes:
+        amount = size * burst
+        verdict, _ = try_take([tat], [spec], [amount], now, max_wait_s, [turn], [line])
+        assert not verdict.allowed
+        places = places_of(verdict, [spec], [amount], now)
+        if places is None:
+            assert verdict.retry_after_s > LINE_HORIZON_S
+            continue  # no place: told when the line ends, like any other take then
+        if line is not None:
+            assert now + verdict.retry_after_s >= line - RETRY_PROBE_S  # after the last place
+        line = places[0]
+        told.append((now + verdict.retry_after_s, amount))
+    for back, amount in told:
+        verdict, news = try_take([tat], [spec], [amount], back, max_wait_s, [turn], [line])
+        assert verdict.allowed, "a take that came back when told was refused again"
+        assert news is not None
+        tat = news[0]
+        turn = turn_of(verdict, back) or turn

@@ -1,13 +1,17 @@
 -- units: seconds (now, TATs, waits; float), amount per second (rate), bucket units (burst, amount); replies are %.17g strings
--- Twin of gateway/core/bucket.py try_take and turn_of: keep the formulas and their order identical.
--- KEYS: one TAT key per bucket, then one turn key per bucket in the same order (read and written
--- only for buckets that wait: the last turn given, so a later take goes no earlier).
+-- Twin of gateway/core/bucket.py try_take, turn_of and places_of: keep the formulas and their
+-- order identical.
+-- KEYS: one TAT key per bucket, then one turn key per bucket, then one line key per bucket, in the
+-- same order (turn and line are read and written only for buckets that wait: the last turn given,
+-- so a later take goes no earlier; and where the next refused take's place in the line of retries
+-- begins, so refused takes are told apart).
 -- ARGV[1]: now, or '' to read Redis TIME (less EPOCH_S);
 -- ARGV[2]: least TTL in ms; ARGV[3]: max_wait_s; then per bucket: rate_per_s, burst, amount,
 -- waits (1: a take may wait for this bucket up to max_wait_s, 0: it may not).
 -- Reply: {allowed 0|1, never 0|1, blocking (1-based, 0 none), retry_after_s, remaining..., reset_s...,
 -- wait_s}
 local EPSILON_S = 1e-6
+local LINE_HORIZON_S = 60.0
 local EPOCH_S = 1700000000
 local MAX_TTL_MS = 1e15 -- PX takes an integer; a longer debt is not worth keeping exactly
 local now
@@ -19,7 +23,7 @@ else
 end
 local min_ttl_ms = tonumber(ARGV[2])
 local max_wait_s = tonumber(ARGV[3])
-local count = #KEYS / 2
+local count = #KEYS / 3
 local rates, bursts, amounts, starts, news, waiting = {}, {}, {}, {}, {}, {}
 local allowed, never, blocking, worst, waited = true, false, 0, 0.0, 0.0
 for i = 1, count do
@@ -68,6 +72,28 @@ for i = 1, count do
           worst = late
           blocking = i
         end
+      end
+    end
+  end
+end
+if not allowed and not never then
+  -- its place in the line of retries, after the places of the takes refused before it
+  for i = 1, count do
+    if waiting[i] and amounts[i] > 0 then
+      local line = tonumber(redis.call('GET', KEYS[2 * count + i]))
+      if line ~= nil and line - now > worst then
+        worst = line - now
+        blocking = i
+      end
+    end
+  end
+  if worst <= LINE_HORIZON_S then
+    local back = now + worst
+    for i = 1, count do
+      if waiting[i] and amounts[i] > 0 then
+        local place = back + amounts[i] / rates[i]
+        local ttl_ms = math.min(math.max(math.ceil((place - now) * 1000) + 1, min_ttl_ms), MAX_TTL_MS)
+        redis.call('SET', KEYS[2 * count + i], string.format('%.17g', place), 'PX', string.format('%d', ttl_ms))
       end
     end
   end
