@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 import msgspec
@@ -96,14 +96,7 @@ async def forward(
         method, url = request.method, backend_url + request.path_qs
         timeout = _connect_timeout(timeouts.connect_s)
         try:  # the first attempt awaited here, not in a coroutine of its own (see _send_again)
-            upstream = await session.request(
-                method,
-                url,
-                data=body or None,
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,
-            )
+            upstream = await _request(session, method, url, body, headers, timeout)
         except _SEND_ERRORS as exc:
             upstream = await _send_again(exc, method, session, url, body, headers, timeout)
         async with upstream:
@@ -341,16 +334,23 @@ async def _send_again(
             raise UpstreamConnectError(f"backend connection reset: {exc}") from exc
         retries -= 1
         try:
-            return await session.request(
-                method,
-                url,
-                data=body or None,
-                headers=headers,
-                timeout=connect,
-                allow_redirects=False,
-            )
+            return await _request(session, method, url, body, headers, connect)
         except _SEND_ERRORS as again:
             exc = again
+
+
+def _request(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    body: bytes,
+    headers: CIMultiDict[str],
+    timeout: aiohttp.ClientTimeout,
+) -> Awaitable[aiohttp.ClientResponse]:
+    """The upstream request, to await (a plain function: no coroutine layer of its own)."""
+    return session.request(
+        method, url, data=body or None, headers=headers, timeout=timeout, allow_redirects=False
+    )
 
 
 @functools.lru_cache(maxsize=16)
