@@ -121,9 +121,8 @@ class Exchange:
         self.gw = gw
         self.live = gw.live  # the one read of the live state: see the module docstring
         self.started = gw.clock.now()
-        # the queue deadline, waiting for buckets included: the policy's max_wait (or the
-        # tenant's, once known), or less
-        self.deadline = self.started + asked_max_wait(request.headers, self.live.policy.max_wait_s)
+        # the queue deadline, waiting for buckets included: set once the tenant is known
+        self.deadline = self.started
         self.tenant: Tenant | None = None
         self.model: Model | None = None
         self.body = b""
@@ -185,12 +184,13 @@ class Exchange:
     def _authenticate(self) -> web.Response | None:
         policy = self.live.policy
         self.tenant = tenant = policy.tenant_for_key(api_key(self.request.headers))
-        if tenant is not None:
-            if tenant.max_wait_s is not None:
-                wait = asked_max_wait(self.request.headers, tenant.max_wait_s)
-                self.deadline = self.started + wait
-            return None
-        return responses.error(Outcome.UNAUTHORIZED, responses.BAD_KEY)
+        if tenant is None:
+            return responses.error(Outcome.UNAUTHORIZED, responses.BAD_KEY)
+        # the tenant's max_wait, else the policy's, or less when the client asks
+        own = tenant.max_wait_s
+        wait = asked_max_wait(self.request.headers, policy.max_wait_s if own is None else own)
+        self.deadline = self.started + wait
+        return None
 
     async def _read(self) -> web.Response | None:
         """The body, the model it names and its estimated cost."""
