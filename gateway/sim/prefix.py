@@ -40,12 +40,6 @@ class PrefixCachingAllocator(PagedAllocator):
         """Hashed blocks some sequence holds, each counted once."""
         return len(self._held)
 
-    def holders(self, block_hash: int) -> int:
-        return self._held.get(block_hash, 0)
-
-    def is_evictable(self, block_hash: int) -> bool:
-        return block_hash in self._evictable
-
     def lookup(self, hashes: Sequence[int]) -> tuple[int, int]:
         """How many leading blocks of ``hashes`` are resident, and how many of those evictable."""
         evictable = 0
