@@ -37,7 +37,9 @@ ordering within a request, preemption, fragmentation, requests lost to a restart
 Prefix caching (``prefix_caching``, paged): C_r is the number of r's leading full prompt blocks
 that some other request of the trace has too (the same block hashes the simulator derives from
 the same text, at most (P_r - 1) // block_size, as the engine always computes a prompt's last
-token). Only those can ever be served to r from the cache: any later block of r is r's alone.
+token). Only those can ever be served to r from the cache: any later block of r is r's alone
+(the cache may give it back to r after a preemption, which saves only a recomputation the LP
+never charges).
 The LP counts them as free: r prefills P_r - C_r block_size tokens, and each of its steps holds
 C_r blocks fewer (in b_r and M_r). A real schedule computes each shared block at least once and
 holds it while any sharer runs, so dropping them entirely only relaxes the constraints: the

@@ -448,7 +448,7 @@ class Engine:
         chain = seq.chain
         while seq.full < seq.kv_tokens // self.config.block_size:
             if seq.full == len(chain):  # past the prompt's hashes: a hash only seq can match
-                chain.append(hash((seq.seq_id, seq.full)))
+                chain.append(hash(("own block", seq.seq_id, seq.full)))
             if cache.register(chain[seq.full]):
                 seq.cached.append(chain[seq.full])
             seq.full += 1

@@ -27,7 +27,7 @@ CACHING = SimConfig(
 
 def chain(tag: int, blocks: int) -> tuple[int, ...]:
     """Stand-in block hashes: prompts with the same tag share them up to the shorter's end."""
-    return tuple(hash((tag, i)) for i in range(blocks))
+    return tuple(hash(("test prompt", tag, i)) for i in range(blocks))
 
 
 def run_until_idle(engine: Engine) -> list[StepResult]:
