@@ -33,11 +33,23 @@ Objective: maximise sum_r O_r x_r; the bound is that over H. Every constraint ho
 real schedule (a step straddling two intervals is split between them in proportion; its
 tokens too), so the optimum is an upper bound. It ignores what makes real schedules worse:
 ordering within a request, preemption, fragmentation, requests lost to a restart.
+
+Prefix caching (``prefix_caching``, paged): C_r is the number of r's leading full prompt blocks
+that some other request of the trace has too (the same block hashes the simulator derives from
+the same text, at most (P_r - 1) // block_size, as the engine always computes a prompt's last
+token). Only those can ever be served to r from the cache: any later block of r is r's alone
+(the cache may give it back to r after a preemption, which saves only a recomputation the LP
+never charges).
+The LP counts them as free: r prefills P_r - C_r block_size tokens, and each of its steps holds
+C_r blocks fewer (in b_r and M_r). A real schedule computes each shared block at least once and
+holds it while any sharer runs, so dropping them entirely only relaxes the constraints: the
+optimum stays an upper bound (a looser one the more is shared). Without caching C_r = 0.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,7 +58,7 @@ from scipy import sparse  # type: ignore[import-untyped]
 from scipy.optimize import linprog  # type: ignore[import-untyped]
 
 from gateway.sim.config import SimConfig
-from loadtest.generator import PlannedRequest
+from loadtest.generator import PlannedRequest, block_hashes
 from loadtest.scenario import Scenario
 
 INTERVALS = 30  # 60 gives the same optimum on the shipped scenarios, six times slower
@@ -100,15 +112,35 @@ def compute_budgets(scenario: Scenario, edges: np.ndarray) -> np.ndarray:
     return out
 
 
-def _footprint(cfg: SimConfig, prompt: int, output: int) -> tuple[int, float, float]:
-    """(blocks a token's step holds at least, blocks x steps over its life, tokens attended)."""
+def shareable_blocks(scenario: Scenario, planned: Sequence[PlannedRequest]) -> dict[int, int]:
+    """Per request id, C_r: its leading full prompt blocks that another request of the trace
+    has too, the most the prefix cache can serve it (none without prefix caching)."""
+    bs = scenario.backend.block_size
+    chains: dict[int, tuple[int, ...]] = {}
+    for req in planned:
+        hashes = block_hashes(scenario, req)
+        if hashes is not None:
+            chains[req.id] = hashes[: req.prompt_tokens // bs]
+    seen = Counter(h for chain in chains.values() for h in chain)
+    shareable: dict[int, int] = {}
+    for req in planned:
+        chain = chains.get(req.id, ())[: (req.prompt_tokens - 1) // bs]
+        shareable[req.id] = next((i for i, h in enumerate(chain) if seen[h] < 2), len(chain))
+    return shareable
+
+
+def _footprint(
+    cfg: SimConfig, prompt: int, output: int, cached: int = 0
+) -> tuple[int, float, float]:
+    """(blocks a token's step holds at least, blocks x steps over its life, tokens attended);
+    paged, ``cached`` of its prompt blocks are counted as someone else's."""
     bs = cfg.block_size
     if cfg.mode == "contiguous":
         region = -(-(prompt + output) // bs)
         per_token, memory = region, float(region * output)
     else:
-        per_token = -(-prompt // bs)
-        memory = float(sum(-(-(prompt + j - 1) // bs) for j in range(1, output + 1)))
+        per_token = -(-prompt // bs) - cached
+        memory = float(sum(-(-(prompt + j - 1) // bs) - cached for j in range(1, output + 1)))
     attended = (output - 1) * prompt + output * (output - 1) / 2.0
     return per_token, memory, attended
 
@@ -122,6 +154,7 @@ def upper_bound(
     width = horizon / intervals
     budgets = compute_budgets(scenario, edges)
     slos = {name: t.slo for name, t in scenario.tenants.items()}
+    shareable = shareable_blocks(scenario, planned)
 
     # columns: s_k, then per request x_r, its y_rk, its p_rk
     cols = intervals
@@ -162,14 +195,15 @@ def upper_bound(
         pre_window = window(req.at_s, min(prefill_end, req.at_s + slo.latency_s))
         if not out_window or not pre_window:
             continue
-        per_token, memory, attended = _footprint(cfg, req.prompt_tokens, req.output_tokens)
+        cached = shareable[req.id]
+        per_token, memory, attended = _footprint(cfg, req.prompt_tokens, req.output_tokens, cached)
         x = cols
         cols += 1
         obj.append(float(req.output_tokens))
         rows_ub.append((mem_total, x, memory))
         rows_ub.append((compute_total, x, cfg.attend_s_per_token * attended))
         eq.append((n_eq, x, -float(req.output_tokens)))
-        eq.append((n_eq + 1, x, -float(req.prompt_tokens)))
+        eq.append((n_eq + 1, x, -float(req.prompt_tokens - cached * cfg.block_size)))
         for k in out_window:
             y = cols
             cols += 1

@@ -4,7 +4,8 @@ times whatever the responses (``run_trace``), each request recorded as a ``Reque
 Bounds: at most ``scenario.max_requests`` requests; the run ends ``duration_s + drain_timeout_s``
 after it starts, cutting whatever is still in flight (recorded as ``unfinished``); loopback targets
 only. The chat prompt is text whose token count, by the simulator's rule
-(ceil(chars / chars_per_token) + 4 per message + 3), is what the trace drew.
+(ceil(chars / chars_per_token) + 4 per message + 3), is what the trace drew: one user message
+unique to the request, after the tenant's shared system prompt when it has one.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
+from gateway.sim.wire import ChatRequest, prompt_block_hashes
 from loadtest.records import RequestRecord, Result
 from loadtest.scenario import RetrySpec, Scenario
 
 PROMPT_OVERHEAD_TOKENS = 4 + 3  # one message, plus the reply primer
 MIN_PROMPT_TOKENS = PROMPT_OVERHEAD_TOKENS + 1
+SYSTEM_OVERHEAD_TOKENS = 4  # the system message's framing
 _FILLER = "the quick brown fox jumps over the lazy dog while the kv cache fills up slowly "
 
 
@@ -41,6 +44,8 @@ class PlannedRequest(msgspec.Struct, kw_only=True, frozen=True):
     output_tokens: int  # real output length, sent as sim_output_tokens; <= max_tokens
     max_tokens: int
     stream: bool
+    shared_prefix_tokens: int = 0  # of prompt_tokens, the tenant's system prompt (framing included)
+    prefix: int = 0  # which of the tenant's system prompts
 
 
 class TraceTooLarge(ValueError):
@@ -51,32 +56,56 @@ def plan(scenario: Scenario) -> list[PlannedRequest]:
     """Draw the whole trace from the scenario's seed. Each tenant has its own random streams for
     arrivals and sizes, so editing one tenant or one distribution leaves the rest of the trace
     as it was."""
-    drawn: list[tuple[float, str, int, int, int, bool]] = []
+    drawn: list[tuple[float, str, int, int, int, bool, int]] = []
     duration_s = scenario.duration_s
     for name, tenant in scenario.tenants.items():
         arrivals_rng = random.Random(f"{scenario.seed}/{name}/arrivals")
         sizes_rng = random.Random(f"{scenario.seed}/{name}/sizes")
+        prefix_rng = random.Random(f"{scenario.seed}/{name}/prefixes")
         times = sorted(
             t for arrivals in tenant.arrivals for t in arrivals.times(arrivals_rng, duration_s)
         )
         for t in times:
             prompt = max(MIN_PROMPT_TOKENS, tenant.prompt_tokens.draw(sizes_rng))
+            prompt += tenant.shared_prefix_tokens
             max_tokens = tenant.max_tokens.draw(sizes_rng)
             output = min(max_tokens, tenant.output_tokens.draw(sizes_rng))
             stream = sizes_rng.random() < tenant.stream_share
-            drawn.append((t, name, prompt, output, max_tokens, stream))
+            prefix = prefix_rng.randrange(tenant.shared_prefixes)
+            drawn.append((t, name, prompt, output, max_tokens, stream, prefix))
     if len(drawn) > scenario.max_requests:
         raise TraceTooLarge(
             f"scenario {scenario.name!r} draws {len(drawn)} requests, over its max_requests "
             f"({scenario.max_requests})"
         )
     drawn.sort(key=lambda d: (d[0], d[1]))
+    shared = {name: tenant.shared_prefix_tokens for name, tenant in scenario.tenants.items()}
     return [
         PlannedRequest(
-            id=i, tenant=name, at_s=t, prompt_tokens=p, output_tokens=o, max_tokens=m, stream=s
+            id=i,
+            tenant=name,
+            at_s=t,
+            prompt_tokens=p,
+            output_tokens=o,
+            max_tokens=m,
+            stream=s,
+            shared_prefix_tokens=shared[name],
+            prefix=k if shared[name] else 0,
         )
-        for i, (t, name, p, o, m, s) in enumerate(drawn)
+        for i, (t, name, p, o, m, s, k) in enumerate(drawn)
     ]
+
+
+def _filled(content_tokens: int, chars_per_token: float, head: str) -> str:
+    """``head`` then filler, cut to the length the simulator counts as ``content_tokens``."""
+    chars = math.floor(content_tokens * chars_per_token)
+    # Float division can land one token off either way; settle on the counter's own formula.
+    while math.ceil(chars / chars_per_token) > content_tokens:
+        chars -= 1
+    while math.ceil(chars / chars_per_token) < content_tokens:
+        chars += 1
+    body = head + _FILLER * (chars // len(_FILLER) + 1)
+    return body[:chars]
 
 
 def prompt_text(prompt_tokens: int, chars_per_token: float, request_id: int) -> str:
@@ -85,15 +114,37 @@ def prompt_text(prompt_tokens: int, chars_per_token: float, request_id: int) -> 
     if chars_per_token < 1.0 or prompt_tokens < MIN_PROMPT_TOKENS:
         raise ValueError("need chars_per_token >= 1 and prompt_tokens >= MIN_PROMPT_TOKENS")
     content_tokens = prompt_tokens - PROMPT_OVERHEAD_TOKENS
-    chars = math.floor(content_tokens * chars_per_token)
-    # Float division can land one token off either way; settle on the counter's own formula.
-    while math.ceil(chars / chars_per_token) > content_tokens:
-        chars -= 1
-    while math.ceil(chars / chars_per_token) < content_tokens:
-        chars += 1
-    head = f"[request {request_id}] "
-    body = head + _FILLER * (chars // len(_FILLER) + 1)
-    return body[:chars]
+    return _filled(content_tokens, chars_per_token, f"[request {request_id}] ")
+
+
+def system_text(tokens: int, chars_per_token: float, tenant: str, prefix: int) -> str:
+    """Text of the system message that counts as ``tokens`` (its framing included): the same
+    for every request of ``tenant`` choosing system prompt number ``prefix``."""
+    if chars_per_token < 1.0 or tokens <= SYSTEM_OVERHEAD_TOKENS:
+        raise ValueError("need chars_per_token >= 1 and tokens > SYSTEM_OVERHEAD_TOKENS")
+    head = f"[system prompt {prefix} of tenant {tenant!r}] "
+    return _filled(tokens - SYSTEM_OVERHEAD_TOKENS, chars_per_token, head)
+
+
+def chat_messages(item: PlannedRequest, chars_per_token: float) -> list[dict[str, str]]:
+    """The messages of ``item``'s request: its tenant's system prompt, if any, then its own."""
+    own = item.prompt_tokens - item.shared_prefix_tokens
+    user = {"role": "user", "content": prompt_text(own, chars_per_token, item.id)}
+    if not item.shared_prefix_tokens:
+        return [user]
+    text = system_text(item.shared_prefix_tokens, chars_per_token, item.tenant, item.prefix)
+    return [{"role": "system", "content": text}, user]
+
+
+def block_hashes(scenario: Scenario, item: PlannedRequest) -> tuple[int, ...] | None:
+    """The prompt block hashes the scenario's simulator derives from ``item``'s request (None
+    when it does not cache prefixes): for the yardsticks, which run the engine without HTTP."""
+    cfg = scenario.backend
+    if not cfg.prefix_caching:
+        return None
+    messages = chat_messages(item, cfg.chars_per_token)
+    req = msgspec.convert({"model": scenario.model, "messages": messages}, ChatRequest)
+    return prompt_block_hashes(req, cfg.chars_per_token, cfg.block_size)
 
 
 def check_loopback(url: str) -> None:
@@ -353,10 +404,9 @@ class _Run:
         return self.loop.time() - self.t0
 
     def body(self, item: PlannedRequest) -> bytes:
-        text = prompt_text(item.prompt_tokens, self.scenario.backend.chars_per_token, item.id)
         body: dict[str, object] = {
             "model": self.scenario.model,
-            "messages": [{"role": "user", "content": text}],
+            "messages": chat_messages(item, self.scenario.backend.chars_per_token),
             "max_tokens": item.max_tokens,
             "sim_output_tokens": item.output_tokens,
             "stream": item.stream,

@@ -14,6 +14,12 @@ whose estimated finish meets its deadline (and comes before a known restart).
 own ``max_tokens``, as it does for any gateway that forwards the request unchanged. The gap
 between the two is what knowing output lengths is worth on a contiguous backend, which no
 admission rule can take back (only rewriting ``max_tokens`` could).
+
+With prefix caching the engine shares cached blocks by itself; the fit check counts the cached
+blocks running sequences hold once, and a new request's hits on blocks held now as free, but
+every other block, a cached block a sharer may let go of included, as if it were still held:
+it over-estimates memory, so the oracle still never makes the engine preempt. Its time
+estimates still charge the whole prompt's prefill.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import numpy as np
 
 from gateway.sim.config import SimConfig
 from gateway.sim.engine import Engine
-from loadtest.generator import PlannedRequest
+from loadtest.generator import PlannedRequest, block_hashes
 from loadtest.scenario import Scenario
 
 
@@ -46,19 +52,34 @@ class _Live:
     first_s: float | None = None  # simulated time of its first token
 
 
-def _fits_paged(cfg: SimConfig, live: Sequence[_Live], extra: PlannedRequest) -> bool:
+def _fits_paged(
+    engine: Engine,
+    live: dict[int, _Live],
+    extra: PlannedRequest,
+    extra_hashes: tuple[int, ...] | None,
+) -> bool:
     """Whether the running set plus ``extra``, each growing one token per step until done,
     stays within the cache at every future step. Use only rises between finishes, so checking
-    just before each finish is enough."""
-    prompts = np.array([x.req.prompt_tokens + x.generated for x in live] + [extra.prompt_tokens])
-    left = np.array([x.req.output_tokens - x.generated for x in live] + [extra.output_tokens])
+    just before each finish is enough. Cached blocks held now are counted once, for the whole
+    future: every other block a sequence holds, or will, is its own."""
+    cfg = engine.config
+    items = list(live.items())
+    prompts = np.array(
+        [x.req.prompt_tokens + x.generated for _, x in items] + [extra.prompt_tokens]
+    )
+    left = np.array([x.req.output_tokens - x.generated for _, x in items] + [extra.output_tokens])
     checks = left - 1
     bs = cfg.block_size
     # blocks of seq i at step n (from now) is ceil((kv_i + n) / bs) while n < left_i
-    held = np.where(
-        checks[:, None] < left[None, :], -(-(prompts[None, :] + checks[:, None]) // bs), 0
-    )
-    return bool(held.sum(axis=1).max() <= cfg.kv_blocks)
+    blocks = -(-(prompts[None, :] + checks[:, None]) // bs)
+    cached_held = 0
+    if cfg.prefix_caching:
+        resident, evictable = engine.prefix_hits(extra_hashes, extra.prompt_tokens)
+        cached = [engine.seq_cached_blocks(seq) for seq, _ in items] + [resident - evictable]
+        blocks = blocks - np.array(cached)[None, :]
+        cached_held = engine.cached_held_blocks()
+    held = np.where(checks[:, None] < left[None, :], blocks, 0)
+    return bool(held.sum(axis=1).max() + cached_held <= cfg.kv_blocks)
 
 
 def _step_estimate(cfg: SimConfig, engine: Engine, batch: int, last: float) -> float:
@@ -75,6 +96,7 @@ def clairvoyant(
     ready_before = scenario.backend_wait == "ready"
     engine = Engine(cfg, start_s=-cfg.load_time_s if ready_before else 0.0)
     slos = {name: t.slo for name, t in scenario.tenants.items()}
+    hashes = {req.id: block_hashes(scenario, req) for req in planned}
     order = sorted(planned, key=lambda p: p.at_s)
     restart_at = None if scenario.restart_at_s is None else scenario.restart_at_s * ts
     live: dict[int, _Live] = {}
@@ -115,7 +137,7 @@ def clairvoyant(
                 keep.append(req)
                 continue
             if cfg.mode == "paged":
-                if not _fits_paged(cfg, list(live.values()), req):
+                if not _fits_paged(engine, live, req, hashes[req.id]):
                     keep.append(req)
                     continue
             else:
@@ -125,7 +147,7 @@ def clairvoyant(
                     keep.append(req)
                     continue
                 placed_contiguous = True
-            seq = engine.submit(req.prompt_tokens, cap(req), req.output_tokens)
+            seq = engine.submit(req.prompt_tokens, cap(req), req.output_tokens, hashes[req.id])
             live[seq] = _Live(req)
         queue = keep
 

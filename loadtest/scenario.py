@@ -18,6 +18,7 @@ import yaml
 
 from gateway.sim.config import SimConfig
 
+SYSTEM_MIN_TOKENS = 5  # a system message: 4 tokens of framing and at least one of text
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Tokens = Annotated[int, msgspec.Meta(ge=1)]
@@ -264,6 +265,13 @@ class RetrySpec(_Spec, kw_only=True, frozen=True):
 
 
 class TenantSpec(_Spec, kw_only=True, frozen=True):
+    """One client population. Shared prefixes (for a backend with ``prefix_caching``): with
+    ``shared_prefix_tokens: N`` every request of the tenant opens with a system message of N
+    tokens (its message framing included, so N >= 5) whose text is the same for all of them,
+    then its own user message of ``prompt_tokens`` (which then counts the unique part only: a
+    request's prompt is N + that). ``shared_prefixes: K`` gives the tenant K different system
+    prompts of that length, each request taking one uniformly (several apps behind one key)."""
+
     key: Annotated[str, msgspec.Meta(min_length=8)]  # plaintext API key the client sends
     priority: Literal["critical", "standard", "sheddable"] = "standard"
     weight: Positive = 1.0
@@ -275,6 +283,15 @@ class TenantSpec(_Spec, kw_only=True, frozen=True):
     slo: Slo
     retry: RetrySpec = RetrySpec()
     timeout_s: Positive | None = None  # client gives up; also sent as x-request-timeout
+    shared_prefix_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    shared_prefixes: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+    def __post_init__(self) -> None:
+        if 0 < self.shared_prefix_tokens < SYSTEM_MIN_TOKENS:
+            raise ValueError(
+                f"shared_prefix_tokens must be 0 or at least {SYSTEM_MIN_TOKENS} (a system "
+                f"message's framing is 4 tokens), got {self.shared_prefix_tokens}"
+            )
 
 
 PolicyMap = dict[str, object]

@@ -2,8 +2,9 @@
 preemption, OOM and warm-up follow a vLLM-like engine model (``SimConfig``). ``kvgate demo``
 serves it, and the load tests in ``loadtest/`` measure against it.
 
-Layers: ``allocator`` (KV blocks) and ``engine`` (continuous batching, pure, simulated time) are
-driven in real time by ``runtime``; ``server`` speaks HTTP.
+Layers: ``allocator`` (KV blocks), ``prefix`` (the optional prefix cache on a paged pool) and
+``engine`` (continuous batching, pure, simulated time) are driven in real time by ``runtime``;
+``server`` speaks HTTP.
 """
 
 from gateway.sim.config import SimConfig

@@ -34,11 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + field.name.replace("_", "-")
         hint = hints[field.name]
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
-        kind = str if choices else hint
+        kind = str if choices else _flag_bool if hint is bool else hint
         parser.add_argument(
             flag, dest=field.name, type=kind, choices=choices, help=f"default {field.default!r}"
         )
     return parser
+
+
+def _flag_bool(value: str) -> bool:
+    """``--prefix-caching true``: argparse's ``bool`` would read "false" as True."""
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if value.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return words[value.lower()]
 
 
 def load_config(args: argparse.Namespace) -> SimConfig:

@@ -13,6 +13,9 @@ class SimConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
     mode: Literal["paged", "contiguous"] = "paged"
     kv_blocks: int = 2048  # KV cache size in blocks
     block_size: int = 16  # tokens per block
+    # paged only: full prompt blocks already in memory are shared, not recomputed (vLLM's
+    # automatic prefix caching); off by default, as in vLLM before v1
+    prefix_caching: bool = False
     kv_bytes_per_token: int = 131072  # Llama-3.1-8B in bf16: 2 * 32 layers * 8 heads * 128 * 2 B
     max_num_seqs: int = 256  # most sequences decoded in one step
     prefill_tokens_per_s: float = 8000.0

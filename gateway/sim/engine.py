@@ -16,6 +16,13 @@ prefilled whole in the step that admits it. Step duration, in seconds::
 
 where ``batch`` counts the sequences in the step and ``attended`` the KV tokens the decoding
 ones read (their context, the new token included).
+
+With ``prefix_caching`` (paged only, ``gateway.sim.prefix``) a request submitted with its
+prompt's full-block hashes starts with the leading blocks already resident: it holds them
+without computing them, so it prefills only the rest, and at least its last prompt token (as
+vLLM, which needs that token's logits). Every block a caching sequence fills is cached: its
+prompt's under the given hashes, its own later blocks under hashes only it can match, which a
+preempted sequence finds again when it is readmitted.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Literal
 
 from gateway.sim.allocator import ContiguousAllocator, PagedAllocator
 from gateway.sim.config import SimConfig
+from gateway.sim.prefix import PrefixCachingAllocator
 from gateway.sim.stats import EngineStats, StatsRecorder
 
 OOM_WINDOW_S = 10.0  # contiguous mode: oom_crash_after OOMs within this window crash the engine
@@ -80,17 +88,23 @@ class StepResult:
 class _Seq:
     __slots__ = (
         "blocks",
+        "cached",
         "cap",
+        "chain",
+        "full",
         "generated",
         "kv_tokens",
         "needed",
+        "preempted",
         "prompt",
         "region",
         "seq_id",
         "target",
     )
 
-    def __init__(self, seq_id: int, prompt: int, cap: int, target: int) -> None:
+    def __init__(
+        self, seq_id: int, prompt: int, cap: int, target: int, chain: list[int] | None
+    ) -> None:
         self.seq_id = seq_id
         self.prompt = prompt
         self.cap = cap  # most tokens it may generate (max_tokens)
@@ -102,6 +116,12 @@ class _Seq:
         )
         self.blocks = 0  # blocks held (paged mode)
         self.region = -1  # first block of its region (contiguous mode)
+        # prefix caching: hashes of its full blocks so far, None when it does not cache; the
+        # hashes of the blocks it holds through the cache; its leading blocks offered to it
+        self.chain = chain
+        self.cached: list[int] = []
+        self.full = 0
+        self.preempted = False
 
 
 def validate_config(config: SimConfig) -> None:
@@ -126,6 +146,7 @@ def validate_config(config: SimConfig) -> None:
         "output_mean_ratio": cfg.output_mean_ratio > 0,
         "output_sigma": cfg.output_sigma >= 0,
         "time_scale": cfg.time_scale > 0,
+        "prefix_caching": not (cfg.prefix_caching and cfg.mode == "contiguous"),
     }
     if cfg.decode_step_s + cfg.step_per_seq_s <= 0:
         rules["decode_step_s"] = False  # a step must take time, or throughput is infinite
@@ -139,18 +160,22 @@ class Engine:
     ``submit``, ``cancel``, ``step``, ``advance_to`` and ``restart``.
 
     Invariants: ``now`` never decreases; every block is held by exactly one running sequence or is
-    free; waiting sequences hold no blocks; a sequence generates at most its cap of tokens.
+    free (with prefix caching: a cached block may be held by several, and a free one may still be
+    cached); waiting sequences hold no blocks; a sequence generates at most its cap of tokens.
     """
 
     def __init__(self, config: SimConfig, start_s: float = 0.0) -> None:
         validate_config(config)
         self.config = config
         self._rng = random.Random(config.seed)
-        self._alloc: PagedAllocator | ContiguousAllocator = (
-            PagedAllocator(config.kv_blocks)
-            if config.mode == "paged"
-            else ContiguousAllocator(config.kv_blocks)
-        )
+        self._cache = PrefixCachingAllocator(config.kv_blocks) if config.prefix_caching else None
+        self._alloc: PagedAllocator | ContiguousAllocator
+        if self._cache is not None:
+            self._alloc = self._cache
+        elif config.mode == "paged":
+            self._alloc = PagedAllocator(config.kv_blocks)
+        else:
+            self._alloc = ContiguousAllocator(config.kv_blocks)
         self._now = start_s
         self._ready_s = start_s + config.load_time_s
         self._next_id = 1
@@ -212,7 +237,29 @@ class Engine:
         return self._alloc.largest_free_blocks
 
     def free_blocks(self) -> int:
+        """Blocks an allocation may take: with prefix caching, evictable cached ones included."""
         return self._alloc.free_blocks
+
+    def evictable_blocks(self) -> int:
+        """Free blocks that still hold cached prefixes (0 without prefix caching)."""
+        return 0 if self._cache is None else self._cache.evictable_blocks
+
+    def cached_held_blocks(self) -> int:
+        """Cached blocks running sequences hold, each counted once however many share it."""
+        return 0 if self._cache is None else self._cache.held_hashed_blocks
+
+    def seq_cached_blocks(self, seq_id: int) -> int:
+        """Blocks ``seq_id`` holds through the prefix cache (shareable; the rest are its own)."""
+        return len(self._by_id[seq_id].cached)
+
+    def prefix_hits(
+        self, block_hashes: tuple[int, ...] | None, prompt_tokens: int
+    ) -> tuple[int, int]:
+        """The leading blocks a new request would find resident if admitted now, and how many of
+        them are evictable (each needs a free block back; the others are held and cost none)."""
+        if self._cache is None or block_hashes is None:
+            return 0, 0
+        return self._cache.lookup(block_hashes[: (prompt_tokens - 1) // self.config.block_size])
 
     def snapshot(self) -> EngineStats:
         """Counters and time-weighted figures at ``now`` (see ``EngineStats``)."""
@@ -222,6 +269,7 @@ class Engine:
             running=len(self._running),
             waiting=len(self._waiting),
             alloc=self._alloc,
+            evictable_blocks=self.evictable_blocks(),
             block_size=self.config.block_size,
             kv_bytes_per_token=self.config.kv_bytes_per_token,
         )
@@ -244,12 +292,21 @@ class Engine:
             raise ContextTooLong(context, prompt_tokens, 1)
         return cap
 
-    def submit(self, prompt_tokens: int, max_tokens: int | None, output_tokens: int | None) -> int:
+    def submit(
+        self,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        output_tokens: int | None,
+        block_hashes: tuple[int, ...] | None = None,
+    ) -> int:
         """Queue a request at ``now`` and return its sequence id.
 
         ``output_tokens`` (the ``sim_output_tokens`` vendor field) fixes the output length,
         capped at the request's cap; otherwise it is drawn lognormal with mean
         ``output_mean_ratio * cap`` and log-sigma ``output_sigma``, capped, at least 1.
+        ``block_hashes`` are the chained hashes of the prompt's full blocks (``gateway.sim.wire``);
+        with prefix caching on they let it share resident blocks (None: it does not cache; hashes
+        beyond the prompt's full blocks are ignored).
         Raises ``EngineLoading``, ``ContextTooLong`` or ``ValueError`` (prompt_tokens < 1)."""
         if self.is_loading():
             raise EngineLoading(self._ready_s - self._now)
@@ -265,7 +322,10 @@ class Engine:
             target = max(1, min(cap, round(draw)))
         if not self.has_work():
             self.stats.work_arrived(self._now)
-        seq = _Seq(self._next_id, prompt_tokens, cap, target)
+        chain = None
+        if self._cache is not None and block_hashes is not None:
+            chain = list(block_hashes[: prompt_tokens // self.config.block_size])
+        seq = _Seq(self._next_id, prompt_tokens, cap, target, chain)
         self._next_id += 1
         self._by_id[seq.seq_id] = seq
         self._waiting.append(seq)
@@ -343,6 +403,8 @@ class Engine:
         for seq in running:
             if seq.seq_id in was_decoding:
                 seq.kv_tokens += 1
+                if seq.chain is not None:
+                    self._cache_full_blocks(seq)
             elif seq.kv_tokens < seq.needed:  # still prefilling: no token yet
                 keep.append(seq)
                 continue
@@ -374,7 +436,22 @@ class Engine:
                 self.stats.kv_tokens += chunk
                 budget -= chunk
                 done += chunk
+                if seq.chain is not None:
+                    self._cache_full_blocks(seq)
         return done
+
+    def _cache_full_blocks(self, seq: _Seq) -> None:
+        """Offer the prefix cache each block ``seq`` has filled since the last call."""
+        cache = self._cache
+        if cache is None or seq.chain is None:
+            return
+        chain = seq.chain
+        while seq.full < seq.kv_tokens // self.config.block_size:
+            if seq.full == len(chain):  # past the prompt's hashes: a hash only seq can match
+                chain.append(hash(("own block", seq.seq_id, seq.full)))
+            if cache.register(chain[seq.full]):
+                seq.cached.append(chain[seq.full])
+            seq.full += 1
 
     def _grow_paged(self, pool: PagedAllocator) -> bool:
         """Give each decoding sequence room for its next token, preempting the most recently
@@ -402,18 +479,34 @@ class Engine:
 
     def _admit_paged(self, pool: PagedAllocator) -> None:
         """Admit waiting sequences FIFO while the blocks of their whole prompt are free (a
-        preempted one recomputes its output too)."""
+        preempted one recomputes its output too; with prefix caching, not its resident
+        blocks)."""
         bs = self.config.block_size
         waiting = self._waiting
         limit = self.config.max_num_seqs
+        cache = self._cache
         while waiting and len(self._running) < limit:
             seq = waiting[0]
             tokens = seq.prompt + seq.generated
             blocks = -(-tokens // bs)
-            if not pool.take(blocks):
-                break
-            waiting.popleft()
-            self._start(seq, tokens)
+            if cache is None or seq.chain is None:
+                if not pool.take(blocks):
+                    break
+                waiting.popleft()
+                self._start(seq, tokens)
+            else:
+                hits, _ = cache.lookup(seq.chain[: (tokens - 1) // bs])
+                hit = seq.chain[:hits]
+                shared = cache.take_with_prefix(hit, blocks - hits)
+                if shared is None:
+                    break
+                waiting.popleft()
+                seq.cached = hit
+                seq.full = hits
+                self._start(seq, tokens, computed=hits * bs, shared=shared * bs)
+                if not seq.preempted:  # vLLM counts a preempted request's lookups apart
+                    self.stats.prefix_cache_queries += seq.prompt
+                    self.stats.prefix_cache_hits += hits * bs
             seq.blocks = blocks
 
     def _admit_contiguous(self, regions: ContiguousAllocator, failed: list[Failure]) -> None:
@@ -441,23 +534,32 @@ class Engine:
             self._start(seq, seq.prompt)
 
     # ---- helpers -------------------------------------------------------------------------
-    def _start(self, seq: _Seq, needed: int) -> None:
-        """Admit ``seq``: it holds its memory from now and prefills ``needed`` tokens."""
+    def _start(self, seq: _Seq, needed: int, computed: int = 0, shared: int = 0) -> None:
+        """Admit ``seq``: it holds its memory from now and prefills ``needed`` tokens, of which
+        ``computed`` are in cached blocks already, ``shared`` of those held by others too."""
         if seq.generated == 0:  # not a preempted sequence coming back
             self.stats.prompt_tokens += seq.prompt
-        seq.kv_tokens = 0
+        seq.kv_tokens = computed
+        self.stats.kv_tokens += computed - shared
         seq.needed = needed
         self._running.append(seq)
         self.stats.max_running = max(self.stats.max_running, len(self._running))
 
     def _preempt(self, seq: _Seq) -> None:
         self._release(seq)
+        seq.preempted = True
         self._waiting.appendleft(seq)
         self.stats.preemptions += 1
 
     def _release(self, seq: _Seq) -> None:
         self.stats.kv_tokens -= seq.kv_tokens
-        if isinstance(self._alloc, PagedAllocator):
+        if self._cache is not None:
+            still = self._cache.release(seq.cached, seq.blocks - len(seq.cached))
+            self.stats.kv_tokens += still * self.config.block_size  # others hold those tokens
+            seq.cached = []
+            seq.full = 0
+            seq.blocks = 0
+        elif isinstance(self._alloc, PagedAllocator):
             self._alloc.give_back(seq.blocks)
             seq.blocks = 0
         else:

@@ -36,7 +36,7 @@ def cache_config_labels(cfg: SimConfig) -> dict[str, str]:
     return {
         **_CACHE_FIXED,
         "block_size": str(cfg.block_size),
-        "enable_prefix_caching": "False",
+        "enable_prefix_caching": str(cfg.prefix_caching),
         "num_gpu_blocks": str(cfg.kv_blocks),
         "kv_cache_size_tokens": str(tokens),
         "kv_cache_memory_bytes": str(tokens * cfg.kv_bytes_per_token),
@@ -84,6 +84,16 @@ class SimCollector:
         yield counter("vllm:num_preemptions", "Preempted sequences.", counts.preemptions)
         yield counter("vllm:prompt_tokens", "Prompt tokens processed.", counts.prompt_tokens)
         yield counter("vllm:generation_tokens", "Generated tokens.", counts.generated_tokens)
+        yield counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            counts.prefix_cache_queries,
+        )
+        yield counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            counts.prefix_cache_hits,
+        )
         cache = cache_config_labels(cfg)
         info = GaugeMetricFamily(
             "vllm:cache_config_info", "KV-cache configuration.", labels=[*label, *cache]

@@ -70,10 +70,14 @@ class SimRuntime:
         return self.engine
 
     def submit(
-        self, prompt_tokens: int, max_tokens: int | None, output_tokens: int | None
+        self,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        output_tokens: int | None,
+        block_hashes: tuple[int, ...] | None = None,
     ) -> tuple[int, SeqChannel]:
         """Queue a request; raises what ``Engine.submit`` raises."""
-        seq_id = self.sync().submit(prompt_tokens, max_tokens, output_tokens)
+        seq_id = self.sync().submit(prompt_tokens, max_tokens, output_tokens, block_hashes)
         channel = SeqChannel()
         self._channels[seq_id] = channel
         self._wake.set()

@@ -40,6 +40,7 @@ from gateway.sim.wire import (
     count_prompt_tokens,
     decode_request,
     error_body,
+    prompt_block_hashes,
     response_body,
     token_text,
     usage,
@@ -227,7 +228,14 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
                 code="model_not_found",
             )
         prompt_tokens = count_prompt_tokens(req, cfg.chars_per_token)
-        seq_id, channel = runtime.submit(prompt_tokens, req.output_limit(), req.sim_output_tokens)
+        hashes = (
+            prompt_block_hashes(req, cfg.chars_per_token, cfg.block_size)
+            if cfg.prefix_caching
+            else None
+        )
+        seq_id, channel = runtime.submit(
+            prompt_tokens, req.output_limit(), req.sim_output_tokens, hashes
+        )
     except WireError as exc:
         return _json(exc.body(), exc.status)
     except EngineLoading:

@@ -31,6 +31,8 @@ class ProcessCounters(NamedTuple):
     prompt_tokens: int
     generated_tokens: int
     oom_errors: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
 
 
 class EngineStats(msgspec.Struct, kw_only=True, frozen=True):
@@ -57,6 +59,10 @@ class EngineStats(msgspec.Struct, kw_only=True, frozen=True):
     prompt_tokens: int  # each request's prompt, counted once
     prefill_tokens: int  # tokens actually prefilled, recomputation after preemption included
     generated_tokens: int
+    # prefix caching, in tokens: the prompts of requests that looked up the cache (a preempted
+    # one's second lookup apart, as vLLM), and how many of those tokens were found there
+    prefix_cache_queries: int
+    prefix_cache_hits: int
     steps: int
     mean_batch: float  # sequences per step, averaged over steps
     busy_s: float
@@ -67,7 +73,8 @@ class EngineStats(msgspec.Struct, kw_only=True, frozen=True):
     kv_utilisation_avg: float  # blocks held / all blocks, 0..1
     kv_filled_avg: float  # tokens actually in the cache / cache capacity in tokens, 0..1
     kv_usage: float  # blocks held / all blocks, now
-    free_blocks: int
+    free_blocks: int  # evictable cached blocks included
+    evictable_blocks: int  # free blocks still holding a cached prefix
     largest_free_block_bytes: int
     fragmentation_ratio: float
 
@@ -101,12 +108,19 @@ class StatsRecorder:
         self.prompt_tokens = 0
         self.prefill_tokens = 0
         self.generated_tokens = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self.max_running = 0
-        self._base = ProcessCounters(0, 0, 0, 0)
+        self._base = ProcessCounters(0, 0, 0, 0, 0, 0)
 
     def _totals(self) -> ProcessCounters:
         return ProcessCounters(
-            self.preemptions, self.prompt_tokens, self.generated_tokens, self.oom_errors
+            self.preemptions,
+            self.prompt_tokens,
+            self.generated_tokens,
+            self.oom_errors,
+            self.prefix_cache_queries,
+            self.prefix_cache_hits,
         )
 
     def since_restart(self) -> ProcessCounters:
@@ -153,6 +167,7 @@ class StatsRecorder:
         running: int,
         waiting: int,
         alloc: BlockPool,
+        evictable_blocks: int,
         block_size: int,
         kv_bytes_per_token: int,
     ) -> EngineStats:
@@ -178,6 +193,8 @@ class StatsRecorder:
             prompt_tokens=self.prompt_tokens,
             prefill_tokens=self.prefill_tokens,
             generated_tokens=self.generated_tokens,
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
             steps=self.steps,
             mean_batch=self.batch_sum / self.steps if self.steps else 0.0,
             busy_s=self.busy_s,
@@ -191,6 +208,7 @@ class StatsRecorder:
             ),
             kv_usage=alloc.used_blocks / total_blocks,
             free_blocks=free,
+            evictable_blocks=evictable_blocks,
             largest_free_block_bytes=largest * block_size * kv_bytes_per_token,
             fragmentation_ratio=fragmentation_ratio(free, largest),
         )

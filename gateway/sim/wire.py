@@ -1,5 +1,6 @@
 """The OpenAI-compatible wire format of the simulator: the request fields it reads, prompt tokens
-counted from text, and the JSON of responses, stream chunks and errors. Pure; no I/O."""
+counted from text, the prompt's block hashes for prefix caching, and the JSON of responses,
+stream chunks and errors. Pure; no I/O."""
 
 from __future__ import annotations
 
@@ -130,6 +131,44 @@ def count_prompt_tokens(req: ChatRequest | CompletionRequest, chars_per_token: f
     if tokens < 1:
         raise WireError(400, "the prompt is empty", param="prompt")
     return tokens
+
+
+def prompt_block_hashes(
+    req: ChatRequest | CompletionRequest, chars_per_token: float, block_size: int
+) -> tuple[int, ...]:
+    """The prompt's full blocks as vLLM's prefix cache knows them: each block's content hashed
+    with its parent block's hash, so equal hashes mean equal prompts up to that block's end.
+
+    The simulator counts tokens from characters, so a block is ``round(block_size *
+    chars_per_token)`` characters of the prompt text (chat: the messages' text in order, joined
+    as they are; message framing is not hashed), and a token-id prompt's block is
+    ``block_size`` ids. Only full blocks count; the engine also ignores any beyond the prompt's
+    full token blocks."""
+    if isinstance(req, ChatRequest):
+        pieces: list[str] = []
+        for msg in req.messages:
+            content = msg.content
+            if isinstance(content, list):
+                pieces.extend(part.text for part in content)
+            elif content:
+                pieces.append(content)
+        return _chained("".join(pieces), max(1, round(block_size * chars_per_token)))
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return _chained(prompt, max(1, round(block_size * chars_per_token)))
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return _chained(prompt[0], max(1, round(block_size * chars_per_token)))
+    ids = prompt[0] if len(prompt) == 1 and isinstance(prompt[0], list) else prompt
+    return _chained(tuple(i for i in ids if isinstance(i, int)), block_size)
+
+
+def _chained(content: str | tuple[int, ...], size: int) -> tuple[int, ...]:
+    hashes: list[int] = []
+    parent = 0
+    for start in range(0, len(content) - size + 1, size):
+        parent = hash((parent, content[start : start + size]))
+        hashes.append(parent)
+    return tuple(hashes)
 
 
 def token_text(index: int) -> str:

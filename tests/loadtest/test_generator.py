@@ -25,12 +25,15 @@ from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.sim.wire import ChatRequest, count_prompt_tokens
 from loadtest.__main__ import main
 from loadtest.generator import (
     MIN_PROMPT_TOKENS,
     PROMPT_OVERHEAD_TOKENS,
     Attempt,
     TraceTooLarge,
+    block_hashes,
+    chat_messages,
     check_loopback,
     parse_retry_after,
     plan,
@@ -229,6 +232,66 @@ def test_plan_is_seeded_and_matches_the_configured_rate() -> None:
         )
     assert all(p.output_tokens <= p.max_tokens == 512 for p in trace)
     assert min(p.prompt_tokens for p in trace) == MIN_PROMPT_TOKENS
+
+
+def shared(caching: bool = True, **tenant: object) -> Scenario:
+    base = scenario()
+    tenants = msgspec.to_builtins(base.tenants)
+    tenants["acme"] |= tenant
+    backend = {"prefix_caching": caching, "chars_per_token": 3.5}
+    return msgspec.convert(
+        msgspec.to_builtins(base) | {"tenants": tenants, "backend": backend}, Scenario
+    )
+
+
+def test_a_shared_prefix_adds_its_tokens_and_leaves_the_rest_of_the_trace_alone() -> None:
+    plain, trace = plan(scenario()), plan(shared(shared_prefix_tokens=300, shared_prefixes=3))
+    assert len(plain) == len(trace)
+    for before, after in zip(plain, trace, strict=True):
+        added = 300 if after.tenant == "acme" else 0
+        assert after.shared_prefix_tokens == added
+        assert (
+            msgspec.structs.replace(
+                after, prompt_tokens=after.prompt_tokens - added, shared_prefix_tokens=0, prefix=0
+            )
+            == before
+        )
+    prefixes = [p.prefix for p in trace if p.tenant == "acme"]
+    for k in range(3):
+        assert within(prefixes.count(k) / len(prefixes), 1 / 3, math.sqrt(2 / 9 / len(prefixes)))
+    assert {p.prefix for p in trace if p.tenant == "globex"} == {0}
+
+
+def test_shared_prefix_messages_count_as_drawn_and_share_only_the_system_prompt() -> None:
+    sc = shared(shared_prefix_tokens=300, shared_prefixes=2)
+    trace = [p for p in plan(sc) if p.tenant == "acme"][:40]
+    by_prefix: dict[int, set[str]] = {0: set(), 1: set()}
+    for item in trace:
+        messages = chat_messages(item, 3.5)
+        req = msgspec.convert({"model": "m", "messages": messages}, ChatRequest)
+        assert count_prompt_tokens(req, 3.5) == item.prompt_tokens
+        assert [m["role"] for m in messages] == ["system", "user"]
+        by_prefix[item.prefix].add(messages[0]["content"])
+    assert all(len(texts) == 1 for texts in by_prefix.values())
+    assert by_prefix[0] != by_prefix[1]
+    system = len(next(iter(by_prefix[0])))
+    block = round(sc.backend.block_size * 3.5)
+    chains = [(p, block_hashes(sc, p)) for p in trace]
+    for (a, first), (b, second) in itertools.combinations(chains, 2):
+        assert first is not None
+        assert second is not None
+        pairs = zip(first, second, strict=False)
+        common = next(
+            (i for i, (x, y) in enumerate(pairs) if x != y), min(map(len, (first, second)))
+        )
+        # the system prompt's full blocks, and never a block that reaches a request's own text
+        assert common == (system // block if a.prefix == b.prefix else 0)
+    assert block_hashes(shared(False, shared_prefix_tokens=300), trace[0]) is None
+
+
+def test_a_shared_prefix_needs_room_for_its_framing() -> None:
+    with pytest.raises(msgspec.ValidationError, match="at least 5"):
+        shared(shared_prefix_tokens=4)
 
 
 def test_plan_refuses_more_than_max_requests() -> None:

@@ -220,6 +220,9 @@ async def test_metrics_parse_with_vllm_names(aiohttp_client: AiohttpClient) -> N
     assert info.labels["kv_cache_size_tokens"] == "800"
     assert info.labels["kv_cache_memory_bytes"] == str(800 * config.kv_bytes_per_token)
     assert {"cache_dtype", "enable_prefix_caching", "gpu_memory_utilization"} <= set(info.labels)
+    assert info.labels["enable_prefix_caching"] == "False"
+    assert samples["vllm:prefix_cache_queries_total"].value == 0
+    assert samples["vllm:prefix_cache_hits_total"].value == 0
     assert samples["kvgate_gpu_fragmentation_ratio"].value == 0
     assert (
         samples["kvgate_gpu_largest_free_block_bytes"].value == 100 * 8 * config.kv_bytes_per_token
@@ -227,6 +230,24 @@ async def test_metrics_parse_with_vllm_names(aiohttp_client: AiohttpClient) -> N
     assert samples["kvgate_sim_oom_errors_total"].value == 0
     assert all(s.labels["model_name"] == MODEL for s in samples.values())
     assert all(s.labels["engine"] == "0" for s in samples.values())
+
+
+async def test_metrics_count_prefix_cache_queries_and_hits(aiohttp_client: AiohttpClient) -> None:
+    config = SimConfig(model=MODEL, block_size=16, prefix_caching=True, time_scale=1000.0)
+    client = await start(aiohttp_client, config)
+    system = "You are a helpful assistant. " * 20  # 580 characters: 9 full blocks of 64
+    for question in ("first?", "second?"):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        body = {"model": MODEL, "messages": messages, "max_tokens": 2, "sim_output_tokens": 2}
+        resp = await client.post(CHAT, json=body)
+        assert (await resp.json())["usage"]["prompt_tokens"] == 145 + 4 + 2 + 4 + 3
+    text = await (await client.get("/metrics")).text()
+    samples = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples["vllm:prefix_cache_queries_total"].value == 2 * 158
+    assert samples["vllm:prefix_cache_hits_total"].value == 9 * 16  # the second hit the first's
+    assert samples["vllm:prefix_cache_hits_total"].labels == {"model_name": MODEL, "engine": "0"}
+    assert samples["vllm:cache_config_info"].labels["enable_prefix_caching"] == "True"
+    assert (await stats(client))["prefix_cache_hits"] == 9 * 16
 
 
 async def test_loading_answers_503_except_health_and_sim(aiohttp_client: AiohttpClient) -> None:
@@ -325,6 +346,13 @@ def test_cli_flags_override_the_config_file(tmp_path: Path) -> None:
     config = load_config(args)
     assert (config.mode, config.kv_blocks, config.decode_step_s) == ("contiguous", 128, 0.01)
     assert config.block_size == SimConfig().block_size
+    for word, value in (("true", True), ("False", False), ("1", True)):
+        assert (
+            load_config(build_parser().parse_args(["--prefix-caching", word])).prefix_caching
+            is value
+        )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--prefix-caching", "maybe"])
 
 
 def test_cli_refuses_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
