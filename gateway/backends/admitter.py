@@ -263,7 +263,7 @@ class Admitter:
         self._core.started(lease_id)
 
     def _first_token(self, lease_id: int) -> None:
-        self._core.first_token(lease_id, self._clock.now())
+        self._core.first_token(lease_id)
 
     def _release(
         self,

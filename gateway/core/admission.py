@@ -88,7 +88,6 @@ class _Lease:
     placed_at: float
     ticket: Ticket
     started: bool = False
-    first_token: bool = False  # its first token was reported as it came
 
 
 class Admission:
@@ -175,19 +174,16 @@ class Admission:
         if lease is not None:
             lease.started = True
 
-    def first_token(self, lease_id: int, now: float) -> None:
-        """A placement's first token reached its client (a stream's first event). Heard as it
-        comes, not when the request ends: a backend warming after its first load grows its
-        allowance only once its speed is measured, and the first requests to end do so
-        seconds later (1.4 s at the floor on cold_start)."""
+    def first_token(self, lease_id: int) -> None:
+        """A placement's first token reached its client (a stream's first event): its backend
+        is answering (``WarmupRamp.answering``)."""
         lease = self._leases.get(lease_id)
-        if lease is None or lease.first_token:
+        if lease is None:
             return
-        lease.first_token = True
         pool = self._pools.get(lease.model)
         rt = None if pool is None else pool.backends.get(lease.url)
         if rt is not None:
-            rt.first_token(now - lease.placed_at, now)
+            rt.answering()
 
     def release(
         self,
@@ -220,7 +216,6 @@ class Admission:
             now=now,
             placed_at=lease.placed_at,
             held_bytes=held,
-            ttft_heard=lease.first_token,
         )
         if failure is None and output_tokens is not None:
             self.outputs.observe(lease.model, lease.tenant, output_tokens)

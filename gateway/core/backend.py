@@ -237,13 +237,11 @@ class BackendRuntime:
         now: float,
         placed_at: float | None = None,
         held_bytes: int = 0,
-        ttft_heard: bool = False,
     ) -> None:
         """A request placed here ended: free its reservation and learn from how it went
         (nothing listening: it is down until a probe finds it up; 5xx and timeouts count
         towards ejection; an OOM is memory pressure). ``held_bytes``: the KV it held when it
-        ended, as far as known (0: unknown); ``ttft_heard``: its first token was reported
-        when it came (``first_token``)."""
+        ended, as far as known (0: unknown)."""
         self.unplace(need_bytes, placed_at=placed_at, held_bytes=held_bytes)
         if failure == "connect":
             self.lifecycle.went_down(now)
@@ -254,14 +252,14 @@ class BackendRuntime:
             self.adaptive.on_drop(now)
         else:
             self.lifecycle.record_success()
-            if ttft_s is not None and not ttft_heard:
+            if ttft_s is not None:
                 self.lifecycle.first_token(ttft_s, now)
             self.adaptive.on_sample(
                 ttft_s=ttft_s, inflight=self.inflight + 1, dropped=False, now=now
             )
 
-    def first_token(self, ttft_s: float, now: float) -> None:
-        self.lifecycle.first_token(ttft_s, now)
+    def answering(self) -> None:
+        self.lifecycle.answering()
 
     def describe(self, now: float) -> dict[str, object]:
         """Plain data for the admin view and metrics."""

@@ -633,7 +633,7 @@ def test_a_warming_backend_is_measured_by_a_first_token_before_any_request_ends(
 
     scrape()  # kept up, but how fast it serves is not known yet: no growth
     assert adm.take_events() == []
-    adm.first_token(first.lease_id, clock.now())
+    adm.first_token(first.lease_id)
     scrape()  # measured now: the allowance doubles while the first request still runs
     [(eid, verdict)] = adm.take_events()
     assert eid == second.entry_id
