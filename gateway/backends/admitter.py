@@ -89,6 +89,11 @@ class Lease:
         if not self._released:
             self._admitter._mark_started(self.lease_id)
 
+    def first_token(self) -> None:
+        """The answer's first token was relayed to the client."""
+        if not self._released:
+            self._admitter._first_token(self.lease_id)
+
     def release(
         self,
         *,
@@ -256,6 +261,9 @@ class Admitter:
 
     def _mark_started(self, lease_id: int) -> None:
         self._core.started(lease_id)
+
+    def _first_token(self, lease_id: int) -> None:
+        self._core.first_token(lease_id)
 
     def _release(
         self,

@@ -174,6 +174,17 @@ class Admission:
         if lease is not None:
             lease.started = True
 
+    def first_token(self, lease_id: int) -> None:
+        """A placement's first token reached its client (a stream's first event): its backend
+        is answering (``WarmupRamp.answering``)."""
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return
+        pool = self._pools.get(lease.model)
+        rt = None if pool is None else pool.backends.get(lease.url)
+        if rt is not None:
+            rt.answering()
+
     def release(
         self,
         lease_id: int,
@@ -384,11 +395,7 @@ class Admission:
                 pool = Pool(spec, config, now)
             else:
                 pool.retune(spec, config, now)
-                for eid, w in pool.waiting.items():  # backends may have come or gone
-                    pool.waiting[eid] = Waiting(
-                        w.ticket, self._needs(pool.candidates(w.ticket), w.ticket)
-                    )
-                pool.reindex()
+                self._reprice(pool, force=True)  # backends may have come or gone
             pools[spec.name] = pool
         for gone in self._pools.values():
             for entry_id in list(gone.waiting):
@@ -556,6 +563,26 @@ class Admission:
             wait = pool.drain.hold_s
         return Rejection(Outcome.SHED_DEADLINE, _retry(wait), f"not admitted within {waited:.1f}s")
 
+    def _reprice(self, pool: Pool, *, force: bool = False) -> None:
+        """Re-estimate what each queued request would reserve, costs and densities with it.
+        Output lengths learned since a request was queued change all three: queued while
+        the backend loaded, it was priced at its whole ``max_tokens``, three to five times
+        its likely output, and would have been placed, predicted and shed at that size."""
+        changed = False
+        for e in pool.queue:
+            w = pool.waiting[e.id]
+            needs = self._needs(pool.candidates(w.ticket), w.ticket)
+            if needs == w.needs and not force:
+                continue
+            changed = True
+            pool.waiting[e.id] = Waiting(w.ticket, needs)
+            ticket = w.ticket
+            pool.queue.reprice(
+                e, float(_tokens_cost(ticket, self.outputs)), _density(ticket, self.outputs)
+            )
+        if changed:
+            pool.reindex()
+
     def _review(self, pool: Pool, now: float) -> None:
         """Shed, with the predicted wait as Retry-After, every queued request whose predicted
         start has moved past its deadline. What is ahead of an entry: every byte queued in a
@@ -563,18 +590,20 @@ class Admission:
         queued before it): the order a tenant's turns take. A load that runs past
         its prediction proves the prediction wrong: its waiters then leave only at their
         deadline."""
+        self._reprice(pool)
         if not any(b.serving(now) or not b.load_overdue(now) for b in pool.backends.values()):
             return  # every load runs past its prediction: nothing to go by but the deadline
         band_bytes = dict.fromkeys(Priority, 0.0)
         for e in pool.queue:
             band_bytes[e.priority] += e.cost
         seen = dict.fromkeys(Priority, 0.0)
+        settled = pool.drain.settled(now)
         late: list[tuple[Entry, float]] = []
         for e in sorted(pool.queue, key=lambda e: (e.rank, e.id)):
             seen[e.priority] += e.cost
             ahead = seen[e.priority] + sum(b for p, b in band_bytes.items() if p < e.priority)
             cands = pool.candidates(pool.waiting[e.id].ticket)
-            wait = self._start_in(pool, cands, e.priority, e.cost, now, ahead=ahead)
+            wait = self._start_in(pool, cands, e.priority, e.cost, now, ahead=ahead, queue=settled)
             if wait is not None and now + wait > e.deadline:
                 late.append((e, wait))
         for e, wait in late:
@@ -589,7 +618,9 @@ class Admission:
     ) -> Rejection | None:
         budget = ticket.deadline - now
         serving = [b for b in cands if b.serving(now)]
-        wait = self._start_in(pool, cands, ticket.priority, 0.0, now, rank=rank)
+        wait = self._start_in(
+            pool, cands, ticket.priority, 0.0, now, rank=rank, queue=pool.drain.settled(now)
+        )
         if not serving:
             if wait is not None and wait > budget:
                 msg = (
@@ -618,17 +649,20 @@ class Admission:
         *,
         ahead: float | None = None,
         rank: float = math.inf,
+        queue: bool = True,
     ) -> float | None:
         """Seconds until a request of ``priority`` is predicted to start: when a backend can
-        serve (now, or the predicted end of its load or ejection), plus the drain of the bytes
-        ahead of it (``ahead``, else every byte of better bands and of its band at least as
-        dense as ``rank``, plus ``extra``) beyond what is free then. None when neither tells
-        (no backend up and none predicted)."""
+        serve (now, or the predicted end of its load or ejection), plus, with ``queue``, the
+        drain of the bytes ahead of it (``ahead``, else every byte of better bands and of its
+        band at least as dense as ``rank``, plus ``extra``) beyond what is free then. None when
+        neither tells (no backend up and none predicted)."""
         if not cands:
             return None
         ready_at = min(b.predicted_ready_at(now) for b in cands)
-        queue = self._wait_estimate(pool, priority, extra, now, ahead=ahead, at=ready_at, rank=rank)
-        return max(0.0, ready_at - now) + (queue or 0.0)
+        if not queue:
+            return max(0.0, ready_at - now)
+        drain = self._wait_estimate(pool, priority, extra, now, ahead=ahead, at=ready_at, rank=rank)
+        return max(0.0, ready_at - now) + (drain or 0.0)
 
     def _wait_estimate(
         self,

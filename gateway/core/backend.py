@@ -258,6 +258,9 @@ class BackendRuntime:
                 ttft_s=ttft_s, inflight=self.inflight + 1, dropped=False, now=now
             )
 
+    def answering(self) -> None:
+        self.lifecycle.answering()
+
     def describe(self, now: float) -> dict[str, object]:
         """Plain data for the admin view and metrics."""
         v = self.view(now)

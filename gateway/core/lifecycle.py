@@ -161,6 +161,11 @@ class Lifecycle:
         if self.phase is Phase.WARMING:
             self.ramp.fell_behind(now)
 
+    def answering(self) -> None:
+        """A first token of a request here came back, its request still running."""
+        if self.phase is Phase.WARMING:
+            self.ramp.answering()
+
     def first_token(self, ttft_s: float, now: float) -> None:
         """A request here had its first token after ``ttft_s``: the warm reference when ready,
         a judgement of a warming backend's speed otherwise."""

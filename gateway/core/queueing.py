@@ -134,6 +134,16 @@ class FairQueue:
             band.drop_tenant(entry.tenant)
         return entry
 
+    def reprice(self, entry: Entry, cost: float, rank: float) -> None:
+        """A queued entry's cost and density were re-estimated; its tenant keeps its credit."""
+        flow = self._bands[entry.priority].flows[entry.tenant]
+        flow.remove(entry)
+        self._bytes += cost - entry.cost
+        self._band_bytes[entry.priority] += cost - entry.cost
+        entry.cost = cost
+        entry.rank = rank
+        bisect.insort(flow, entry, key=_order)
+
     def expired(self, now: float) -> list[Entry]:
         """Remove and return entries whose deadline has passed."""
         late: list[Entry] = []
@@ -304,7 +314,7 @@ class DrainRate:
     """KV bytes finished per second over the last ``window_s``, and the typical time a request
     holds its reservation (EWMA). Both are None until something has finished."""
 
-    __slots__ = ("_done", "_hold_s", "_total", "window_s")
+    __slots__ = ("_done", "_hold_s", "_since", "_total", "window_s")
 
     def __init__(self, window_s: float = 10.0) -> None:
         self.window_s = window_s
@@ -313,11 +323,14 @@ class DrainRate:
         # thousands of entries, and the rate is read for every queued arrival.
         self._total = 0.0
         self._hold_s: float | None = None
+        self._since: float | None = None  # the first finish since the window was last empty
 
     def record(self, nbytes: float, held_s: float, now: float) -> None:
+        self._trim(now)
+        if not self._done:
+            self._since = now
         self._done.append((now, nbytes))
         self._total += nbytes
-        self._trim(now)
         held = max(0.0, held_s)
         self._hold_s = held if self._hold_s is None else self._hold_s + 0.1 * (held - self._hold_s)
 
@@ -332,9 +345,21 @@ class DrainRate:
     def hold_s(self) -> float | None:
         return self._hold_s
 
+    def settled(self, now: float) -> bool:
+        """Finishes have come without a gap of ``window_s`` for at least one typical hold
+        time, so requests placed after the first ones to finish have had time to finish too.
+        The first finishes after a load (or an idle spell) are of requests placed while the
+        warm-up ramp held the backend back, at whole-``max_tokens`` reservations, before any
+        overcommit: on cold_start their rate predicted 4-50 s waits for requests that a warm
+        backend started within their deadline."""
+        self._trim(now)
+        since, hold = self._since, self._hold_s
+        return since is not None and hold is not None and now - since >= hold
+
     def _trim(self, now: float) -> None:
         done = self._done
         while done and done[0][0] < now - self.window_s:
             self._total -= done.popleft()[1]
         if not done:
             self._total = 0.0  # no float drift survives an empty window
+            self._since = None

@@ -94,6 +94,15 @@ class WarmupRamp:
         self._cut = True
         self.allowance = max(self.config.floor, self.allowance * self.config.backoff)
 
+    def answering(self) -> None:
+        """A first token came back while its request still runs: the backend serves, at a
+        speed its requests' ends will judge. Heard as it comes, a first load's ramp may grow
+        before any request ends (on cold_start it waited 1.4 s at the floor for one). The
+        judgement itself waits for the end, as before: a time to first token heard at once
+        is inflated by the prefill of the very burst the ramp just let in, and judged then it
+        cuts a backend that is not slow."""
+        self._measured = True
+
     def first_token(self, ttft_s: float, *, warming: bool, now: float) -> None:
         """A request's time to first token: learned as the warm reference when the backend is
         ready, judged against it while warming."""

@@ -376,6 +376,7 @@ class Exchange:
                     clock=self.gw.clock,
                     extra_headers=headers,
                     on_start=lease.started,
+                    on_first_token=lease.first_token,
                 )
                 self._ended_upstream(relay)
                 return response

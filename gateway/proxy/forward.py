@@ -80,18 +80,19 @@ async def forward(
     clock: Clock,
     extra_headers: Mapping[str, str],
     on_start: Callable[[], None],
+    on_first_token: Callable[[], None],
 ) -> web.StreamResponse:
     """Proxy the request to the same path on ``backend_url``; fills ``relay`` as it goes (also
     when it raises). ``extra_headers`` are added to the client's response (the gateway's
     rate-limit headers, named in lower case); ``on_start`` is called when the backend's
-    response headers arrive."""
+    response headers arrive, ``on_first_token`` when a stream's first event is relayed."""
     loop = asyncio.get_running_loop()
     now = loop.time()
     end_by = now + timeouts.total_s
     first_byte_by = now + timeouts.first_byte_s
     # conditionals, not min(): see ``limits.ratelimit_headers``
     deadline = Deadline(first_byte_by if first_byte_by < end_by else end_by)
-    stream = _Stream(request, relay, deadline, timeouts, end_by, answer)
+    stream = _Stream(request, relay, deadline, timeouts, end_by, answer, on_first_token)
     try:
         method, url = request.method, backend_url + request.path_qs
         timeout = _connect_timeout(timeouts.connect_s)
@@ -165,6 +166,7 @@ class _Stream:
     __slots__ = (
         "_answer",
         "_end_by",
+        "_on_first_token",
         "_request",
         "_timeouts",
         "deadline",
@@ -182,8 +184,10 @@ class _Stream:
         timeouts: UpstreamTimeouts,
         end_by: float,
         answer: Answer,
+        on_first_token: Callable[[], None],
     ) -> None:
         self._answer = answer
+        self._on_first_token = on_first_token
         self._request = request
         self._timeouts = timeouts
         self._end_by = end_by
@@ -226,6 +230,7 @@ class _Stream:
                     tail.add(data)
                 if out and relay.first_token_at is None:
                     relay.first_token_at = clock.now()
+                    self._on_first_token()
                 self.deadline.move(self._end_by)
                 if out and not await _send(response, out, relay):
                     break

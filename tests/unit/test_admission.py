@@ -149,6 +149,7 @@ def test_the_wait_predicted_at_arrival_counts_only_what_is_served_before_it() ->
     warm = placed(adm.offer(ticket(clock, 900), clock.now()))
     clock.advance(1.0)
     adm.release(warm.lease_id, output_tokens=10, ttft_s=0.1, failure=None, now=clock.now())
+    clock.advance(1.0)  # a hold time since the first finish: the drain rate is settled
     placed(adm.offer(ticket(clock, 1000), clock.now()))  # drain: 900 tokens of KV a second
     base = ticket(clock)
     sparse = msgspec.structs.replace(base, prompt_tokens=800, max_output_tokens=100)
@@ -613,3 +614,82 @@ def test_codel_sheds_nothing_while_a_backend_warms() -> None:
         clock.advance(0.5)
         adm.tick(clock.now())
         assert not [v for _, v in adm.take_events() if isinstance(v, Rejection)]
+
+
+def test_a_warming_backend_is_measured_by_a_first_token_before_any_request_ends() -> None:
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000, warmup_s=60.0)), clock.now())
+    adm.observe_health(M, "a", Health.LOADING, clock.now())
+    clock.advance(10.0)
+    adm.observe_health(M, "a", Health.OK, clock.now())  # warming: a tenth of 1,000 tokens
+    first = placed(adm.offer(ticket(clock, 100), clock.now()))
+    second = adm.offer(ticket(clock, 100), clock.now())
+    assert isinstance(second, Queued)
+
+    def scrape() -> None:
+        clock.advance(0.2)
+        sig = BackendSignals(at=clock.now(), running=1.0, waiting=0.0)
+        adm.observe_signals(M, "a", sig, clock.now())
+
+    scrape()  # kept up, but how fast it serves is not known yet: no growth
+    assert adm.take_events() == []
+    adm.first_token(first.lease_id)
+    scrape()  # measured now: the allowance doubles while the first request still runs
+    [(eid, verdict)] = adm.take_events()
+    assert eid == second.entry_id
+    placed(verdict)
+
+
+def test_requests_queued_before_any_output_was_seen_are_repriced_when_it_is() -> None:
+    clock = FakeClock()
+    paged = BackendConfig(url="a", kv_capacity_bytes=2000 * KVT, block_size=16)
+    adm = Admission(config(paged), clock.now())
+    up(adm, clock, "a")
+    big = Ticket("t", M, Priority.STANDARD, 1.0, 100, 1000, KVT, clock.now() + 300)
+    placed(adm.offer(big, clock.now()))  # 1,104 tokens: max_tokens, nothing known yet
+    waiting = adm.offer(big, clock.now())
+    assert isinstance(waiting, Queued)  # needs 1,104 too, 896 are free
+    small = Ticket("u", M, Priority.STANDARD, 1.0, 10, 10, KVT, clock.now() + 300)
+    for _ in range(25):  # the model's outputs are learned: 50 tokens each
+        offered = adm.offer(small, clock.now())
+        lease = offered if isinstance(offered, Placement) else None
+        for eid, verdict in adm.take_events():
+            assert eid != waiting.entry_id
+            lease = placed(verdict)
+        assert lease is not None
+        adm.release(lease.lease_id, output_tokens=50, ttft_s=0.1, failure=None, now=clock.now())
+    assert [eid for eid, _ in adm.take_events()] == []
+    clock.advance(1.0)
+    adm.tick(clock.now())  # the review re-prices the queue: 100 + 50 tokens fit now
+    [(eid, verdict)] = adm.take_events()
+    assert eid == waiting.entry_id
+    assert placed(verdict).reserved_bytes == 160 * KVT
+
+
+def test_a_drain_rate_not_yet_settled_sheds_nobody_before_their_deadline() -> None:
+    # The first finishes after a load say little of the rate to come: a request is then shed
+    # by its deadline only, not by a wait predicted from them.
+    clock = FakeClock()
+    adm = Admission(config(backend("a", 1000)), clock.now())
+    up(adm, clock, "a")
+    first = placed(adm.offer(ticket(clock, 1000), clock.now()))
+    for _ in range(5):
+        assert isinstance(adm.offer(ticket(clock, 1000, timeout=300.0), clock.now()), Queued)
+    clock.advance(5.0)
+    adm.release(first.lease_id, output_tokens=1, ttft_s=0.1, failure=None, now=clock.now())
+    [(_, next_one)] = adm.take_events()
+    placed(next_one)
+    # four ahead at 1,000 tokens a second: 5 s predicted against a 3 s budget
+    hopeful = adm.offer(ticket(clock, 1000, timeout=3.0), clock.now())
+    assert isinstance(hopeful, Queued)
+    clock.advance(1.0)
+    adm.tick(clock.now())
+    assert adm.take_events() == []
+    clock.advance(2.0)
+    adm.tick(clock.now())
+    [(eid, verdict)] = adm.take_events()
+    assert eid == hopeful.entry_id
+    assert "not admitted within 3.0s" in rejected(verdict, Outcome.SHED_DEADLINE).message
+    clock.advance(2.0)  # five seconds, one hold time, of finishes: settled
+    r = rejected(adm.offer(ticket(clock, 1000, timeout=3.0), clock.now()), Outcome.SHED_DEADLINE)
+    assert "exceeds the deadline" in r.message

@@ -264,6 +264,36 @@ def test_drain_rate_and_hold_time() -> None:
     assert d.bytes_per_s(100.0) is None
 
 
+def test_a_drain_rate_is_settled_once_finishes_have_run_one_hold_time() -> None:
+    d = DrainRate(window_s=10.0)
+    assert not d.settled(0.0)
+    d.record(100.0, 3.0, 20.0)  # the first finish after a load: it held its memory 3 s
+    assert not d.settled(20.0)
+    d.record(100.0, 3.0, 22.0)
+    assert not d.settled(22.9)
+    assert d.settled(23.0)  # what was placed after the first finish has had its time
+    assert d.settled(31.9)
+    assert not d.settled(32.1)  # 10 s without a finish: the window is empty again
+    d.record(100.0, 3.0, 40.0)
+    assert not d.settled(42.0)  # a new stretch starts its own count
+    assert d.settled(43.0)
+
+
+def test_reprice_moves_an_entry_within_its_tenant_and_keeps_the_totals() -> None:
+    q = FairQueue(QueueConfig())
+    sparse = entry("a", cost=10.0, rank=900.0)
+    dense = entry("a", cost=4.0, rank=100.0)
+    other = entry("b", cost=6.0, rank=500.0)
+    for e in (sparse, dense, other):
+        assert q.push(e)
+    q.reprice(sparse, 2.0, 50.0)  # learned: far smaller than it was priced
+    assert q.queued_bytes == pytest.approx(12.0)
+    assert q.bytes_ahead(Priority.STANDARD, 100.0) == pytest.approx(6.0)
+    assert q.bytes_ahead(Priority.STANDARD) == pytest.approx(12.0)
+    room = Room(2.0)
+    assert q.pump(room.fits, room.place, 0.0) == [sparse]  # now the densest of its tenant
+
+
 @given(
     events=st.lists(st.tuples(st.floats(0.0, 1e9), st.floats(0.0, 4.0), st.booleans()), max_size=60)
 )
