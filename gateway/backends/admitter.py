@@ -241,6 +241,9 @@ class Admitter:
     def snapshot(self) -> dict[str, object]:
         return self._core.snapshot(self._clock.now())
 
+    def caches_prefixes(self, model: str) -> bool:
+        return self._core.caches_prefixes(model)
+
     def any_ready(self) -> bool:
         return self._core.any_serving(self._clock.now())
 

@@ -120,6 +120,7 @@ def parse_metrics(
         return None
 
     capacity_tokens, metric_block = _capacity(found, names, block_size)
+    prefix_caching = _prefix_caching(found, names)
     tokens = first(names.capacity_tokens, sum)
     if capacity_tokens is None and tokens is not None:
         capacity_tokens = int(tokens)
@@ -134,6 +135,7 @@ def parse_metrics(
         preemptions_total=first(names.preemptions, sum),
         fragmentation=first(names.fragmentation, max),
         largest_free_block_bytes=first(names.largest_free_block, max),
+        prefix_caching=prefix_caching,
     )
 
 
@@ -185,6 +187,19 @@ def _capacity(
         if total:
             return total, size
     return None, None
+
+
+def _prefix_caching(
+    found: dict[str, list[tuple[dict[str, str], float]]], names: MetricMap
+) -> bool | None:
+    """vLLM's ``cache_config_info`` says in ``enable_prefix_caching`` (``True``/``False``)
+    whether the engine reuses cached prompt prefixes; None where no sample says."""
+    for name in names.capacity_blocks:
+        for labels, _ in found.get(name) or found.get(name + "_info") or []:
+            flag = labels.get("enable_prefix_caching")
+            if flag is not None:
+                return flag.strip().lower() == "true"
+    return None
 
 
 def _int(text: str | None) -> int | None:

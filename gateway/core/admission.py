@@ -125,7 +125,8 @@ class Admission:
                 "request needs more KV memory than any backend of the model has",
                 False,
             )
-        rank = _density(ticket, self.outputs)
+        cached = _cached(cands, ticket)
+        rank = _density(ticket, self.outputs, cached)
         if pool.codel.sheds(ticket.priority) and pool.all_ready(now):
             # Refuse at the door only while the queue ahead of it (what its band would serve
             # before a request this dense) already holds a target delay of work: an emptied
@@ -144,7 +145,7 @@ class Admission:
             tenant=ticket.tenant,
             priority=ticket.priority,
             weight=ticket.weight,
-            cost=float(_tokens_cost(ticket, self.outputs)),
+            cost=float(_tokens_cost(ticket, self.outputs, cached)),
             enqueued_at=now,
             deadline=ticket.deadline,
             rank=rank,
@@ -173,6 +174,12 @@ class Admission:
         lease = self._leases.get(lease_id)
         if lease is not None:
             lease.started = True
+
+    def caches_prefixes(self, model: str) -> bool:
+        """Some backend of ``model`` says it reuses cached prompt prefixes: its tickets should
+        carry their prompt's chunk hashes."""
+        pool = self._pools.get(model)
+        return pool is not None and any(rt.prefixes is not None for rt in pool.backends.values())
 
     def first_token(self, lease_id: int) -> None:
         """A placement's first token reached its client (a stream's first event): its backend
@@ -458,6 +465,8 @@ class Admission:
     ) -> Placement:
         lease_id = next(self._ids)
         rt.place(nbytes)
+        if ticket.prefix:
+            rt.remember(ticket)
         self._leases[lease_id] = _Lease(pool.spec.name, rt.url, ticket.tenant, nbytes, now, ticket)
         return Placement(lease_id, pool.spec.name, rt.url, nbytes, queued_s)
 
@@ -565,9 +574,11 @@ class Admission:
 
     def _reprice(self, pool: Pool, *, force: bool = False) -> None:
         """Re-estimate what each queued request would reserve, costs and densities with it.
-        Output lengths learned since a request was queued change all three: queued while
+        Output lengths learned since a request was queued change all three (queued while
         the backend loaded, it was priced at its whole ``max_tokens``, three to five times
-        its likely output, and would have been placed, predicted and shed at that size."""
+        its likely output, and would have been placed, predicted and shed at that size), and
+        so do the prefixes placed since (the first of a burst sharing a system prompt makes
+        the others cheaper)."""
         changed = False
         for e in pool.queue:
             w = pool.waiting[e.id]
@@ -577,8 +588,11 @@ class Admission:
             changed = True
             pool.waiting[e.id] = Waiting(w.ticket, needs)
             ticket = w.ticket
+            cached = _cached(pool.candidates(ticket), ticket)
             pool.queue.reprice(
-                e, float(_tokens_cost(ticket, self.outputs)), _density(ticket, self.outputs)
+                e,
+                float(_tokens_cost(ticket, self.outputs, cached)),
+                _density(ticket, self.outputs, cached),
             )
         if changed:
             pool.reindex()
@@ -698,24 +712,36 @@ class Admission:
 
 
 def _tokens(rt: BackendRuntime, ticket: Ticket, outputs: OutputLengths) -> int:
-    """Prompt plus the output this backend's reservation mode reserves."""
+    """Prompt (less what this backend likely holds of it already) plus the output its
+    reservation mode reserves."""
     out = ticket.max_output_tokens
     if rt.config.reserve_mode is ReserveMode.LIKELY:
         out = outputs.likely(ticket.model, ticket.tenant, out)
-    return ticket.prompt_tokens + out
+    prompt = (
+        ticket.prompt_tokens - rt.cached_tokens(ticket) if ticket.prefix else ticket.prompt_tokens
+    )
+    return prompt + out
 
 
-def _tokens_cost(ticket: Ticket, outputs: OutputLengths) -> int:
-    """KV bytes a request is charged in fair share: prompt + likely output."""
+def _cached(cands: list[BackendRuntime], ticket: Ticket) -> int:
+    """Prompt tokens the backend holding most of the ticket's prefix likely has cached."""
+    if not ticket.prefix:
+        return 0
+    return max((rt.cached_tokens(ticket) for rt in cands), default=0)
+
+
+def _tokens_cost(ticket: Ticket, outputs: OutputLengths, cached: int) -> int:
+    """KV bytes a request is charged in fair share: its uncached prompt + likely output."""
     out = outputs.likely(ticket.model, ticket.tenant, ticket.max_output_tokens)
-    return (ticket.prompt_tokens + out) * ticket.kv_bytes_per_token
+    return (ticket.prompt_tokens - cached + out) * ticket.kv_bytes_per_token
 
 
-def _density(ticket: Ticket, outputs: OutputLengths) -> float:
-    """Tokens of KV a request holds on average per token it makes: its prompt and half its
-    likely output, for as many steps as it makes tokens (``Entry.rank``)."""
+def _density(ticket: Ticket, outputs: OutputLengths, cached: int) -> float:
+    """Tokens of KV a request holds on average per token it makes: its uncached prompt and
+    half its likely output, for as many steps as it makes tokens (``Entry.rank``)."""
     return (
         ticket.prompt_tokens
+        - cached
         + outputs.likely(ticket.model, ticket.tenant, ticket.max_output_tokens) / 2
     )
 

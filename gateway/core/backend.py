@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from gateway.core.adaptive import AdaptiveLimit
 from gateway.core.capacity import (
@@ -21,7 +21,11 @@ from gateway.core.capacity import (
 )
 from gateway.core.lifecycle import Health, Lifecycle
 from gateway.core.overcommit import Overcommit
+from gateway.core.prefixes import PrefixIndex
 from gateway.core.types import Phase
+
+if TYPE_CHECKING:
+    from gateway.core.pool import Ticket
 
 _NEAR_FULL = 0.95
 _QUEUE_SLACK = 0.1  # beyond what a backend with a queue of its own runs, a share to keep it busy
@@ -120,6 +124,7 @@ class BackendSignals:
     largest_free_block_bytes: float | None = None
     total_slots: int | None = None
     slot_ctx_tokens: int | None = None
+    prefix_caching: bool | None = None  # the backend says it reuses cached prompt prefixes
 
 
 class BackendRuntime:
@@ -168,6 +173,8 @@ class BackendRuntime:
         self._slots: int | None = None
         self._slot_ctx: int | None = None
         self._block_size: int | None = None
+        # what was sent here, while the backend says it caches prompt prefixes
+        self.prefixes: PrefixIndex | None = None
         self._derive()
 
     def retune(
@@ -341,6 +348,8 @@ class BackendRuntime:
         self._capacity_tokens = sig.capacity_tokens or self._capacity_tokens
         self._slots = sig.total_slots or self._slots
         self._slot_ctx = sig.slot_ctx_tokens or self._slot_ctx
+        if sig.prefix_caching is not None and sig.prefix_caching != (self.prefixes is not None):
+            self.prefixes = PrefixIndex(0) if sig.prefix_caching else None
         self._block_size = sig.block_size or self._block_size
         self._derive()
 
@@ -455,6 +464,24 @@ class BackendRuntime:
         if sig.used_tokens is not None and capacity:
             return min(1.0, max(0.0, sig.used_tokens / capacity))
         return None
+
+    def cached_tokens(self, ticket: Ticket) -> int:
+        """Prompt tokens of ``ticket`` this backend likely holds from earlier prompts."""
+        index = self.prefixes
+        if index is None or not ticket.prefix:
+            return 0
+        cached = int(index.cached_chunks(ticket.prefix) * ticket.chunk_tokens)
+        return max(0, min(cached, ticket.prompt_tokens - 1))
+
+    def remember(self, ticket: Ticket) -> None:
+        """``ticket``'s prompt was placed here: its prefix is cached once prefilled."""
+        index = self.prefixes
+        if index is None or not ticket.prefix or ticket.chunk_tokens <= 0:
+            return
+        # the cache holds at most the whole KV memory's worth of chunks
+        total = self._total_bytes or 0
+        index.capacity = int(total / (ticket.kv_bytes_per_token * ticket.chunk_tokens))
+        index.remember(ticket.prefix)
 
     def need_bytes(self, tokens: int, kv_bytes_per_token: int) -> int:
         """KV bytes a request of ``tokens`` (prompt + reserved output) takes here."""

@@ -49,6 +49,10 @@ class Ticket(msgspec.Struct, frozen=True, gc=False):
     kv_bytes_per_token: int
     deadline: float
     exclude: frozenset[str] = frozenset()
+    # the prompt's chunk hashes (``gateway.core.prefixes``) when its model's backends cache
+    # prefixes, and the tokens one chunk stands for
+    prefix: tuple[int, ...] = ()
+    chunk_tokens: float = 0.0
 
 
 @dataclass(slots=True)

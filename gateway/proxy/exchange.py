@@ -30,6 +30,7 @@ from gateway.core.cost import (
     sane_usage,
 )
 from gateway.core.pool import Ticket
+from gateway.core.prefixes import CHUNK_BYTES, prompt_chain
 from gateway.core.types import Outcome
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.logs import AccessRecord
@@ -324,6 +325,10 @@ class Exchange:
             await asyncio.sleep(waited)
             self.queued_s = waited
             self.deadline = max(self.deadline, self.gw.clock.now())
+        parsed = self.parsed
+        prefix: tuple[int, ...] = ()
+        if parsed is not None and self.gw.admitter.caches_prefixes(model.name):
+            prefix = prompt_chain(parsed.texts)
         ticket = Ticket(
             tenant=tenant.name,
             model=model.name,
@@ -333,8 +338,9 @@ class Exchange:
             max_output_tokens=self.cost.output_tokens,
             kv_bytes_per_token=model.profile.kv_bytes_per_token,
             deadline=self.deadline,
+            prefix=prefix,
+            chunk_tokens=CHUNK_BYTES / model.profile.chars_per_token,
         )
-        parsed = self.parsed
         strip_usage = (
             self.route.asks_usage
             and parsed is not None

@@ -332,3 +332,14 @@ def test_garbage_is_a_format_error() -> None:
 )
 def test_health(status: int, body: bytes, health: Health) -> None:
     assert parse_health(status, body) is health
+
+
+@pytest.mark.parametrize(("flag", "expected"), [("True", True), ("False", False), (None, None)])
+def test_vllm_says_whether_it_caches_prompt_prefixes(
+    flag: str | None, expected: bool | None
+) -> None:
+    label = "" if flag is None else f',enable_prefix_caching="{flag}"'
+    text = VLLM.replace('cache_dtype="auto"', f'cache_dtype="auto"{label}')
+    sig = parse_metrics(text, metric_map(Signals.VLLM), at=0.0)
+    assert sig.prefix_caching is expected
+    assert sig.capacity_tokens == 2048 * 16
