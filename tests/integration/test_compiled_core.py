@@ -29,6 +29,7 @@ CORE_TESTS = [
     "tests/unit/test_outputs.py",
     "tests/unit/test_cost.py",
     "tests/unit/test_shared_admission.py",
+    "tests/unit/test_prefixes.py",
     # the request path on the compiled core, end to end
     "tests/integration/test_proxy.py",
     "tests/integration/test_endpoints.py",
