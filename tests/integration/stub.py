@@ -1,5 +1,6 @@
 """A scriptable OpenAI-compatible backend for proxy tests: it records what it received and lets
-a test hold a response open (an asyncio.Event) to observe streaming and cancellation."""
+a test hold a response open (an asyncio.Event) to observe streaming and cancellation; its health
+status and its ``/metrics`` page are the test's to set."""
 
 from __future__ import annotations
 
@@ -29,15 +30,23 @@ class StubBackend:
     hold_stream: bool = False  # send the first chunk, then wait for `release`
     completion_tokens: int = 5
     set_cookie: str | None = None  # a Set-Cookie header on every JSON answer
+    health_status: int = 200  # 503: loading
+    metrics: str | None = None  # served at /metrics when set (else that path is proxied too)
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/{tail:.*}", self._any)
         return app
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return web.json_response({"status": "ok"}, status=self.health_status)
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        if self.metrics is None:
+            return await self._any(request)
+        return web.Response(text=self.metrics, content_type="text/plain")
 
     async def _any(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()

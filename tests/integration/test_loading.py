@@ -8,19 +8,18 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from gateway.errors import UpstreamConnectError
 from gateway.proxy.forward import _SEND_ERRORS, _connect_timeout, _send_again
 from gateway.state import GATEWAY
 from tests.integration.conftest import MakeGateway, until
+from tests.integration.stub import StubBackend
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -270,57 +269,18 @@ async def test_a_request_that_may_have_reached_the_backend_is_never_sent_again()
         assert session.sends == 1
 
 
-@dataclass
-class StallingServer:
-    """A vLLM-like server that loads, then streams one event per request and holds each
-    stream open until ``go`` is set; its /metrics show what runs and an empty queue."""
-
-    loading: bool = True
-    running: int = 0
-    arrived: int = 0
-    go: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        return app
-
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({}, status=503 if self.loading else 200)
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        text = (
-            f'vllm:num_requests_running{{model_name="m1"}} {self.running}\n'
-            'vllm:num_requests_waiting{model_name="m1"} 0\n'
-        )
-        return web.Response(text=text, content_type="text/plain")
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        self.arrived += 1
-        self.running += 1
-        try:
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await response.prepare(request)
-            chunk = {"choices": [{"delta": {"content": "x"}}]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            await self.go.wait()
-            await response.write(b"data: [DONE]\n\n")
-            return response
-        finally:
-            self.running -= 1
-
-
 async def test_a_streams_first_token_measures_a_warming_backend_before_any_request_ends(
-    make_gateway: MakeGateway, aiohttp_server: Callable[..., Awaitable[TestServer]]
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str
 ) -> None:
-    # The warm-up floor holds one request; the ramp grows only once the backend's speed is
-    # measured. Heard at the first token, not when the request ends, the second request is
+    # The warm-up floor holds one request; the ramp grows only once the backend is seen
+    # answering. Heard at the first token, not when the request ends, the second request is
     # admitted while the first still streams (heard at the end, it would wait for ever here).
-    stub = StallingServer()
-    server = await aiohttp_server(stub.app())
+    stub.health_status = 503
+    stub.hold_stream = True
+    stub.metrics = (
+        'vllm:num_requests_running{model_name="m1"} 1\n'
+        'vllm:num_requests_waiting{model_name="m1"} 0\n'
+    )
     text = f"""
 version: 1
 server: {{anonymous_tenant: anon}}
@@ -330,8 +290,8 @@ models:
     context: 8192
     default_max_tokens: 64
     backends:
-      - {{url: "http://127.0.0.1:{server.port}", kv_capacity: 1GiB, signals: vllm,
-          memory: contiguous, probe_interval: 50ms, warmup: 60s}}
+      - {{url: "{stub_url}", kv_capacity: 1GiB, signals: vllm, memory: contiguous,
+          probe_interval: 50ms, warmup: 60s}}
 tenants:
   anon:
     limits: [{{unit: requests, rate: 1000/s}}]
@@ -344,7 +304,7 @@ admission:
     # one doubling
     body = {**_chat(stream=True), "max_tokens": 690}
     await asyncio.sleep(0.3)  # probes see it loading: it will warm, not start ready
-    stub.loading = False
+    stub.health_status = 200
     while (await client.get("/readyz")).status != 200:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
     first = await client.post("/v1/chat/completions", json=body)
@@ -353,13 +313,13 @@ admission:
         assert (await first.content.readline()).startswith(b"data: ")
         second = asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
         await asyncio.wait_for(_arrivals(stub, 2), 10)
-        stub.go.set()
+        stub.release.set()
         assert (await second).status == 200
     finally:
-        stub.go.set()
+        stub.release.set()
         first.release()
 
 
-async def _arrivals(stub: StallingServer, n: int) -> None:
-    while stub.arrived < n:  # noqa: ASYNC110
+async def _arrivals(stub: StubBackend, n: int) -> None:
+    while len(stub.requests) < n:  # noqa: ASYNC110
         await asyncio.sleep(0.02)

@@ -4,59 +4,25 @@ adds, while both are in flight."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from gateway.state import GATEWAY
 from tests.integration.conftest import MakeGateway, until
+from tests.integration.stub import StubBackend
 
 pytestmark = pytest.mark.integration
 
 SYSTEM = "You answer questions about GPU memory, briefly and precisely. " * 64  # 4 kB
 
 
-@dataclass
-class CachingServer:
-    caching: bool
-    arrived: int = 0
-    go: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        return app
-
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({})
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        text = (
-            'vllm:num_requests_running{model_name="m1"} 0\n'
-            'vllm:num_requests_waiting{model_name="m1"} 0\n'
-            'vllm:kv_cache_usage_perc{model_name="m1"} 0.0\n'
-            'vllm:cache_config_info{block_size="16",num_gpu_blocks="4096",'
-            f'enable_prefix_caching="{self.caching}"}} 1.0\n'
-        )
-        return web.Response(text=text, content_type="text/plain")
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        self.arrived += 1
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        chunk = {"choices": [{"delta": {"content": "x"}}]}
-        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        await self.go.wait()
-        await response.write(b"data: [DONE]\n\n")
-        return response
+def _metrics(caching: bool) -> str:
+    return (
+        'vllm:num_requests_running{model_name="m1"} 0\n'
+        'vllm:num_requests_waiting{model_name="m1"} 0\n'
+        'vllm:kv_cache_usage_perc{model_name="m1"} 0.0\n'
+        'vllm:cache_config_info{block_size="16",num_gpu_blocks="4096",'
+        f'enable_prefix_caching="{caching}"}} 1.0\n'
+    )
 
 
 def _body(question: str) -> dict[str, object]:
@@ -73,12 +39,10 @@ def _body(question: str) -> dict[str, object]:
 
 @pytest.mark.parametrize("caching", [True, False])
 async def test_a_shared_system_prompt_is_reserved_once_where_the_backend_caches_it(
-    make_gateway: MakeGateway,
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    caching: bool,
+    make_gateway: MakeGateway, stub: StubBackend, stub_url: str, caching: bool
 ) -> None:
-    stub = CachingServer(caching)
-    server = await aiohttp_server(stub.app())
+    stub.hold_stream = True
+    stub.metrics = _metrics(caching)
     client, _ = await make_gateway(f"""
 version: 1
 server: {{anonymous_tenant: anon}}
@@ -87,7 +51,7 @@ models:
     kv: {{layers: 32, kv_heads: 8, head_dim: 128}}
     context: 8192
     backends:
-      - {{url: "http://127.0.0.1:{server.port}", signals: vllm, probe_interval: 50ms}}
+      - {{url: "{stub_url}", signals: vllm, probe_interval: 50ms}}
 tenants:
   anon:
     limits: [{{unit: requests, rate: 1000/s}}]
@@ -119,11 +83,11 @@ admission:
             assert (await response.content.readline()).startswith(b"data: ")
             streams.append(response)
             reserved.append(held() - before)
-        stub.go.set()
+        stub.release.set()
         for response in streams:
             await response.read()
     finally:
-        stub.go.set()
+        stub.release.set()
         for response in streams:
             response.release()
     first, second = reserved
