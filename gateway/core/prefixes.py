@@ -26,7 +26,8 @@ from collections.abc import Iterable
 
 CHUNK_BYTES = 256
 """Bytes per hashed chunk: about 64 tokens of English, four of vLLM's 16-token blocks. A prefix
-is recognised to within one chunk; a 10 kB prompt's chain costs a few microseconds."""
+is recognised to within one chunk. A 10 kB prompt's chain costs about 25 µs here (1024-byte
+chunks: 11 µs; CRC-32 itself is about half of it), paid only where the backend caches."""
 
 
 def prompt_chain(texts: Iterable[str]) -> tuple[int, ...]:
