@@ -185,10 +185,7 @@ class Admission:
         """A placement's first token reached its client (a stream's first event): its backend
         is answering (``WarmupRamp.answering``)."""
         lease = self._leases.get(lease_id)
-        if lease is None:
-            return
-        pool = self._pools.get(lease.model)
-        rt = None if pool is None else pool.backends.get(lease.url)
+        rt = None if lease is None else self._runtime(lease.model, lease.url)
         if rt is not None:
             rt.answering()
 
@@ -581,14 +578,14 @@ class Admission:
         the others cheaper)."""
         changed = False
         for e in pool.queue:
-            w = pool.waiting[e.id]
-            needs = self._needs(pool.candidates(w.ticket), w.ticket)
-            if needs == w.needs and not force:
+            ticket = pool.waiting[e.id].ticket
+            cands = pool.candidates(ticket)
+            needs = self._needs(cands, ticket)
+            if needs == pool.waiting[e.id].needs and not force:
                 continue
             changed = True
-            pool.waiting[e.id] = Waiting(w.ticket, needs)
-            ticket = w.ticket
-            cached = _cached(pool.candidates(ticket), ticket)
+            pool.waiting[e.id] = Waiting(ticket, needs)
+            cached = _cached(cands, ticket)
             pool.queue.reprice(
                 e,
                 float(_tokens_cost(ticket, self.outputs, cached)),
