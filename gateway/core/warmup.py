@@ -5,10 +5,11 @@ slow (graphs captured, caches and kernels cold). A ramp by the clock either floo
 fast for a slow start) or leaves it idle (too slow for a quick one). This ramp moves with what
 the backend shows it can serve, in the manner of TCP's slow start and AIMD:
 
-- it starts at ``floor`` (the policy's ``warmup.floor``) and stays there until the backend's
-  speed has been measured: by its first answer (a time to first token), or, after a restart,
-  by the warm reference. Until then a slow server and a flooded one look alike, and a small
-  batch answers soonest, which also gives the queue its first drain rate to predict waits by;
+- it starts at ``floor`` (the policy's ``warmup.floor``) and stays there until the backend is
+  seen answering: a stream's first token as it comes (``answering``), a whole answer, or,
+  after a restart, the warm reference. Until then a slow server and a flooded one look
+  alike, and a small batch answers soonest, which also gives the queue its first drain rate
+  to predict waits by;
 - then each fresh scrape in which the backend *kept up* while the gateway used at least half of the
   allowance doubles it (slow start); after a cut it grows additively by ``step`` instead;
 - the backend did *not* keep up when its scrape shows a queue of its own or a rise of its
