@@ -1,5 +1,5 @@
 """Composition root: builds the live state from a policy, the aiohttp application with its routes,
-and the background work (upstream session, backend monitors, policy watcher) as cleanup contexts
+and the background work (upstream connections, backend monitors, policy watcher) as cleanup contexts
 that start with the app and are cancelled and awaited when it stops.
 
 The proxy app serves the API and the probes only; everything internal (metrics, state, reload,
@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from gateway.admin import CONTROL, GROUP, Control, healthz, readyz
@@ -108,7 +107,7 @@ def build_app(
     if tracer is None and tracing.enabled:
         tracer = otlp_tracer(tracing.service_name, policy.source)
     gw.tracer = tracer
-    app.cleanup_ctx.extend([_upstream_session, _admitter, _policy_watcher, _access_log, _drain])
+    app.cleanup_ctx.extend([_upstream_connections, _admitter, _policy_watcher, _access_log, _drain])
     # the probes stay here too, for load balancers that only reach the proxy port
     # every handler runs inside the connection guard (``ConnectionGuard.wrap``)
     app.router.add_get("/healthz", guard.wrap(healthz))
@@ -191,25 +190,11 @@ async def apply_policy(app: web.Application, policy: Policy) -> None:
         await old.store.close()
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    gw = app[GATEWAY]
-    # Idle upstream connections close before the backend closes them (uvicorn, under vLLM and
-    # SGLang, keeps them 5 s): a request sent on a connection the server is closing fails.
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4, enable_cleanup_closed=True)
-    gw.session = aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        # The client's headers only: no User-Agent of ours, no Content-Type where it sent none
-        # (a FastAPI server reads an untyped body as JSON, but refuses application/octet-stream).
-        skip_auto_headers=("User-Agent", "Content-Type"),
-        # Answers must come back uncompressed: the gateway reads their usage block (a request
-        # without Accept-Encoding would accept any coding).
-        headers={"Accept-Encoding": "identity"},
-        # A proxy keeps no cookies: one client's session must never ride on another's request.
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
-    yield
-    await gw.session.close()
+async def _upstream_connections(app: web.Application) -> AsyncIterator[None]:
+    upstreams = app[GATEWAY].upstreams
+    async with _running(upstreams.sweep()):
+        yield
+    upstreams.close()
 
 
 async def _admitter(app: web.Application) -> AsyncIterator[None]:

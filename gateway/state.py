@@ -12,7 +12,6 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from gateway.backends.admitter import Admitter
@@ -24,6 +23,7 @@ from gateway.metrics import Metrics
 from gateway.policy.compile import Policy
 from gateway.store.base import LimitStore
 from gateway.tracing import RequestTracer
+from gateway.upstream import Upstreams
 
 log = logging.getLogger("kvgate")
 
@@ -42,7 +42,7 @@ class Gateway:
     metrics: Metrics
     clock: Clock
     access: AccessLog | None = None  # None: the policy turned the access log off
-    session: aiohttp.ClientSession | None = None
+    upstreams: Upstreams = field(default_factory=Upstreams)  # connections to the backends
     tracer: RequestTracer | None = None  # None: traces are off (server.tracing)
     responses: ResponseMemory = field(default_factory=ResponseMemory)  # for previous_response_id
     _background: set[asyncio.Task[None]] = field(default_factory=set)

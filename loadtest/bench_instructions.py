@@ -1,8 +1,9 @@
 """CPU per request counted in instructions, which stay put on a shared, noisy machine where
-requests/s do not: each target of ``bench_overhead --ladder`` (the bare aiohttp proxy, then
-kvgate with its features switched off one after another) runs under valgrind's callgrind in
-front of the stub backend; after a warm-up, counting is switched on for a fixed number of JSON
-chat requests and the total is divided by their number. Repeated runs agree within about 0.3%.
+requests/s do not. Each target (the bare aiohttp proxy, the same proxy on kvgate's upstream
+client, then kvgate with its features switched off one after another, as in
+``bench_overhead --ladder``) runs under valgrind's callgrind in front of the stub backend;
+after a warm-up, counting is switched on for a fixed number of JSON chat requests and the total
+is divided by their number. Repeated runs agree within about 0.3%.
 
     python -m loadtest.bench_instructions --requests 1000 --connections 16
 
@@ -98,6 +99,15 @@ def main() -> int:
         rows.append(
             ("bare aiohttp proxy", _count(bare, f"{base}/", base + path, args, Path(tmp) / "bare"))
         )
+        port = _free_port()
+        own = [*bare[:3], "--port", str(port), "--upstream", backend_url, "--client", "kvgate"]
+        base = f"http://127.0.0.1:{port}"
+        rows.append(
+            (
+                "bare proxy on kvgate's upstream client",
+                _count(own, f"{base}/", base + path, args, Path(tmp) / "own"),
+            )
+        )
         for i, (name, settings) in enumerate(_LADDER):
             port, admin = _free_port(), _free_port()
             policy = Path(tmp) / f"policy-{i}.yaml"
@@ -107,12 +117,15 @@ def main() -> int:
             per = _count(gate, f"{base}/readyz", base + path, args, Path(tmp) / f"gate{i}")
             rows.append((name, per))
             print(f"{name}: {per:,.0f}", file=sys.stderr, flush=True)
-    floor = rows[0][1]
+    floor, own_floor = rows[0][1], rows[1][1]
     print(f"\ninstructions per JSON request, {args.requests} over {args.connections} connections\n")
-    print("| target | instructions/request | bare proxy / target |")
-    print("|---|---:|---:|")
+    print(
+        "| target | instructions/request | bare aiohttp proxy / target"
+        " | bare proxy on kvgate's client / target |"
+    )
+    print("|---|---:|---:|---:|")
     for name, per in rows:
-        print(f"| {name} | {per:,.0f} | {floor / per:.2f}x |")
+        print(f"| {name} | {per:,.0f} | {floor / per:.2f}x | {own_floor / per:.2f}x |")
     return 0
 
 

@@ -14,7 +14,6 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
-import aiohttp
 import msgspec
 from aiohttp import web
 from multidict import CIMultiDict
@@ -372,7 +371,7 @@ class Exchange:
                 backend, sent_body, answer = self._upstream(lease, body, strip_usage)
                 response = await forward(
                     self.request,
-                    self._session(),
+                    self.gw.upstreams.pool(backend.url),
                     backend.url,
                     body=sent_body,
                     headers=self._upstream_headers(backend),
@@ -653,11 +652,6 @@ class Exchange:
         return responses.error(
             Outcome.FORBIDDEN, message, code="model_not_allowed", param="model", should_retry=False
         )
-
-    def _session(self) -> aiohttp.ClientSession:
-        if self.gw.session is None:
-            raise RuntimeError("the upstream session is opened at startup, before any request")
-        return self.gw.session
 
 
 def _too_large(limit: int) -> web.Response:

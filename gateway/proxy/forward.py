@@ -9,9 +9,8 @@ stream ends with an SSE error event, which the OpenAI SDKs raise as an API error
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import aiohttp
 import msgspec
@@ -26,11 +25,10 @@ from gateway.proxy.deadline import Deadline
 from gateway.proxy.headers import downstream_headers
 from gateway.proxy.sse import EventTooLarge, UsageTap
 from gateway.proxy.usage import AnswerShape, Usage, usage_in_tail, usage_of_json
+from gateway.upstream import Broken, ConnectFailed, Connection, Pool
 
 _BUFFER_LIMIT = 8 * 1024 * 1024  # a body this long or longer is streamed, not read whole
 _TAIL_BYTES = 64 * 1024  # of a streamed JSON body, kept to read its usage block at the end
-# How aiohttp words a request it could not finish writing (ClientOSError has no subclass for it).
-_UNWRITTEN = "Can not write request body"
 
 
 # Both are made per request: msgspec Structs, whose constructors are C (a dataclass's is Python).
@@ -69,7 +67,7 @@ class Relay(msgspec.Struct, gc=False):
 
 async def forward(
     request: web.Request,
-    session: aiohttp.ClientSession,
+    pool: Pool,
     backend_url: str,
     *,
     body: bytes,
@@ -82,7 +80,8 @@ async def forward(
     on_start: Callable[[], None],
     on_first_token: Callable[[], None],
 ) -> web.StreamResponse:
-    """Proxy the request to the same path on ``backend_url``; fills ``relay`` as it goes (also
+    """Proxy the request to the same path on ``backend_url`` (through ``pool``, its
+    connections); fills ``relay`` as it goes (also
     when it raises). ``extra_headers`` are added to the client's response (the gateway's
     rate-limit headers, named in lower case); ``on_start`` is called when the backend's
     response headers arrive, ``on_first_token`` when a stream's first event is relayed."""
@@ -94,13 +93,13 @@ async def forward(
     deadline = Deadline(first_byte_by if first_byte_by < end_by else end_by)
     stream = _Stream(request, relay, deadline, timeouts, end_by, answer, on_first_token)
     try:
-        method, url = request.method, backend_url + request.path_qs
-        timeout = _connect_timeout(timeouts.connect_s)
-        try:  # the first attempt awaited here, not in a coroutine of its own (see _send_again)
-            upstream = await _request(session, method, url, body, headers, timeout)
-        except _SEND_ERRORS as exc:
-            upstream = await _send_again(exc, method, session, url, body, headers, timeout)
-        async with upstream:
+        try:
+            upstream = await pool.send(
+                request.method, request.path_qs, headers, body, timeouts.connect_s
+            )
+        except ConnectFailed as exc:
+            raise UpstreamConnectError(f"cannot connect to backend: {exc}") from exc
+        try:
             relay.status = upstream.status
             headers_at = clock.now()
             on_start()
@@ -129,6 +128,8 @@ async def forward(
                 relay.first_token_at = headers_at
                 return web.Response(status=upstream.status, body=data, headers=out_headers)
             return await stream.pass_through(upstream, out_headers, clock)
+        finally:
+            pool.release(upstream)
     except asyncio.CancelledError:
         if not deadline.timed_out():
             raise
@@ -147,7 +148,7 @@ async def forward(
         relay.failure = "5xx"
         relay.error = str(exc)
         return await stream.broken(f"backend stream broke: {exc}")
-    except aiohttp.ClientError as exc:
+    except Broken as exc:
         relay.failure = "5xx"
         relay.error = f"{type(exc).__name__}: {exc}"
         if stream.response is None:
@@ -199,7 +200,7 @@ class _Stream:
 
     async def pass_through(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: Connection,
         out_headers: CIMultiDict[str],
         clock: Clock,
     ) -> web.StreamResponse:
@@ -223,7 +224,7 @@ class _Stream:
         tail = _Tail() if upstream.status == 200 and tap is None else None
         loop = asyncio.get_running_loop()
         try:
-            async for data in upstream.content.iter_any():
+            while data := await upstream.chunk():
                 self.which = "idle"
                 out = tap.feed(data) if tap is not None else data
                 if tail is not None:
@@ -233,17 +234,16 @@ class _Stream:
                     self._on_first_token()
                 self.deadline.move(self._end_by)
                 if out and not await _send(response, out, relay):
-                    break
+                    return response
                 idle_by = loop.time() + self._timeouts.idle_s
                 self.deadline.move(idle_by if idle_by < self._end_by else self._end_by)
-            else:
-                last = tap.flush() if tap is not None else b""
-                if tail is not None:
-                    _take_usage(relay, usage_in_tail(answer.shape, tail.bytes()))
-                # Everything reached the client once the last bytes are written; a client
-                # that hangs up on [DONE] before the terminating chunk has it.
-                relay.complete = await _send(response, last, relay)
-                await _send(response, None, relay)
+            last = tap.flush() if tap is not None else b""
+            if tail is not None:
+                _take_usage(relay, usage_in_tail(answer.shape, tail.bytes()))
+            # Everything reached the client once the last bytes are written; a client
+            # that hangs up on [DONE] before the terminating chunk has it.
+            relay.complete = await _send(response, last, relay)
+            await _send(response, None, relay)
         finally:
             # Also when the handler is cancelled (the client left): what was relayed until
             # then was produced, and is settled.
@@ -304,69 +304,7 @@ def _point_at_gateway(headers: CIMultiDict[str], backend_url: str, request: web.
             headers[name] = f"{request.scheme}://{request.host}{value[len(backend_url) :]}"
 
 
-# What a first attempt may fail with before ``_send_again`` decides (see there).
-_SEND_ERRORS = (
-    aiohttp.ClientConnectorError,
-    aiohttp.ConnectionTimeoutError,
-    aiohttp.ClientConnectionResetError,
-    aiohttp.ClientOSError,
-)
-
-
-async def _send_again(
-    exc: Exception,
-    method: str,
-    session: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
-    headers: CIMultiDict[str],
-    connect: aiohttp.ClientTimeout,
-) -> aiohttp.ClientResponse:
-    """After the upstream request failed with ``exc``: the request sent once more on a fresh
-    connection when a pooled one turned out to be closed before the request was written whole
-    (a keep-alive race under churn, or a server that restarted while the request waited in the
-    queue): a server never acts on a request it did not receive whole, so that retry cannot do
-    the work twice. Nothing is retried once the request is written. The first attempt is made
-    by ``forward`` itself: a coroutine layer around it would be paid on every request."""
-    retries = 1
-    while True:
-        if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
-            raise UpstreamConnectError(f"cannot connect to backend: {exc}") from exc
-        said = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        if isinstance(exc, aiohttp.ClientOSError) and not said.startswith(_UNWRITTEN):
-            raise exc
-        if not retries:
-            raise UpstreamConnectError(f"backend connection reset: {exc}") from exc
-        retries -= 1
-        try:
-            return await _request(session, method, url, body, headers, connect)
-        except _SEND_ERRORS as again:
-            exc = again
-
-
-def _request(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: str,
-    body: bytes,
-    headers: CIMultiDict[str],
-    timeout: aiohttp.ClientTimeout,
-) -> Awaitable[aiohttp.ClientResponse]:
-    """The upstream request, to await (a plain function: no coroutine layer of its own)."""
-    return session.request(
-        method, url, data=body or None, headers=headers, timeout=timeout, allow_redirects=False
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def _connect_timeout(connect_s: float) -> aiohttp.ClientTimeout:
-    # one per policy value, not one per request (a frozen value, safe to share)
-    return aiohttp.ClientTimeout(total=None, sock_connect=connect_s)
-
-
-def _read_usage(
-    relay: Relay, upstream: aiohttp.ClientResponse, data: bytes, shape: AnswerShape
-) -> None:
+def _read_usage(relay: Relay, upstream: Connection, data: bytes, shape: AnswerShape) -> None:
     if upstream.status >= 500:
         relay.failure = "oom" if b"out of memory" in data else "5xx"
         return

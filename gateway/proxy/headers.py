@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from gateway.core.types import Priority
 
@@ -50,7 +50,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
 _NOT_DOWNSTREAM = HOP_BY_HOP | frozenset(("content-length", "server", "date"))
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     # Headers named in Connection are hop-by-hop for this message too.
     if "Connection" not in headers:  # the common case, without building sets
         return frozenset()
@@ -92,7 +92,7 @@ def upstream_headers(
 
 
 def downstream_headers(
-    upstream: CIMultiDictProxy[str], own: Mapping[str, str] | None = None
+    upstream: MultiMapping[str], own: Mapping[str, str] | None = None
 ) -> CIMultiDict[str]:
     """The backend's end-to-end headers for the client, then the gateway's ``own`` (named in
     lower case), which replace any of the backend's of the same name."""

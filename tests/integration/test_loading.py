@@ -10,13 +10,9 @@ import json
 import socket
 from dataclasses import dataclass, field
 
-import aiohttp
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
 
-from gateway.errors import UpstreamConnectError
-from gateway.proxy.forward import _SEND_ERRORS, _connect_timeout, _send_again
 from gateway.state import GATEWAY
 from tests.integration.conftest import MakeGateway, until
 from tests.integration.stub import StubBackend
@@ -207,66 +203,6 @@ async def test_a_backend_killed_mid_stream_loses_only_its_streams(
         return sum(float(b["reserved_bytes"]) for b in state["backends"])  # type: ignore[index]
 
     await until(lambda: reserved() == 0)
-
-
-class _FlakySession:
-    """An upstream session whose first sends fail as ``errors`` say, then answer ``answer``."""
-
-    def __init__(self, errors: list[BaseException], answer: object) -> None:
-        self.errors = errors
-        self.answer = answer
-        self.sends = 0
-
-    async def request(self, *args: object, **kwargs: object) -> object:
-        self.sends += 1
-        if self.errors:
-            raise self.errors.pop(0)
-        return self.answer
-
-
-async def _send(session: _FlakySession) -> object:
-    """The upstream send as ``forward`` makes it: one attempt, then ``_send_again``."""
-    url, timeout = "http://127.0.0.1:1/v1/chat/completions", _connect_timeout(1.0)
-    try:
-        return await session.request("POST", url, data=b"{}", timeout=timeout)
-    except _SEND_ERRORS as exc:
-        return await _send_again(
-            exc,
-            "POST",
-            session,  # type: ignore[arg-type]
-            url,
-            b"{}",
-            CIMultiDict(),
-            timeout,
-        )
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        # a pooled connection the server had closed while the request waited in the queue
-        aiohttp.ClientOSError(32, "Can not write request body for http://127.0.0.1:1/x"),
-        aiohttp.ClientConnectionResetError("Connection reset by peer"),
-    ],
-)
-async def test_a_request_never_written_whole_is_sent_again_once(error: Exception) -> None:
-    session = _FlakySession([error], answer="answer")
-    assert await _send(session) == "answer"
-    assert session.sends == 2
-    twice = _FlakySession([error, error], answer="answer")
-    with pytest.raises(UpstreamConnectError):
-        await _send(twice)
-
-
-async def test_a_request_that_may_have_reached_the_backend_is_never_sent_again() -> None:
-    for error in (
-        aiohttp.ServerDisconnectedError(),  # it may have read the whole request
-        aiohttp.ClientOSError(104, "Connection reset by peer"),  # while reading the answer
-    ):
-        session = _FlakySession([error], answer="answer")
-        with pytest.raises(type(error)):
-            await _send(session)
-        assert session.sends == 1
 
 
 async def test_a_streams_first_token_measures_a_warming_backend_before_any_request_ends(
