@@ -2,8 +2,10 @@
 on (access log, three buckets per request, admission), against one fast stub backend.
 
 The workers and the stub are not pinned (wrk runs on core 1, as in ``bench_overhead``), so on a
-two-core machine the second worker competes with the load itself; the CPU column (the workers'
-user + system time per request) says what a request costs either way.
+two-core machine the second worker competes with the load itself. The CPU columns say what a
+request costs the workers (user + system time) and the load (the stub backend and wrk), and
+give the ceiling that follows: with C cores, N workers serve at most
+``min(N / gateway, C / (gateway + load))`` requests a second, whatever the gateway does.
 
     python -m loadtest.bench_workers [--duration 10] [--runs 3] [--connections 64]
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -34,9 +38,9 @@ def main() -> int:
     args = parser.parse_args()
     py = sys.executable
     backend = _free_port()
-    results: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+    results: dict[int, list[tuple[float, float, float]]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        stack.enter_context(
+        stub = stack.enter_context(
             _process(
                 [py, "-m", "loadtest.stub_backend", "--port", str(backend)],
                 f"http://127.0.0.1:{backend}/",
@@ -54,20 +58,36 @@ def main() -> int:
         for run in range(args.runs):
             for workers, (url, pid) in gateways.items():
                 _wrk(url, args.connections, 1, _BODY)
-                before = _workers_cpu(pid)
+                before, load_before = _workers_cpu(pid), _load_cpu(stub.pid)
                 requests, result = _wrk(url, args.connections, args.duration, _BODY)
                 cpu_ms = (_workers_cpu(pid) - before) * 1000 / max(requests, 1)
-                results[workers].append((result.rps, cpu_ms))
+                load_ms = (_load_cpu(stub.pid) - load_before) * 1000 / max(requests, 1)
+                results[workers].append((result.rps, cpu_ms, load_ms))
             print(f"run {run + 1}/{args.runs} done", file=sys.stderr, flush=True)
-    one = statistics.median(r for r, _ in results[1])
+    one = statistics.median(r for r, _, _ in results[1])
+    cores = len(os.sched_getaffinity(0))
     print(f"\nmedians of {args.runs} runs, {args.connections} connections, JSON requests\n")
-    print("| workers | req/s | CPU ms/req | vs 1 worker |")
-    print("|---:|---:|---:|---:|")
+    print(
+        "| workers | req/s | vs 1 worker | workers' CPU ms/req | load's CPU ms/req "
+        f"| ceiling on {cores} cores, req/s | ceiling vs 1 worker |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for workers, rows in results.items():
-        rps = statistics.median(r for r, _ in rows)
-        cpu = statistics.median(c for _, c in rows)
-        print(f"| {workers} | {rps:.0f} | {cpu:.3f} | {rps / one:.2f}x |")
+        rps = statistics.median(r for r, _, _ in rows)
+        cpu = statistics.median(c for _, c, _ in rows)
+        load = statistics.median(x for _, _, x in rows)
+        ceiling = min(workers / cpu, cores / (cpu + load)) * 1000
+        print(
+            f"| {workers} | {rps:.0f} | {rps / one:.2f}x | {cpu:.3f} | {load:.3f} "
+            f"| {ceiling:.0f} | {ceiling / one:.2f}x |"
+        )
     return 0
+
+
+def _load_cpu(stub_pid: int) -> float:
+    """CPU seconds of the stub backend and of every wrk run so far (children waited for)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return _cpu_s(stub_pid) + children.ru_utime + children.ru_stime
 
 
 if __name__ == "__main__":
