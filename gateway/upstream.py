@@ -33,6 +33,9 @@ from multidict import CIMultiDict
 KEEPALIVE_S = 4.0
 # A streamed answer's bytes waiting for the client beyond this pause reading from the backend.
 _HIGH_WATER = 256 * 1024
+# An answer's header block may be this long (aiohttp's client allowed 8 KiB a line); llhttp
+# itself sets no limit.
+_MAX_HEAD_BYTES = 64 * 1024
 # llhttp's state for the message being read: what the next awaited step waits for.
 _IDLE, _HEAD, _BODY, _DONE = 0, 1, 2, 3
 
@@ -209,6 +212,7 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._fields: list[tuple[str, str]] = []
+        self._head_bytes = 0
         self._parts: list[bytes] = []
         self._buffered = 0
         self._paused = False
@@ -240,7 +244,11 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._broke(Broken("the backend switched protocols"))
         except httptools.HttpParserError as exc:
-            self._broke(Broken(f"the backend's answer is not valid HTTP/1.1: {exc}"))
+            cause = exc.__context__
+            if isinstance(cause, Broken):  # raised by a callback of ours
+                self._broke(cause)
+            else:
+                self._broke(Broken(f"the backend's answer is not valid HTTP/1.1: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -253,14 +261,20 @@ class Connection(asyncio.Protocol):
 
     # -- llhttp's callbacks -----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        self._fields = []
+        self._head_bytes = 0
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > _MAX_HEAD_BYTES:
+            raise Broken(f"the backend's answer has over {_MAX_HEAD_BYTES} bytes of headers")
         self._fields.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:  # 100 Continue and its kind: the answer proper follows
             self._informational = True
-            self._fields = []
             return
         self.status = status
         self.headers = headers = CIMultiDict(self._fields)
@@ -328,7 +342,6 @@ class Connection(asyncio.Protocol):
     def reset(self) -> None:
         """Ready for the next request on this connection."""
         self._state = _IDLE
-        self._fields = []
         self._parts = []
         self._buffered = 0
         self._whole = False

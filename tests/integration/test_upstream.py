@@ -221,6 +221,19 @@ async def test_an_answer_that_is_not_http_is_broken() -> None:
             await _exchange(Pool(url))
 
 
+async def test_an_endless_header_block_is_broken_off() -> None:
+    async def endless(request: bytes, reader: object, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(10_000):
+            writer.write(b"X-Filler-%d: %s\r\n" % (i, b"x" * 100))
+        await writer.drain()
+        return True
+
+    async with serving(endless) as (_, url):
+        with pytest.raises(Broken, match="bytes of headers"):
+            await _exchange(Pool(url))
+
+
 async def test_interim_answers_are_skipped_and_connection_close_is_honoured() -> None:
     async def interim(request: bytes, reader: object, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
