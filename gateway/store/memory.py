@@ -50,18 +50,19 @@ class MemoryLimitStore:
             turns = [self._turns.get(spec.key) if spec.waits else None for spec in specs]
             lines = [self._lines.get(spec.key) if spec.waits else None for spec in specs]
         verdict, news = try_take(current, specs, amounts, now, max_wait_s, turns, lines)
+        # try_take checked the lengths: not strict=True below, slow on 3.11
         if news is None:
             places = places_of(verdict, specs, amounts, now) if lines is not None else None
             if places is not None:
-                for spec, place in zip(specs, places, strict=True):
+                for spec, place in zip(specs, places, strict=False):
                     if place is not None:
                         self._store(self._lines, spec.key, place, now)
         else:
-            for spec, new in zip(specs, news, strict=True):
+            for spec, new in zip(specs, news, strict=False):
                 self._store(tats, spec.key, new, now)
             turn = turn_of(verdict, now)
             if turn is not None:
-                for spec, amount in zip(specs, amounts, strict=True):
+                for spec, amount in zip(specs, amounts, strict=False):
                     if spec.waits and amount > 0:
                         self._store(self._turns, spec.key, turn, now)
         return verdict
@@ -71,7 +72,7 @@ class MemoryLimitStore:
             raise ValueError("specs and deltas must have the same length")
         now = self._clock.now()
         tats = self._tats
-        for spec, delta in zip(specs, deltas, strict=True):
+        for spec, delta in zip(specs, deltas, strict=False):
             if delta:
                 self._store(tats, spec.key, adjust(tats.get(spec.key), spec, delta, now), now)
         return True
