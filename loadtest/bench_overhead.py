@@ -260,7 +260,8 @@ def _median(results: list[Result]) -> Result:
 
 
 def _print(cells: dict[tuple[str, str, int], list[Result]], runs: int) -> None:
-    print(f"\nmedians of {runs} runs; proxy pinned to core 0, backend and wrk to core 1\n")
+    print(f"\nmedians of {runs} runs; proxy pinned to core 0, backend and wrk to core 1")
+    print("(ratios: medians of each run's own ratio, so drift between runs cancels)\n")
     print(
         "| target | body | conns | req/s | p50 ms | p99 ms | CPU ms/req | req/s vs bare | "
         "req/s vs bare on kvgate's client | added p50 ms vs bare |"
@@ -268,14 +269,19 @@ def _print(cells: dict[tuple[str, str, int], list[Result]], runs: int) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (name, mode, conns), results in cells.items():
         med = _median(results)
-        bare = _median(cells[(_BARE, mode, conns)])
-        own = _median(cells[(_OWN, mode, conns)])
+        bare = cells[(_BARE, mode, conns)]
+        own = cells[(_OWN, mode, conns)]
         cpu = f"{med.cpu_ms_per_req:.3f}" if med.cpu_ms_per_req is not None else "-"
         print(
             f"| {name} | {mode} | {conns} | {med.rps:.0f} | {med.p50_ms:.3f} | {med.p99_ms:.3f} | "
-            f"{cpu} | {med.rps / bare.rps:.2f} | {med.rps / own.rps:.2f} | "
-            f"{med.p50_ms - bare.p50_ms:+.3f} |"
+            f"{cpu} | {_paired(results, bare):.2f} | {_paired(results, own):.2f} | "
+            f"{med.p50_ms - _median(bare).p50_ms:+.3f} |"
         )
+
+
+def _paired(results: list[Result], baseline: list[Result]) -> float:
+    """The median over runs of each run's req/s against the baseline's in the same run."""
+    return statistics.median(r.rps / b.rps for r, b in zip(results, baseline, strict=True))
 
 
 if __name__ == "__main__":
