@@ -2,9 +2,9 @@
 
 Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy; the client's credentials never reach
 the backend (it gets its own ``api_key`` instead); the client's ``Accept-Encoding`` is replaced by
-``identity`` (the upstream session's default) so the gateway can read the ``usage`` block of what
-comes back; ``Expect: 100-continue`` and ``Content-Encoding`` are dropped because the body is read
-whole (and decoded) before it is forwarded.
+``identity`` (the upstream client asks for it) so the gateway can read the ``usage`` block of
+what comes back; ``Expect: 100-continue`` and ``Content-Encoding`` are dropped because the body
+is read whole (and decoded) before it is forwarded.
 """
 
 from __future__ import annotations
