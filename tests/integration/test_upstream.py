@@ -199,38 +199,28 @@ async def test_a_body_without_length_ends_with_the_connection_and_is_not_reused(
         assert server.connections == 2
 
 
-async def test_an_answer_cut_short_is_broken_not_complete() -> None:
-    async def short(request: bytes, reader: object, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+_FILLER = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"x" * 100) for i in range(10_000))
+
+
+@pytest.mark.parametrize(
+    ("sent", "hang_up", "match"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", True, "mid-answer"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", False, "not valid HTTP"),
+        (b"HTTP/1.1 200 OK\r\n" + _FILLER, False, "bytes of headers"),
+    ],
+    ids=["cut short", "not http", "endless headers"],
+)
+async def test_an_answer_that_is_not_whole_http_is_broken(
+    sent: bytes, hang_up: bool, match: str
+) -> None:
+    async def answer(request: bytes, reader: object, writer: asyncio.StreamWriter) -> bool:
+        writer.write(sent)
         await writer.drain()
-        return False
+        return not hang_up
 
-    async with serving(short) as (_, url):
-        with pytest.raises(Broken):
-            await _exchange(Pool(url))
-
-
-async def test_an_answer_that_is_not_http_is_broken() -> None:
-    async def garbage(request: bytes, reader: object, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-        await writer.drain()
-        return True
-
-    async with serving(garbage) as (_, url):
-        with pytest.raises(Broken, match="not valid HTTP"):
-            await _exchange(Pool(url))
-
-
-async def test_an_endless_header_block_is_broken_off() -> None:
-    async def endless(request: bytes, reader: object, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\n")
-        for i in range(10_000):
-            writer.write(b"X-Filler-%d: %s\r\n" % (i, b"x" * 100))
-        await writer.drain()
-        return True
-
-    async with serving(endless) as (_, url):
-        with pytest.raises(Broken, match="bytes of headers"):
+    async with serving(answer) as (_, url):
+        with pytest.raises(Broken, match=match):
             await _exchange(Pool(url))
 
 
