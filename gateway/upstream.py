@@ -262,6 +262,8 @@ class Connection(asyncio.Protocol):
     # -- llhttp's callbacks -----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._state == _DONE:  # more bytes after the whole answer, in the same read
+            raise Broken("the backend sent a second answer to one request")
         self._fields = []
         self._head_bytes = 0
 

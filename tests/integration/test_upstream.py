@@ -224,6 +224,20 @@ async def test_an_answer_that_is_not_whole_http_is_broken(
             await _exchange(Pool(url))
 
 
+async def test_a_second_answer_to_one_request_keeps_the_first_and_closes() -> None:
+    async def twice(request: bytes, reader: object, writer: asyncio.StreamWriter) -> bool:
+        writer.write(_OK + b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n")  # one write
+        await writer.drain()
+        return True
+
+    async with serving(twice) as (server, url):
+        pool = Pool(url)
+        assert await _exchange(pool) == (200, b"{}")
+        assert not pool._idle
+        await _exchange(pool)
+        assert server.connections == 2
+
+
 async def test_interim_answers_are_skipped_and_connection_close_is_honoured() -> None:
     async def interim(request: bytes, reader: object, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
