@@ -185,15 +185,38 @@ async def test_a_stream_comes_in_the_pieces_that_arrive_and_ends_with_empty_byte
         pool.close()
 
 
-async def test_a_body_without_length_ends_with_the_connection_and_is_not_reused() -> None:
-    async def until_close(request: bytes, reader: object, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
+@pytest.mark.parametrize(
+    ("sent", "hang_up", "answer"),
+    [
+        # a body without a length ends with the connection
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it",
+            True,
+            (200, b"all of it"),
+        ),
+        # 100 Continue is skipped; the answer says the server closes
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 201 Created\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            False,
+            (201, b"ok"),
+        ),
+        # a second answer to one request, in the same write: the first is kept whole
+        (_OK + b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n", False, (200, b"{}")),
+    ],
+    ids=["until close", "interim then close", "second answer"],
+)
+async def test_an_answer_that_ends_its_connection_is_read_and_the_connection_not_reused(
+    sent: bytes, hang_up: bool, answer: tuple[int, bytes]
+) -> None:
+    async def answering(request: bytes, reader: object, writer: asyncio.StreamWriter) -> bool:
+        writer.write(sent)
         await writer.drain()
-        return False
+        return not hang_up
 
-    async with serving(until_close) as (server, url):
+    async with serving(answering) as (server, url):
         pool = Pool(url)
-        assert await _exchange(pool) == (200, b"all of it")
+        assert await _exchange(pool) == answer
         assert not pool._idle
         await _exchange(pool)
         assert server.connections == 2
@@ -222,35 +245,6 @@ async def test_an_answer_that_is_not_whole_http_is_broken(
     async with serving(answer) as (_, url):
         with pytest.raises(Broken, match=match):
             await _exchange(Pool(url))
-
-
-async def test_a_second_answer_to_one_request_keeps_the_first_and_closes() -> None:
-    async def twice(request: bytes, reader: object, writer: asyncio.StreamWriter) -> bool:
-        writer.write(_OK + b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n")  # one write
-        await writer.drain()
-        return True
-
-    async with serving(twice) as (server, url):
-        pool = Pool(url)
-        assert await _exchange(pool) == (200, b"{}")
-        assert not pool._idle
-        await _exchange(pool)
-        assert server.connections == 2
-
-
-async def test_interim_answers_are_skipped_and_connection_close_is_honoured() -> None:
-    async def interim(request: bytes, reader: object, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        writer.write(b"HTTP/1.1 201 Created\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        return True
-
-    async with serving(interim) as (server, url):
-        pool = Pool(url)
-        assert await _exchange(pool) == (201, b"ok")
-        assert not pool._idle  # the server said it closes
-        await _exchange(pool)
-        assert server.connections == 2
 
 
 async def test_a_client_that_leaves_while_the_backend_thinks_closes_the_connection() -> None:
