@@ -80,11 +80,11 @@ async def forward(
     on_start: Callable[[], None],
     on_first_token: Callable[[], None],
 ) -> web.StreamResponse:
-    """Proxy the request to the same path on ``backend_url`` (through ``pool``, its
-    connections); fills ``relay`` as it goes (also
-    when it raises). ``extra_headers`` are added to the client's response (the gateway's
-    rate-limit headers, named in lower case); ``on_start`` is called when the backend's
-    response headers arrive, ``on_first_token`` when a stream's first event is relayed."""
+    """Proxy the request to the same path on ``backend_url`` through ``pool`` (its
+    connections); fills ``relay`` as it goes (also when it raises). ``extra_headers`` are
+    added to the client's response (the gateway's rate-limit headers, named in lower case);
+    ``on_start`` is called when the backend's response headers arrive, ``on_first_token``
+    when a stream's first event is relayed."""
     loop = asyncio.get_running_loop()
     now = loop.time()
     end_by = now + timeouts.total_s
